@@ -1,0 +1,78 @@
+"""Input validation. Every public entry point checks its inputs here before doing any work."""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, Iterable, Mapping
+
+import torch
+
+
+def check_unroll_steps(K: Any) -> int:
+    if isinstance(K, bool) or not isinstance(K, numbers.Integral):
+        raise TypeError(f"K (the number of unrolled steps) must be an int, got {type(K).__name__}: {K!r}")
+    if K < 0:
+        raise ValueError(f"K (the number of unrolled steps) must be >= 0, got {K}")
+    return int(K)
+
+
+def check_tensor_mapping(mapping: Any, what: str, *, floating: bool) -> None:
+    """``mapping`` must be a non-empty ``Mapping[str, Tensor]``; floating point if ``floating``."""
+    if not isinstance(mapping, Mapping):
+        raise TypeError(f"{what} must be a mapping of names to tensors (e.g. dict(module.named_parameters())), "
+                        f"got {type(mapping).__name__}")
+    if floating and len(mapping) == 0:
+        raise ValueError(f"{what} is empty: there is nothing to optimise")
+    for name, value in mapping.items():
+        if not isinstance(name, str):
+            raise TypeError(f"{what} keys must be str, got {type(name).__name__}: {name!r}")
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{what}[{name!r}] must be a torch.Tensor, got {type(value).__name__}")
+        if floating and not value.is_floating_point():
+            raise TypeError(f"{what}[{name!r}] has dtype {value.dtype}; only floating-point tensors can be "
+                            f"optimised")
+
+
+def check_same_keys(reference: Iterable[str], other: Iterable[str], what: str, reference_what: str = "params") -> None:
+    reference, other = list(reference), list(other)
+    if set(reference) == set(other):
+        return
+    missing = [k for k in reference if k not in set(other)]
+    extra = [k for k in other if k not in set(reference)]
+    parts = []
+    if missing:
+        parts.append(f"missing {missing}")
+    if extra:
+        parts.append(f"unexpected {extra}")
+    raise KeyError(f"{what} keys do not match {reference_what}: " + ", ".join(parts))
+
+
+def check_shapes(params: Mapping[str, torch.Tensor], other: Mapping[str, torch.Tensor], what: str) -> None:
+    for name, p in params.items():
+        if other[name].shape != p.shape:
+            raise ValueError(f"{what}[{name!r}] has shape {tuple(other[name].shape)} but the parameter has "
+                             f"shape {tuple(p.shape)}")
+
+
+def check_scalar_loss(value: Any, fn_name: str) -> None:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{fn_name} must return a scalar tensor, got {type(value).__name__}")
+    if value.dim() != 0:
+        raise ValueError(f"{fn_name} must return a scalar (0-dim) tensor, got shape {tuple(value.shape)}")
+    if not value.is_floating_point():
+        raise TypeError(f"{fn_name} must return a floating-point tensor, got dtype {value.dtype}")
+
+
+def check_hyperparameter(value: Any, name: str, *, low: float = 0.0, high: float | None = None,
+                         high_inclusive: bool = False) -> None:
+    """Range check with torch.optim's messages; tensors must be 0-dim (they may require grad)."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"Tensor {name} must be 1-element, got shape {tuple(value.shape)}")
+        value = value.detach().item()
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a real number or a 1-element tensor, got {type(value).__name__}")
+    too_high = high is not None and (value > high if high_inclusive else value >= high)
+    if value < low or too_high:
+        bound = "" if high is None else f" and {'<=' if high_inclusive else '<'} {high}"
+        raise ValueError(f"Invalid {name} value: {value} (must be >= {low}{bound})")

@@ -1,0 +1,204 @@
+"""Unrolled inner optimization and the surrogate loss of Metz et al. (2017), Eq. 6-12."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
+
+import torch
+import torch.utils._pytree as pytree
+from torch import Tensor
+
+from ._checks import check_scalar_loss, check_tensor_mapping, check_unroll_steps
+from ._types import Params, State
+from .optimizer import Optimizer
+
+LossFn = Callable[..., Tensor]
+"""``loss(params, *args) -> scalar tensor``; ``params`` holds the player's parameters and buffers."""
+
+StepArgs = Callable[..., Tuple[Any, ...]]
+"""``step_args(k, *args) -> args_k``: the arguments ``inner_fn`` sees at unrolled step ``k`` (0-based)."""
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The inner loss became NaN or infinite during unrolling; ``step`` is the (0-based) unrolled step."""
+
+    def __init__(self, step: int, value: float) -> None:
+        super().__init__(f"inner_fn returned a non-finite loss ({value}) at unrolled step {step} "
+                         f"(0-based, i.e. when computing theta^{step + 1} from theta^{step})")
+        self.step = step
+        self.value = value
+
+
+def unrolled_params(inner_fn: LossFn, K: int, stop_grad: bool = False, *, optimizer: Optimizer,
+                    step_args: Optional[StepArgs] = None,
+                    check_finite: bool = True) -> Callable[..., Tuple[Dict[str, Tensor], State]]:
+    r"""Return ``run(params, state, *args, buffers=None) -> (params_K, state_K)``: K steps of ``optimizer`` on ``inner_fn``.
+
+    .. math:: \theta^0 = \theta,\qquad \theta^{k+1} = \mathrm{step}(\theta^k, \nabla_\theta\, \mathrm{inner\_fn}(\theta^k, *args_k))
+
+    (Eq. 6-7 of Metz et al., 2017, with any :class:`~unroll.Optimizer` in place of gradient ascent). Every step
+    stays differentiable with respect to ``params``, ``state`` and whatever ``args`` depend on (e.g. the
+    generator's parameters), unless ``stop_grad`` is set, in which case the result is a constant.
+
+    Args:
+        inner_fn: the loss the inner player minimises, ``inner_fn(params, *args)`` returning a scalar tensor.
+            ``params`` holds the parameters merged with ``buffers``, ready for ``torch.func.functional_call``.
+        K: number of unrolled steps (>= 0).
+        stop_grad: treat the unrolled parameters as constants (the paper's stop-gradient ablation, App. B.2).
+        optimizer: the inner player's optimizer, e.g. ``unroll.adam(1e-4, betas=(0.5, 0.999))``.
+        step_args: ``step_args(k, *args) -> args_k`` supplies the arguments of unrolled step ``k``; the default
+            uses ``args`` at every step (the paper's fixed minibatch). Return fresh batches to re-sample.
+        check_finite: raise :class:`NonFiniteLossError` naming the step if an inner loss is NaN or infinite.
+            The check costs one synchronisation per call and is skipped under ``torch.func.vmap``.
+    """
+    K = check_unroll_steps(K)
+    _check_callables(inner_fn, optimizer, step_args)
+
+    def run(params: Params, state: State, *args: Any, buffers: Optional[Mapping[str, Tensor]] = None
+            ) -> Tuple[Dict[str, Tensor], State]:
+        params_k, state_k = dict(params), state
+        for params_k, state_k in _trajectory(inner_fn, K, stop_grad, optimizer, step_args, check_finite,
+                                             params, state, args, buffers):
+            pass
+        return params_k, state_k
+
+    return run
+
+
+def surrogate_loss(inner_fn: LossFn, K: int, stop_grad: bool = False, *, optimizer: Optimizer,
+                   outer_fn: Optional[LossFn] = None, step_args: Optional[StepArgs] = None,
+                   average_over_steps: bool = False, check_finite: bool = True) -> Callable[..., Tensor]:
+    r"""Return ``surrogate(params, state, *args, buffers=None) -> value``, the outer player's unrolled loss.
+
+    .. math:: f_K = \mathrm{outer\_fn}(\theta^K(\theta, \mathrm{args}), *\mathrm{args})
+
+    is Eq. 9 of Metz et al. (2017): :math:`\theta^K` comes from :func:`unrolled_params`. Differentiating
+    ``value`` with respect to the outer player's parameters (inside ``args`` or closed over) gives both terms of
+    Eq. 12: the direct dependence of ``outer_fn`` and the response of the K inner steps. With ``K = 0`` it is
+    ``outer_fn(params, *args)``, the plain (e.g. GAN) loss.
+
+    Args:
+        inner_fn: the loss the inner player minimises, ``inner_fn(params, *args)`` (e.g. the discriminator loss).
+        K: number of unrolled inner steps (>= 0).
+        stop_grad: treat :math:`\theta^K` as a constant, so the gradient is the first term of Eq. 12 only
+            (App. B.2's stop-gradient ablation).
+        optimizer: the inner player's optimizer; ``state`` must come from its ``init`` (or :func:`from_torch`).
+        outer_fn: the outer player's loss ``outer_fn(params_k, *args)``; default ``-inner_fn`` (zero-sum game).
+        step_args: see :func:`unrolled_params` (re-sampled minibatches); ``outer_fn`` always sees ``args``.
+        average_over_steps: return the mean of ``outer_fn`` over :math:`\theta^1 \dots \theta^K` instead of its
+            value at :math:`\theta^K` (App. B.2's third configuration); with ``K = 0``, the value at
+            :math:`\theta^0`.
+        check_finite: see :func:`unrolled_params`.
+
+    ``buffers`` (e.g. ``dict(D.named_buffers())``) are merged into the params mapping that ``inner_fn`` and
+    ``outer_fn`` see, never optimised; in-place updates to them (BatchNorm running statistics) go to copies, so
+    the caller's tensors are left untouched.
+    """
+    K = check_unroll_steps(K)
+    _check_callables(inner_fn, optimizer, step_args)
+    if outer_fn is not None and not callable(outer_fn):
+        raise TypeError(f"outer_fn must be callable or None, got {type(outer_fn).__name__}")
+
+    def outer(params: Params, *args: Any) -> Tensor:
+        if outer_fn is None:
+            value = inner_fn(params, *args)
+            check_scalar_loss(value, "inner_fn")
+            return -value
+        value = outer_fn(params, *args)
+        check_scalar_loss(value, "outer_fn")
+        return value
+
+    def surrogate(params: Params, state: State, *args: Any,
+                  buffers: Optional[Mapping[str, Tensor]] = None) -> Tensor:
+        buffers = _copy_buffers(params, buffers)
+        trajectory = _trajectory(inner_fn, K, stop_grad, optimizer, step_args, check_finite, params, state,
+                                 args, buffers, buffers_copied=True)
+        if not average_over_steps or K == 0:
+            params_k = dict(params)
+            for params_k, _ in trajectory:
+                pass
+            return outer({**params_k, **buffers}, *args)
+        values = [outer({**params_k, **buffers}, *args) for params_k, _ in trajectory]
+        return torch.stack(values).mean()
+
+    return surrogate
+
+
+def _check_callables(inner_fn: Any, optimizer: Any, step_args: Any) -> None:
+    if not callable(inner_fn):
+        raise TypeError(f"inner_fn must be callable, got {type(inner_fn).__name__}")
+    if not isinstance(optimizer, Optimizer):
+        raise TypeError(f"optimizer must be an unroll optimizer (unroll.sgd/adam/rmsprop or unroll.from_torch), "
+                        f"got {type(optimizer).__name__}")
+    if step_args is not None and not callable(step_args):
+        raise TypeError(f"step_args must be callable or None, got {type(step_args).__name__}")
+
+
+def _copy_buffers(params: Params, buffers: Optional[Mapping[str, Tensor]]) -> Dict[str, Tensor]:
+    if buffers is None:
+        return {}
+    check_tensor_mapping(buffers, "buffers", floating=False)
+    overlap = [name for name in buffers if name in params]
+    if overlap:
+        raise KeyError(f"buffers and params share the names {overlap}; buffers are never optimised")
+    # In-place updates during the unroll (BatchNorm running statistics) must not reach the caller's tensors.
+    return {name: b.detach().clone() for name, b in buffers.items()}
+
+
+def _trajectory(inner_fn: LossFn, K: int, stop_grad: bool, optimizer: Optimizer, step_args: Optional[StepArgs],
+                check_finite: bool, params: Params, state: State, args: Tuple[Any, ...],
+                buffers: Optional[Mapping[str, Tensor]], buffers_copied: bool = False
+                ) -> Iterator[Tuple[Dict[str, Tensor], State]]:
+    """Yield ``(theta^k, state^k)`` for k = 1..K, after checking every input once."""
+    if not buffers_copied:
+        buffers = _copy_buffers(params, buffers)
+    assert buffers is not None
+    optimizer.check_state(params, state)
+    if K == 0:
+        return
+
+    # Buffers are an explicit (non-differentiated) input: torch.func forbids in-place updates of captured tensors.
+    def loss(params_k: Dict[str, Tensor], buffers: Dict[str, Tensor], *args_k: Any) -> Tuple[Tensor, Tensor]:
+        value = inner_fn({**params_k, **buffers}, *args_k)
+        check_scalar_loss(value, "inner_fn")
+        return value, value.detach()
+
+    grad_fn = torch.func.grad(loss, has_aux=True)
+    params_k, state_k = dict(params), state
+    if stop_grad:
+        # The unrolled parameters are constants: build no graph to params, state or args at all.
+        params_k, state_k, args = _detach((params_k, state_k, args))
+    losses: List[Tensor] = []
+    for k in range(K):
+        args_k = args if step_args is None else _call_step_args(step_args, k, args)
+        if stop_grad and step_args is not None:
+            args_k = _detach(args_k)
+        grads, value = grad_fn(params_k, buffers, *args_k)
+        losses.append(value)
+        params_k, state_k = optimizer.apply(params_k, grads, state_k)
+        if check_finite and k == K - 1:
+            _raise_if_nonfinite(losses)
+        yield params_k, state_k
+
+
+def _call_step_args(step_args: StepArgs, k: int, args: Tuple[Any, ...]) -> Tuple[Any, ...]:
+    args_k = step_args(k, *args)
+    if not isinstance(args_k, tuple):
+        raise TypeError(f"step_args must return a tuple of arguments for inner_fn, got {type(args_k).__name__}")
+    return args_k
+
+
+def _detach(tree: Any) -> Any:
+    return pytree.tree_map_only(Tensor, Tensor.detach, tree)
+
+
+def _raise_if_nonfinite(losses: List[Tensor]) -> None:
+    finite = torch.isfinite(torch.stack(losses))
+    try:
+        all_finite = bool(finite.all())
+    except RuntimeError:
+        # Under torch.func.vmap the losses differ per batch entry and cannot be branched on; skip the check.
+        return
+    if not all_finite:
+        step = int((~finite).nonzero()[0, 0])
+        raise NonFiniteLossError(step, float(losses[step]))
