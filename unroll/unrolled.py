@@ -8,6 +8,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import Tensor
 
+from ._flat import FlatLayout, layout_for
 from ._checks import check_scalar_loss, check_tensor_mapping, check_unroll_steps
 from ._types import Params, State
 from .optimizer import Optimizer
@@ -56,11 +57,11 @@ def unrolled_params(inner_fn: LossFn, K: int, stop_grad: bool = False, *, optimi
 
     def run(params: Params, state: State, *args: Any, buffers: Optional[Mapping[str, Tensor]] = None
             ) -> Tuple[Dict[str, Tensor], State]:
-        params_k, state_k = dict(params), state
-        for params_k, state_k in _trajectory(inner_fn, K, stop_grad, optimizer, step_args, check_finite,
-                                             params, state, args, buffers):
+        last = None
+        for last in _trajectory(inner_fn, K, stop_grad, optimizer, step_args, check_finite, params, state, args,
+                                buffers):
             pass
-        return params_k, state_k
+        return (dict(params), state) if last is None else (last.params(), last.state())
 
     return run
 
@@ -114,11 +115,12 @@ def surrogate_loss(inner_fn: LossFn, K: int, stop_grad: bool = False, *, optimiz
         trajectory = _trajectory(inner_fn, K, stop_grad, optimizer, step_args, check_finite, params, state,
                                  args, buffers, buffers_copied=True)
         if not average_over_steps or K == 0:
-            params_k = dict(params)
-            for params_k, _ in trajectory:
+            last = None
+            for last in trajectory:
                 pass
+            params_k = dict(params) if last is None else last.params()
             return outer({**params_k, **buffers}, *args)
-        values = [outer({**params_k, **buffers}, *args) for params_k, _ in trajectory]
+        values = [outer({**step.params(), **buffers}, *args) for step in trajectory]
         return torch.stack(values).mean()
 
     return surrogate
@@ -145,26 +147,39 @@ def _copy_buffers(params: Params, buffers: Optional[Mapping[str, Tensor]]) -> Di
     return {name: b.detach().clone() for name, b in buffers.items()}
 
 
+class _UnrolledStep:
+    """theta^k and state^k, kept packed until asked for (unpacking is only needed at the end)."""
+
+    def __init__(self, layout: FlatLayout, optimizer: Optimizer, params: Dict[str, Tensor], state: State) -> None:
+        self._layout, self._optimizer, self._params, self._state = layout, optimizer, params, state
+
+    def params(self) -> Dict[str, Tensor]:
+        return self._layout.unpack(self._params)
+
+    def state(self) -> State:
+        return self._layout.unpack_state(self._state, self._optimizer.buffers)
+
+
 def _trajectory(inner_fn: LossFn, K: int, stop_grad: bool, optimizer: Optimizer, step_args: Optional[StepArgs],
                 check_finite: bool, params: Params, state: State, args: Tuple[Any, ...],
-                buffers: Optional[Mapping[str, Tensor]], buffers_copied: bool = False
-                ) -> Iterator[Tuple[Dict[str, Tensor], State]]:
-    """Yield ``(theta^k, state^k)`` for k = 1..K, after checking every input once."""
+                buffers: Optional[Mapping[str, Tensor]], buffers_copied: bool = False) -> Iterator[_UnrolledStep]:
+    """Yield theta^k, state^k for k = 1..K, after checking every input once."""
     if not buffers_copied:
         buffers = _copy_buffers(params, buffers)
     assert buffers is not None
     optimizer.check_state(params, state)
     if K == 0:
         return
+    layout = layout_for(params)
 
     # Buffers are an explicit (non-differentiated) input: torch.func forbids in-place updates of captured tensors.
-    def loss(params_k: Dict[str, Tensor], buffers: Dict[str, Tensor], *args_k: Any) -> Tuple[Tensor, Tensor]:
-        value = inner_fn({**params_k, **buffers}, *args_k)
+    def loss(packed: Dict[str, Tensor], buffers: Dict[str, Tensor], *args_k: Any) -> Tuple[Tensor, Tensor]:
+        value = inner_fn({**layout.unpack(packed), **buffers}, *args_k)
         check_scalar_loss(value, "inner_fn")
         return value, value.detach()
 
     grad_fn = torch.func.grad(loss, has_aux=True)
-    params_k, state_k = dict(params), state
+    params_k, state_k = layout.pack(params), layout.pack_state(state, optimizer.buffers)
     if stop_grad:
         # The unrolled parameters are constants: build no graph to params, state or args at all.
         params_k, state_k, args = _detach((params_k, state_k, args))
@@ -178,7 +193,7 @@ def _trajectory(inner_fn: LossFn, K: int, stop_grad: bool, optimizer: Optimizer,
         params_k, state_k = optimizer.apply(params_k, grads, state_k)
         if check_finite and k == K - 1:
             _raise_if_nonfinite(losses)
-        yield params_k, state_k
+        yield _UnrolledStep(layout, optimizer, params_k, state_k)
 
 
 def _call_step_args(step_args: StepArgs, k: int, args: Tuple[Any, ...]) -> Tuple[Any, ...]:
