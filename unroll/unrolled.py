@@ -6,6 +6,7 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 import torch.utils._pytree as pytree
+import torch.utils.checkpoint
 from torch import Tensor
 
 from ._flat import FlatLayout, layout_for
@@ -31,8 +32,8 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def unrolled_params(inner_fn: LossFn, K: int, stop_grad: bool = False, *, optimizer: Optimizer,
-                    step_args: Optional[StepArgs] = None,
-                    check_finite: bool = True) -> Callable[..., Tuple[Dict[str, Tensor], State]]:
+                    step_args: Optional[StepArgs] = None, check_finite: bool = True,
+                    checkpoint: bool = False) -> Callable[..., Tuple[Dict[str, Tensor], State]]:
     r"""Return ``run(params, state, *args, buffers=None) -> (params_K, state_K)``: K steps of ``optimizer`` on ``inner_fn``.
 
     .. math:: \theta^0 = \theta,\qquad \theta^{k+1} = \mathrm{step}(\theta^k, \nabla_\theta\, \mathrm{inner\_fn}(\theta^k, *args_k))
@@ -51,6 +52,10 @@ def unrolled_params(inner_fn: LossFn, K: int, stop_grad: bool = False, *, optimi
             uses ``args`` at every step (the paper's fixed minibatch). Return fresh batches to re-sample.
         check_finite: raise :class:`NonFiniteLossError` naming the step if an inner loss is NaN or infinite.
             The check costs one synchronisation per call and is skipped under ``torch.func.vmap``.
+        checkpoint: bound memory by recomputing each unrolled step during the backward pass
+            (non-reentrant :func:`torch.utils.checkpoint.checkpoint`): memory stays that of about one step
+            instead of K, for roughly one more forward pass per step. Same values and gradients. Not available
+            under ``torch.func`` transforms (they do not support saved-tensor hooks).
     """
     K = check_unroll_steps(K)
     _check_callables(inner_fn, optimizer, step_args)
@@ -58,8 +63,8 @@ def unrolled_params(inner_fn: LossFn, K: int, stop_grad: bool = False, *, optimi
     def run(params: Params, state: State, *args: Any, buffers: Optional[Mapping[str, Tensor]] = None
             ) -> Tuple[Dict[str, Tensor], State]:
         last = None
-        for last in _trajectory(inner_fn, K, stop_grad, optimizer, step_args, check_finite, params, state, args,
-                                buffers):
+        for last in _trajectory(inner_fn, K, stop_grad, optimizer, step_args, check_finite, checkpoint, params,
+                                state, args, buffers):
             pass
         return (dict(params), state) if last is None else (last.params(), last.state())
 
@@ -68,7 +73,8 @@ def unrolled_params(inner_fn: LossFn, K: int, stop_grad: bool = False, *, optimi
 
 def surrogate_loss(inner_fn: LossFn, K: int, stop_grad: bool = False, *, optimizer: Optimizer,
                    outer_fn: Optional[LossFn] = None, step_args: Optional[StepArgs] = None,
-                   average_over_steps: bool = False, check_finite: bool = True) -> Callable[..., Tensor]:
+                   average_over_steps: bool = False, check_finite: bool = True,
+                   checkpoint: bool = False) -> Callable[..., Tensor]:
     r"""Return ``surrogate(params, state, *args, buffers=None) -> value``, the outer player's unrolled loss.
 
     .. math:: f_K = \mathrm{outer\_fn}(\theta^K(\theta, \mathrm{args}), *\mathrm{args})
@@ -89,7 +95,7 @@ def surrogate_loss(inner_fn: LossFn, K: int, stop_grad: bool = False, *, optimiz
         average_over_steps: return the mean of ``outer_fn`` over :math:`\theta^1 \dots \theta^K` instead of its
             value at :math:`\theta^K` (App. B.2's third configuration); with ``K = 0``, the value at
             :math:`\theta^0`.
-        check_finite: see :func:`unrolled_params`.
+        check_finite, checkpoint: see :func:`unrolled_params`.
 
     ``buffers`` (e.g. ``dict(D.named_buffers())``) are merged into the params mapping that ``inner_fn`` and
     ``outer_fn`` see, never optimised; in-place updates to them (BatchNorm running statistics) go to copies, so
@@ -112,8 +118,8 @@ def surrogate_loss(inner_fn: LossFn, K: int, stop_grad: bool = False, *, optimiz
     def surrogate(params: Params, state: State, *args: Any,
                   buffers: Optional[Mapping[str, Tensor]] = None) -> Tensor:
         buffers = _copy_buffers(params, buffers)
-        trajectory = _trajectory(inner_fn, K, stop_grad, optimizer, step_args, check_finite, params, state,
-                                 args, buffers, buffers_copied=True)
+        trajectory = _trajectory(inner_fn, K, stop_grad, optimizer, step_args, check_finite, checkpoint, params,
+                                 state, args, buffers, buffers_copied=True)
         if not average_over_steps or K == 0:
             last = None
             for last in trajectory:
@@ -161,7 +167,7 @@ class _UnrolledStep:
 
 
 def _trajectory(inner_fn: LossFn, K: int, stop_grad: bool, optimizer: Optimizer, step_args: Optional[StepArgs],
-                check_finite: bool, params: Params, state: State, args: Tuple[Any, ...],
+                check_finite: bool, checkpoint: bool, params: Params, state: State, args: Tuple[Any, ...],
                 buffers: Optional[Mapping[str, Tensor]], buffers_copied: bool = False) -> Iterator[_UnrolledStep]:
     """Yield theta^k, state^k for k = 1..K, after checking every input once."""
     if not buffers_copied:
@@ -179,6 +185,17 @@ def _trajectory(inner_fn: LossFn, K: int, stop_grad: bool, optimizer: Optimizer,
         return value, value.detach()
 
     grad_fn = torch.func.grad(loss, has_aux=True)
+
+    def recomputable_step(packed: Dict[str, Tensor], state: State, *args_k: Any
+                          ) -> Tuple[Dict[str, Tensor], State, Tensor]:
+        # torch.func.grad refuses saved-tensor hooks, which checkpointing relies on: use autograd.grad here.
+        with torch.enable_grad():
+            packed = {n: t if t.requires_grad else t.detach().requires_grad_() for n, t in packed.items()}
+            value = loss(packed, buffers, *args_k)[0]
+            grads = torch.autograd.grad(value, list(packed.values()), create_graph=True, allow_unused=True)
+        grads_k = {n: torch.zeros_like(t) if g is None else g for (n, t), g in zip(packed.items(), grads)}
+        return (*optimizer.apply(packed, grads_k, state), value.detach())
+
     params_k, state_k = layout.pack(params), layout.pack_state(state, optimizer.buffers)
     if stop_grad:
         # The unrolled parameters are constants: build no graph to params, state or args at all.
@@ -188,12 +205,26 @@ def _trajectory(inner_fn: LossFn, K: int, stop_grad: bool, optimizer: Optimizer,
         args_k = args if step_args is None else _call_step_args(step_args, k, args)
         if stop_grad and step_args is not None:
             args_k = _detach(args_k)
-        grads, value = grad_fn(params_k, buffers, *args_k)
+        if checkpoint and not stop_grad:
+            params_k, state_k, value = _checkpointed(recomputable_step, params_k, state_k, *args_k)
+        else:
+            grads, value = grad_fn(params_k, buffers, *args_k)
+            params_k, state_k = optimizer.apply(params_k, grads, state_k)
         losses.append(value)
-        params_k, state_k = optimizer.apply(params_k, grads, state_k)
         if check_finite and k == K - 1:
             _raise_if_nonfinite(losses)
         yield _UnrolledStep(layout, optimizer, params_k, state_k)
+
+
+def _checkpointed(step: Callable[..., Any], *inputs: Any) -> Any:
+    try:
+        return torch.utils.checkpoint.checkpoint(step, *inputs, use_reentrant=False)
+    except RuntimeError as error:
+        if "saved tensor hooks" in str(error):
+            raise RuntimeError("checkpoint=True cannot run under torch.func transforms (grad/vmap), which do not "
+                               "support the saved-tensor hooks that checkpointing uses; use checkpoint=False "
+                               "there") from error
+        raise
 
 
 def _call_step_args(step_args: StepArgs, k: int, args: Tuple[Any, ...]) -> Tuple[Any, ...]:
