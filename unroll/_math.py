@@ -16,10 +16,10 @@ def safe_sqrt(x: Tensor) -> Tensor:
     rounding in centered RMSProp) give NaN exactly as ``torch.sqrt`` does, with no gradient.
     """
     positive = x > 0
+    # Only positive entries reach the differentiable sqrt; the others take torch.sqrt's value (0 or NaN) from a
+    # detached copy, so no gradient flows through them.
     root = torch.where(positive, x, torch.ones_like(x)).sqrt()
-    # x == 0 -> 0, x < 0 -> NaN, as torch.sqrt; built from constants so no gradient flows through it.
-    elsewhere = torch.where(x == 0, torch.zeros_like(x), torch.full_like(x, float("nan")))
-    return torch.where(positive, root, elsewhere)
+    return torch.where(positive, root, x.detach().sqrt())
 
 
 def is_zero(value: float | Tensor) -> bool:
