@@ -60,10 +60,11 @@ def _update(param: Tensor, grad: Tensor, buffers: Dict[str, Tensor], step: Tenso
     new_buffers = {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
     if amsgrad:
         exp_avg_sq = new_buffers["max_exp_avg_sq"] = torch.maximum(buffers["max_exp_avg_sq"], exp_avg_sq)
-    # Bias corrections in float64, as torch.optim computes them with Python floats.
+    # Bias corrections in float64, as torch.optim computes them with Python floats, then rounded to the
+    # parameter's dtype as torch.optim's kernels do (0-dim parameters would otherwise be promoted to float64).
     t = (step + 1).to(torch.float64)
     bias_correction1 = 1 - beta1 ** t
-    bias_correction2_sqrt = (1 - beta2 ** t) ** 0.5
-    step_size = lr / bias_correction1
+    bias_correction2_sqrt = ((1 - beta2 ** t) ** 0.5).to(param.dtype)
+    step_size = (lr / bias_correction1).to(param.dtype)
     denom = safe_sqrt(exp_avg_sq) / bias_correction2_sqrt + eps
     return param + (-step_size) * exp_avg / denom, new_buffers
