@@ -1,0 +1,1 @@
+"""Benchmarks of one unrolled generator gradient: unroll vs higher vs torchopt vs a first-order loop (issue 6)."""

@@ -1,0 +1,474 @@
+"""Benchmark one unrolled generator gradient: unroll vs higher vs torchopt vs a first-order loop (issue 6).
+
+    python -m benchmarks.unrolled_gradient --out docs/benchmarks.md          # full suite (minutes)
+    python -m benchmarks.unrolled_gradient --quick                           # smoke run (seconds)
+
+All methods run in one process, interleaved round-robin within each repetition (the starting method rotates),
+after warm-up calls; the page reports medians and ratios to unroll, at 1 and 2 threads, the peak memory of
+each method (see :mod:`benchmarks.memory`) and a side-check that the gradients agree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import importlib.metadata
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from . import memory
+from .methods import CHECKPOINT_METHOD, METHODS, TORCHOPT_EPS_ROOT, GradFn, make, make_unroll, unavailable
+from .models import CONV_BATCH, CONV_D_CHANNELS, CONV_G_CHANNELS, MIXTURE_BATCH, MODELS, STEADY_STEP, make_problem
+
+Log = Callable[[str], None]
+
+SPEED_TARGET = 0.7  # unroll / faster of (higher, torchopt), K >= 5
+FIRST_ORDER_TARGET = 3.2  # unroll / first-order, K = 10
+FIRST_ORDER_TARGET_K = 10
+CHECKPOINT_MEMORY_TARGET = 1 / 5
+
+
+@dataclass(frozen=True)
+class Config:
+    models: Tuple[str, ...] = MODELS
+    methods: Tuple[str, ...] = METHODS
+    ks: Tuple[int, ...] = (1, 5, 10, 20)
+    threads: Tuple[int, ...] = (1, 2)
+    reps: Tuple[Tuple[str, int], ...] = (("mixture", 10), ("conv", 5))  # timed repetitions per model
+    warmup: int = 1  # untimed calls of every method before the timed ones
+    memory: bool = True
+    checkpoint_k: int = 100  # K of the checkpointed-vs-plain memory comparison on the conv model
+    seed: int = 0
+    tolerance: float = 1e-5  # gradients must agree to this, relative to the largest entry of unroll's
+    checkpoint_tolerance: float = 1e-6
+
+    def reps_for(self, model: str) -> int:
+        return dict(self.reps)[model]
+
+
+QUICK = Config(ks=(1, 2), threads=(1,), reps=(("mixture", 3), ("conv", 1)), checkpoint_k=4)
+
+
+def compare(grads: Sequence[Tensor], reference: Sequence[Tensor]) -> Dict[str, Any]:
+    """Largest absolute difference, and the same divided by the largest absolute entry of ``reference``."""
+    nan = any(bool(g.isnan().any()) for g in list(grads) + list(reference))
+    max_abs = max(float((g - r).abs().max()) for g, r in zip(grads, reference))
+    scale = max(float(r.abs().max()) for r in reference)
+    return {"max_abs": max_abs, "max_rel": max_abs / scale if scale > 0 else max_abs, "nan": nan}
+
+
+def _time_round_robin(fns: Dict[str, GradFn], reps: int, warmup: int) -> Tuple[Dict[str, List[float]],
+                                                                               Dict[str, Tuple[Tensor, ...]]]:
+    """Seconds per call of each function over ``reps`` rounds, and each function's first result."""
+    first = {}
+    for i in range(warmup):
+        for name, fn in fns.items():
+            out = fn()
+            if i == 0:
+                first[name] = out
+    names = list(fns)
+    times: Dict[str, List[float]] = {name: [] for name in names}
+    for rep in range(reps):
+        # Rotate who goes first so that no method always runs right after the same neighbour.
+        shift = rep % len(names)
+        for name in names[shift:] + names[:shift]:
+            gc.collect()
+            start = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - start)
+    return times, first
+
+
+def _checks(model: str, K: int, first: Dict[str, Tuple[Tensor, ...]], stop_grad: Optional[Tuple[Tensor, ...]],
+            tolerance: float) -> List[Dict[str, Any]]:
+    rows = []
+    pairs = [(m, "unroll", first[m]) for m in ("higher", "torchopt") if m in first]
+    if stop_grad is not None and "first_order" in first:
+        # The first-order loop's gradient is the stop-gradient unrolled gradient (first term of Eq. 12).
+        pairs.append(("first_order", "unroll stop_grad=True", first["first_order"]))
+    for method, reference_name, grads in pairs:
+        reference = stop_grad if reference_name != "unroll" else first["unroll"]
+        result = compare(grads, reference)
+        ok = None if result["nan"] else result["max_rel"] <= tolerance
+        rows.append({"model": model, "K": K, "method": method, "reference": reference_name, **result, "ok": ok})
+    return rows
+
+
+def _machine() -> Dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    versions = {}
+    for package in ("torch", "higher", "torchopt", "unroll"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    return {"cpu": cpu, "cpus": os.cpu_count(), "python": platform.python_version(), "versions": versions}
+
+
+def _loadavg() -> Optional[List[float]]:
+    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+
+
+def run_suite(config: Config, log: Log = lambda message: print(message, file=sys.stderr)) -> Dict[str, Any]:
+    """Run the benchmark described by ``config`` and return its results (JSON-serialisable)."""
+    skipped = {m: reason for m in config.methods if (reason := unavailable(m)) is not None}
+    methods = [m for m in config.methods if m not in skipped]
+    if "unroll" not in methods:
+        raise ValueError("the suite measures everything relative to unroll; include it in the methods")
+    results: Dict[str, Any] = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": _machine(),
+        "config": asdict(config), "models": {}, "skipped": skipped, "load_before": _loadavg(),
+        "timings": [], "checks": [], "memory": [], "memory_skipped": None, "checkpoint": None,
+    }
+    start = time.perf_counter()
+    threads_before = torch.get_num_threads()
+    try:
+        for model in config.models:
+            # Set-up runs at the first thread count too: oversubscribed OpenMP threads spin and waste CPU.
+            torch.set_num_threads(config.threads[0])
+            problem = make_problem(model, config.seed)
+            results["models"][model] = problem.describe()
+            log(f"[{model}] {problem.describe()}")
+            for K in config.ks:
+                fns = {m: make(m, problem, K) for m in methods}
+                stop_grad = make_unroll(problem, K, stop_grad=True)() if "first_order" in fns else None
+                for i, threads in enumerate(config.threads):
+                    torch.set_num_threads(threads)
+                    times, first = _time_round_robin(fns, config.reps_for(model), config.warmup)
+                    if i == 0:
+                        results["checks"] += _checks(model, K, first, stop_grad, config.tolerance)
+                    for m, ts in times.items():
+                        median = statistics.median(ts)
+                        results["timings"].append({"model": model, "threads": threads, "K": K, "method": m,
+                                                   "median_ms": 1e3 * median, "times_ms": [1e3 * t for t in ts]})
+                    log(f"[{model}] K={K} threads={threads}: " + ", ".join(
+                        f"{m} {1e3 * statistics.median(ts):.1f} ms" for m, ts in times.items()))
+    finally:
+        torch.set_num_threads(threads_before)
+    results["timing_seconds"] = time.perf_counter() - start
+    results["load_after_timing"] = _loadavg()
+    if config.memory:
+        _memory(config, methods, results, log)
+    _checkpoint(config, results, log)
+    results["total_seconds"] = time.perf_counter() - start
+    return results
+
+
+def _memory(config: Config, methods: Sequence[str], results: Dict[str, Any], log: Log) -> None:
+    reason = memory.supported()
+    if reason is not None:
+        results["memory_skipped"] = reason
+        return
+    for m in methods:
+        log(f"peak memory of {m} (subprocess)")
+        for model, per_k in memory.measure(config.models, m, config.ks, config.seed).items():
+            for K, growth in per_k.items():
+                results["memory"].append({"model": model, "K": K, "method": m, "peak_growth_mib": growth / 2 ** 20})
+
+
+def _checkpoint(config: Config, results: Dict[str, Any], log: Log) -> None:
+    """Issue 6: at K = checkpoint_k on the conv model, checkpointed unroll peak memory <= 1/5 of plain, same grad."""
+    reason = unavailable(CHECKPOINT_METHOD) or (None if config.memory else "memory measurement disabled")
+    reason = reason or memory.supported()
+    if reason is None and "conv" not in config.models:
+        reason = "the conv model is not in this run"
+    if reason is not None:
+        results["checkpoint"] = {"skipped": reason}
+        return
+    K = config.checkpoint_k
+    log(f"[conv] checkpoint comparison at K={K}")
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        problem = make_problem("conv", config.seed)
+        grads, seconds = {}, {}
+        for m in ("unroll", CHECKPOINT_METHOD):
+            fn = make(m, problem, K)
+            start = time.perf_counter()
+            grads[m] = fn()
+            seconds[m] = time.perf_counter() - start
+    finally:
+        torch.set_num_threads(threads_before)
+    diff = compare(grads[CHECKPOINT_METHOD], grads["unroll"])
+    peaks = {m: memory.measure(["conv"], m, [K], config.seed)["conv"][K] / 2 ** 20
+             for m in ("unroll", CHECKPOINT_METHOD)}
+    ratio = peaks[CHECKPOINT_METHOD] / peaks["unroll"]
+    results["checkpoint"] = {"K": K, "plain_mib": peaks["unroll"], "checkpoint_mib": peaks[CHECKPOINT_METHOD],
+                             "plain_s": seconds["unroll"], "checkpoint_s": seconds[CHECKPOINT_METHOD],
+                             "ratio": ratio, **diff, "ok_memory": ratio <= CHECKPOINT_MEMORY_TARGET,
+                             "ok_grad": not diff["nan"] and diff["max_rel"] <= config.checkpoint_tolerance}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The markdown page
+
+
+def _median(results: Dict[str, Any], model: str, threads: int, K: int, method: str) -> Optional[float]:
+    for row in results["timings"]:
+        if (row["model"], row["threads"], row["K"], row["method"]) == (model, threads, K, method):
+            return row["median_ms"]
+    return None
+
+
+def _met(ok: Optional[bool]) -> str:
+    return "n/a" if ok is None else ("**met**" if ok else "**not met**")
+
+
+def _target_rows(results: Dict[str, Any]) -> List[str]:
+    config = results["config"]
+    rows = []
+    for model in config["models"]:
+        for threads in config["threads"]:
+            for K in config["ks"]:
+                unroll_ms = _median(results, model, threads, K, "unroll")
+                others = [t for m in ("higher", "torchopt") if (t := _median(results, model, threads, K, m))]
+                if K >= 5 and others:
+                    ratio = unroll_ms / min(others)
+                    rows.append(f"| unroll ≤ {SPEED_TARGET}× faster of higher/torchopt | {model} | {threads} | {K} "
+                                f"| {ratio:.2f}× | {_met(ratio <= SPEED_TARGET)} |")
+                first_order = _median(results, model, threads, K, "first_order")
+                if K == FIRST_ORDER_TARGET_K and first_order:
+                    ratio = unroll_ms / first_order
+                    rows.append(f"| unroll ≤ {FIRST_ORDER_TARGET}× first-order | {model} | {threads} | {K} "
+                                f"| {ratio:.2f}× | {_met(ratio <= FIRST_ORDER_TARGET)} |")
+    checkpoint = results["checkpoint"] or {"skipped": "not run"}
+    if "skipped" in checkpoint:
+        rows.append(f"| checkpointed unroll peak ≤ 1/5 of plain, same gradient to 1e-6 | conv | 1 | "
+                    f"{config['checkpoint_k']} | not measured: {checkpoint['skipped']} | n/a |")
+    else:
+        rows.append(f"| checkpointed unroll peak ≤ 1/5 of plain | conv | 1 | {checkpoint['K']} | "
+                    f"{checkpoint['ratio']:.3f}× | {_met(checkpoint['ok_memory'])} |")
+        rows.append(f"| checkpointed gradient = plain to 1e-6 (relative) | conv | 1 | {checkpoint['K']} | "
+                    f"{checkpoint['max_rel']:.1e} | {_met(checkpoint['ok_grad'])} |")
+    rows.append("| mixture sweep of N = 10 seeds with vmap ≤ 0.5× 10 separate runs | mixture | – | – | "
+                "not measured by this suite | n/a |")
+    return rows
+
+
+def _timing_table(results: Dict[str, Any], model: str, methods: Sequence[str]) -> List[str]:
+    header = "| threads | K | " + " | ".join(f"{m} ms" + ("" if m == "unroll" else " (÷ unroll)") for m in methods) + \
+             " | unroll ÷ faster of higher/torchopt | unroll ÷ first-order |"
+    lines = [header, "|" + "---|" * (len(methods) + 4)]
+    config = results["config"]
+    for threads in config["threads"]:
+        for K in config["ks"]:
+            unroll_ms = _median(results, model, threads, K, "unroll")
+            cells = []
+            for m in methods:
+                t = _median(results, model, threads, K, m)
+                if t is None:
+                    cells.append("–")
+                else:
+                    cells.append(f"{t:.1f}" if m == "unroll" else f"{t:.1f} ({t / unroll_ms:.2f}×)")
+            others = [t for m in ("higher", "torchopt") if (t := _median(results, model, threads, K, m))]
+            first_order = _median(results, model, threads, K, "first_order")
+            cells.append(f"{unroll_ms / min(others):.2f}×" if others else "–")
+            cells.append(f"{unroll_ms / first_order:.2f}×" if first_order else "–")
+            lines.append(f"| {threads} | {K} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _memory_table(results: Dict[str, Any], model: str, methods: Sequence[str]) -> List[str]:
+    peak = {(r["K"], r["method"]): r["peak_growth_mib"] for r in results["memory"] if r["model"] == model}
+    lines = ["| K | " + " | ".join(f"{m} MiB" for m in methods) + " |", "|" + "---|" * (len(methods) + 1)]
+    for K in results["config"]["ks"]:
+        cells = [f"{peak[(K, m)]:.1f}" if (K, m) in peak else "–" for m in methods]
+        lines.append(f"| {K} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _check_table(results: Dict[str, Any]) -> List[str]:
+    lines = ["| model | K | method | compared with | max abs diff | max rel diff | agrees to "
+             f"{results['config']['tolerance']:g} |", "|---|---|---|---|---|---|---|"]
+    for r in results["checks"]:
+        verdict = "NaN (excluded)" if r["ok"] is None else ("yes" if r["ok"] else "**no**")
+        lines.append(f"| {r['model']} | {r['K']} | {r['method']} | {r['reference']} | {r['max_abs']:.2e} | "
+                     f"{r['max_rel']:.2e} | {verdict} |")
+    return lines
+
+
+METHOD_NOTES = f"""\
+## What is measured
+
+One generator gradient d f_K / d θ_G of the unrolled surrogate (Eq. 9–12 of Metz et al., 2017): K steps of the
+discriminator's Adam (betas (0.5, 0.999), eps 1e-8) on a fixed minibatch, then the zero-sum generator loss
+f = −L_D (App. A) at θ_D^K, differentiated with respect to θ_G through all K steps. Each timed call does what a
+training step repeats: the generator's forward pass, a copy of the discriminator optimizer's current state,
+the unroll, and `torch.autograd.grad` to the generator's parameters.
+
+Models (`benchmarks/models.py`, built from seed 0):
+- **mixture** (App. A): G 256 → 128 → 128 → 2 (ReLU, orthogonal init × 0.8), D x/4 → 128 ReLU → 1 logit,
+  batch {MIXTURE_BATCH}, 8-Gaussian ring data, D learning rate 1e-4.
+- **conv** (App. D/E sizes on 28×28×1 images): D = App. D's discriminator at width X = 1/4 (App. F's
+  scaling): Conv {'/'.join(map(str, CONV_D_CHANNELS))} (3×3, stride 2, BatchNorm, leaky ReLU 0.3) → FC 1;
+  G = App. E's generator: FC 4·4·{CONV_G_CHANNELS[0]} → TConv {'/'.join(map(str, CONV_G_CHANNELS[1:]))}
+  (3×3, stride 2, 4 → 7 → 14 → 28, BatchNorm, ReLU) → Conv 1 → tanh; batch {CONV_BATCH}; D learning rate 2e-4
+  (App. D). BatchNorm uses batch statistics (no running buffers); convolutions followed by BatchNorm have no
+  bias. Images are synthetic (uniform in [−1, 1]): the cost does not depend on pixel values.
+- The discriminator's Adam starts from a late-training state (step {STEADY_STEP:,}, moments = mean gradient and
+  mean squared gradient over 8 minibatches), not from zeros. From the zero state the first update is
+  lr·g/(|g| + eps), whose derivative ≈ lr/eps where |g| ≪ eps: the few entries whose gradient happens to be
+  ≈ 1e-8 dominate the meta-gradient, and implementations agree only on rounding noise (we saw relative
+  differences of up to 90 % on the conv model). At step 10 000 higher's Adam, which adds eps before the
+  sqrt(1 − β2^t) bias correction, also coincides with torch.optim's.
+
+Methods (`benchmarks/methods.py`):
+- **unroll**: `unroll.surrogate_loss(d_loss, K, optimizer=opt)` with `opt, state = unroll.from_torch(d_adam, D)`.
+- **higher**: `higher.innerloop_ctx(D, d_adam, copy_initial_weights=False, track_higher_grads=True)`,
+  `diffopt.step(loss)` K times.
+- **torchopt**: `torchopt.MetaAdam(D, eps_root={TORCHOPT_EPS_ROOT:g})` with the torch.optim moments and step
+  count loaded into its `ScaleByAdamState`, K `step(loss)` calls, `recover_state_dict` afterwards. With
+  eps_root = 0 its mixture gradient is NaN (infinite derivative of sqrt at the exactly-zero second moment of a
+  dead ReLU unit); eps_root = 1e-8 removes the NaN but moves the gradient by 2e-5 (mixture) and 1.2e-5 (conv)
+  relative at K = 5, beyond the 1e-5 check; {TORCHOPT_EPS_ROOT:g} removes the NaN and changes nothing
+  measurable. Its C++ accelerated ops do not load with torch 2.13 (undefined symbol in `torchopt/_C`), so
+  the default pure-PyTorch path (`use_accelerated_op=False`) is measured. higher 0.2.1 (2020) works as is.
+- **first_order**: the floor. K `torch.optim.Adam` steps on a copy of D (`loss.backward()`, no graph kept)
+  plus one generator gradient through θ_D^K: K + 1 plain discriminator gradient evaluations. Its gradient is
+  that of `surrogate_loss(..., stop_grad=True)`, which the correctness check uses.
+
+Timing: all methods in one process, interleaved round-robin within each repetition (the first method
+rotates), after one untimed warm-up call each; medians over the repetitions; `torch.set_num_threads(1)` and
+`(2)`; `gc.collect()` before every timed call.
+
+Peak memory (`benchmarks/memory.py`): in a fresh subprocess per model and method (1 thread), after a K = 1
+warm-up, the kernel's peak-RSS mark is reset (`/proc/self/clear_refs`), and the page reports the peak RSS
+(VmHWM) during one gradient computation minus the RSS just before it: the memory the computation adds on
+top of models, data and optimizer state. The subprocess sets `MALLOC_MMAP_THRESHOLD_=65536` so that glibc
+returns freed blocks ≥ 64 KiB to the kernel at once (otherwise memory freed after the warm-up is reused
+unseen). tracemalloc cannot see torch's CPU tensors, and torch keeps no CPU allocator statistics.
+
+Memory-bounded unroll (issue 6): on the conv model at K = 100 (K = 4 with `--quick`), the peak RSS growth
+of `surrogate_loss(..., checkpoint=True)` against the plain unroll (one subprocess each, as above), one timed
+call of each at 1 thread, and their gradients (must agree to 1e-6 relative).
+
+Correctness: for each model and K, the first (warm-up) results of higher and torchopt are compared with
+unroll's, and first_order's with unroll's `stop_grad=True` gradient: max |a − b| over all generator
+parameters, absolute and divided by the largest |entry| of the reference ("max rel diff"; must be
+≤ 1e-5). NaN results would be reported and excluded.
+"""
+
+
+def render_markdown(results: Dict[str, Any], command: str) -> str:
+    """The benchmarks page: command, run details, targets, timings, memory, correctness, method notes."""
+    config, machine = results["config"], results["machine"]
+    methods = [m for m in config["methods"] if m not in results["skipped"]]
+    load = results.get("load_before")
+    out = [
+        "# Benchmarks: one unrolled generator gradient",
+        "",
+        "Regenerate this page (numbers, tables and notes) with:",
+        "",
+        "```",
+        command,
+        "```",
+        "",
+        f"Run on {results['date']} in {results['total_seconds']:.0f} s: {machine['cpu']}, {machine['cpus']} "
+        f"CPUs, Python {machine['python']}, " + ", ".join(f"{k} {v}" for k, v in machine["versions"].items() if v)
+        + "." + (f" Load average before the run: {load[0]:.2f}; after the timings: "
+                 f"{results['load_after_timing'][0]:.2f}." if load else ""),
+        "",
+    ]
+    if results.get("note"):
+        out += [f"**Note:** {results['note']}", ""]
+    for method, reason in results["skipped"].items():
+        out += [f"**{method} skipped:** {reason}", ""]
+    out += ["## Targets of issue 6", "",
+            "Ratios are unroll's median time divided by the other method's (smaller is better for unroll).", "",
+            "| target | model | threads | K | measured | verdict |", "|---|---|---|---|---|---|"]
+    out += _target_rows(results)
+    for model in config["models"]:
+        out += ["", f"## {model}: median time per gradient", "", f"{results['models'][model]}.", ""]
+        out += _timing_table(results, model, methods)
+        if results["memory"]:
+            out += ["", f"Peak RSS growth during one gradient ({model}, 1 thread):", ""]
+            out += _memory_table(results, model, methods)
+    if results["memory_skipped"]:
+        out += ["", f"Peak memory not measured: {results['memory_skipped']}."]
+    checkpoint = results["checkpoint"] or {"skipped": "not run"}
+    if "skipped" not in checkpoint:
+        out += ["", f"## Memory-bounded unroll (`surrogate_loss(..., checkpoint=True)`), conv, K = {checkpoint['K']}",
+                "", "One call each, 1 thread; peak RSS growth as above.", "",
+                "| | peak RSS growth MiB | time s |", "|---|---|---|",
+                f"| plain unroll | {checkpoint['plain_mib']:.1f} | {checkpoint['plain_s']:.2f} |",
+                f"| checkpoint=True | {checkpoint['checkpoint_mib']:.1f} | {checkpoint['checkpoint_s']:.2f} |",
+                "", f"Gradient difference: max abs {checkpoint['max_abs']:.2e}, max rel {checkpoint['max_rel']:.2e}."]
+    out += ["", "## Correctness side-check", ""] + _check_table(results)
+    out += ["", METHOD_NOTES]
+    return "\n".join(out)
+
+
+def _parse(argv: Optional[Sequence[str]]) -> Tuple[Config, argparse.Namespace]:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.unrolled_gradient", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smoke run: K in (1, 2), 1 thread, 2-3 repetitions")
+    parser.add_argument("--out", type=Path, help="write the markdown page here (default: print it)")
+    parser.add_argument("--json", type=Path, help="also write the raw results as JSON")
+    parser.add_argument("--models", nargs="+", choices=MODELS)
+    parser.add_argument("--methods", nargs="+", choices=METHODS)
+    parser.add_argument("--ks", nargs="+", type=int)
+    parser.add_argument("--threads", nargs="+", type=int)
+    parser.add_argument("--reps", type=int, help="timed repetitions for every model")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument("--note", help="a line printed at the top of the page (e.g. 'shared machine')")
+    args = parser.parse_args(argv)
+    config = QUICK if args.quick else Config()
+    overrides: Dict[str, Any] = {}
+    for name in ("models", "methods", "ks", "threads"):
+        if getattr(args, name):
+            overrides[name] = tuple(getattr(args, name))
+    if args.reps:
+        overrides["reps"] = tuple((m, args.reps) for m in MODELS)
+    if args.no_memory:
+        overrides["memory"] = False
+    return replace(config, **overrides), args
+
+
+def _without_note(argv: List[str]) -> List[str]:
+    # The note describes this run only; the command on the page is for rerunning elsewhere.
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--note":
+            skip = True
+        elif not arg.startswith("--note="):
+            out.append(arg)
+    return out
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    config, args = _parse(argv)
+    results = run_suite(config)
+    results["note"] = args.note
+    shown = _without_note(list(sys.argv[1:] if argv is None else argv))
+    page = render_markdown(results, "python -m benchmarks.unrolled_gradient " + " ".join(shown))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(page + "\n")
+    else:
+        print(page)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1) + "\n")
+    return results
+
+
+if __name__ == "__main__":
+    main()

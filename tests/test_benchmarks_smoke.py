@@ -1,0 +1,113 @@
+"""Smoke test of the benchmark suite (benchmarks/): its quick mode runs, and the methods' gradients agree.
+
+higher and torchopt are optional (the ``bench`` extra); their parts are skipped when they are not installed.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Dict
+
+import pytest
+import torch
+
+# benchmarks/ is a top-level folder of the repository, not part of the installed package.
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import memory  # noqa: E402
+from benchmarks.methods import CHECKPOINT_METHOD, checkpoint_unavailable, make, make_unroll  # noqa: E402
+from benchmarks.models import make_problem  # noqa: E402
+from benchmarks.unrolled_gradient import QUICK, compare, render_markdown, run_suite  # noqa: E402
+
+TOLERANCE = 1e-5
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Any:
+    # The machine may be shared: extra OpenMP threads would only spin.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def quick_results() -> Dict[str, Any]:
+    config = replace(QUICK, methods=("unroll", "first_order"), memory=False)
+    return run_suite(config, log=lambda message: None)
+
+
+def test_quick_mode_times_every_method_model_and_k(quick_results: Dict[str, Any]) -> None:
+    timed = {(r["model"], r["K"], r["method"]) for r in quick_results["timings"]}
+    expected = {(m, K, method) for m in QUICK.models for K in QUICK.ks for method in ("unroll", "first_order")}
+    assert timed == expected
+    assert all(r["median_ms"] > 0 and len(r["times_ms"]) == QUICK.reps_for(r["model"])
+               for r in quick_results["timings"])
+
+
+def test_first_order_gradient_equals_stop_grad_unroll(quick_results: Dict[str, Any]) -> None:
+    checks = quick_results["checks"]
+    assert {(c["model"], c["K"]) for c in checks} == {(m, K) for m in QUICK.models for K in QUICK.ks}
+    for check in checks:
+        assert check["method"] == "first_order" and not check["nan"]
+        assert check["max_rel"] <= TOLERANCE, check
+
+
+def test_page_shows_command_targets_and_checkpoint_row(quick_results: Dict[str, Any]) -> None:
+    page = render_markdown(quick_results, "python -m benchmarks.unrolled_gradient --quick")
+    assert page.count("python -m benchmarks.unrolled_gradient --quick") == 1
+    assert "unroll ≤ 3.2× first-order" not in page  # K = 10 is not in the quick run
+    assert "checkpointed unroll" in page
+    assert "## mixture: median time per gradient" in page and "## conv: median time per gradient" in page
+
+
+def test_unrolled_gradient_differs_from_first_order() -> None:
+    # Guards the comparison itself: the second term of Eq. 12 must be visible, or agreement would be vacuous.
+    problem = make_problem("mixture")
+    result = compare(make("unroll", problem, 2)(), make("first_order", problem, 2)())
+    assert result["max_rel"] > 100 * TOLERANCE
+
+
+def test_peak_growth_sees_a_known_allocation() -> None:
+    reason = memory.supported()
+    if reason is not None:
+        pytest.skip(f"peak RSS cannot be measured here: {reason}")
+    size = 64 * 2 ** 20  # above glibc's largest mmap threshold, so it is returned to the kernel when freed
+
+    def allocate() -> int:
+        return int(torch.ones(size // 4).sum())
+
+    growth = memory.peak_growth_bytes(allocate, warm_up=lambda: None)
+    assert 0.9 * size <= growth <= 1.5 * size
+
+
+def test_memory_probe_subprocess_grows_with_k() -> None:
+    reason = memory.supported()
+    if reason is not None:
+        pytest.skip(f"peak RSS cannot be measured here: {reason}")
+    peaks = memory.measure(["mixture"], "unroll", [1, 4], seed=0)["mixture"]
+    # Each unrolled step keeps its activations and Adam intermediates for the backward pass.
+    assert 0 < peaks[1] < peaks[4]
+
+
+def test_checkpoint_method_matches_plain_unroll() -> None:
+    reason = checkpoint_unavailable()
+    if reason is not None:
+        pytest.skip(reason)
+    problem = make_problem("mixture")
+    result = compare(make(CHECKPOINT_METHOD, problem, 3)(), make_unroll(problem, 3)())
+    assert not result["nan"] and result["max_rel"] <= 1e-6, result
+
+
+@pytest.mark.parametrize("method", ["higher", "torchopt"])
+def test_optional_method_matches_unroll(method: str) -> None:
+    pytest.importorskip(method, reason=f"{method} is an optional benchmark dependency (pip install -e .[bench])")
+    # The conv model is compared in the suite's own side-check; the mixture keeps this test fast.
+    problem = make_problem("mixture")
+    result = compare(make(method, problem, 3)(), make_unroll(problem, 3)())
+    assert not result["nan"]
+    assert result["max_rel"] <= TOLERANCE, result
