@@ -1,0 +1,376 @@
+"""The mixture sweep: K in {0, 1, 5, 10} and the compute-matched control, paired seeds, three datasets, plus a
+sensitivity table; writes ``docs/results/mixture.md`` and Fig. 2-style PNGs.
+
+    python examples/gan/sweep_mixture.py            # the full sweep (see --help for its size)
+    python examples/gan/sweep_mixture.py --report-only
+
+Every cell is an ordinary run folder (as ``mixture.py`` writes) under ``--out``; finished cells are skipped and
+unfinished ones resumed from their checkpoint, so a killed sweep loses at most one evaluation interval. The
+report is rewritten after every cell (marked partial until the last one is done). Text between the
+``<!-- notes -->`` markers of an existing report is kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import shlex
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from data import make_mixture
+from mixture import parse_seeds, run_name
+from training import (CHECKPOINT, TrainConfig, Trainer, TrainingDiverged, atomic_write_bytes, density_histogram,
+                      histogram_extent, plot_density_grid)
+
+ROOT = Path(__file__).resolve().parents[2]
+NOTES_BEGIN, NOTES_END = "<!-- notes -->", "<!-- /notes -->"
+
+# Published numbers (issue 3): VEEGAN Table 1 and PacGAN Table 1 (their GAN baselines and VEEGAN's "Unrolled").
+PUBLISHED = {
+    "ring-veegan": [("VEEGAN Table 1: GAN", "1", "99.3", "-"), ("VEEGAN Table 1: Unrolled GAN", "7.6", "35.6", "-"),
+                    ("PacGAN Table 1: GAN", "6.3 ± 0.5", "98.2 ± 0.2", "0.45 ± 0.09")],
+    "grid": [("VEEGAN Table 1: GAN", "3.3", "0.5", "-"), ("VEEGAN Table 1: Unrolled GAN", "23.6", "16", "-"),
+             ("PacGAN Table 1: GAN", "17.3 ± 0.8", "94.8 ± 0.7", "0.70 ± 0.07")],
+    "ring": [("Metz et al. Fig. 2, K=0", "1 at a time (rotates)", "-", "-"),
+             ("Metz et al. Fig. 2, K=10", "8 (converges)", "-", "-")],
+}
+DATASET_TITLES = {"ring": "Paper ring (8 modes, radius 2, std 0.02)",
+                  "ring-veegan": "VEEGAN/PacGAN ring (8 modes, radius 1, std 0.01)",
+                  "grid": "VEEGAN/PacGAN grid (25 modes, 5x5 on {-4..4}², std 0.05)"}
+
+
+@dataclass(frozen=True)
+class Cell:
+    group: str  # "main" or "sensitivity"
+    label: str
+    cfg: TrainConfig
+    seeds: Tuple[int, ...]
+
+    @property
+    def folder(self) -> str:
+        return f"{self.group}/{run_name(self.cfg)}_s{len(self.seeds)}_n{self.cfg.steps}"
+
+
+def build_cells(args: argparse.Namespace) -> List[Cell]:
+    base = dict(unroll_lr=args.unroll_lr, eval_every=args.eval_every, batch=args.batch,
+                eval_samples=args.eval_samples)
+    cells: List[Cell] = []
+    seeds = tuple(parse_seeds(args.seeds))
+    for dataset in args.datasets:
+        steps = args.steps_grid if dataset == "grid" else args.steps
+        for K in args.ks:
+            cells.append(Cell("main", f"K={K}", TrainConfig(dataset=dataset, K=K, steps=steps, **base), seeds))
+        cells.append(Cell("main", f"control ({args.control_k + 1} D steps)",
+                          TrainConfig(dataset=dataset, K=args.control_k, control=True, steps=steps, **base), seeds))
+    # Sensitivity on the paper ring: one factor at a time away from the main setting, K=0 beside K=10 where
+    # the factor changes the plain GAN too. The steps factor is read off the evaluations along the way.
+    sens = tuple(parse_seeds(args.sens_seeds))
+    ring = dict(base, dataset="ring", steps=args.sens_steps)
+    variants = [
+        ("App. A as written: unroll lr = D lr 1e-4", dict(unroll_lr=1e-4), (10,)),
+        ("generator lr 1e-3", dict(g_lr=1e-3), (0, 10)),
+        ("generator lr 1e-3, unroll lr 1e-4", dict(g_lr=1e-3, unroll_lr=1e-4), (10,)),
+        ("tanh generator", dict(activation="tanh"), (0, 10)),
+        ("notebook: tanh, generator lr 1e-3", dict(activation="tanh", g_lr=1e-3), (0,)),
+        ("non-saturating loss", dict(loss="nonsaturating"), (0, 10)),
+        ("stop-gradient (first term only)", dict(stop_grad=True), (10,)),
+    ]
+    if args.quick:
+        variants = variants[:1]
+    for label, change, ks in variants:
+        for K in ks:
+            cells.append(Cell("sensitivity", f"{label}, K={K}", TrainConfig(**{**ring, **change, "K": K}), sens))
+    return cells
+
+
+def summary_stats(values: Sequence[float]) -> Dict[str, float]:
+    """Mean, standard error of the mean (n - 1 in the std) and median."""
+    values = [float(v) for v in values]
+    n = len(values)
+    se = statistics.stdev(values) / math.sqrt(n) if n > 1 else float("nan")
+    return {"mean": statistics.fmean(values), "se": se, "median": statistics.median(values), "n": n}
+
+
+def load_run(folder: Path) -> Optional[Dict[str, Any]]:
+    path = folder / "metrics.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def run_cell(cell: Cell, folder: Path, progress: bool, log: List[Dict[str, Any]]) -> Dict[str, Any]:
+    meta = load_run(folder)
+    if meta is not None and meta["status"] in ("done", "diverged"):
+        return meta
+    resume = (folder / CHECKPOINT).exists()
+    start = time.time()
+    trainer = Trainer(cell.cfg, cell.seeds, out_dir=folder, resume=resume, progress=progress)
+    start_step = trainer.step
+    try:
+        trainer.run()
+    except TrainingDiverged as error:
+        print(f"{cell.folder}: {error}", file=sys.stderr)
+        trainer.save_figure()
+    log.append({"cell": cell.folder, "seconds": time.time() - start, "from_step": start_step,
+                "to_step": trainer.step, "seeds": len(cell.seeds), "finished": time.strftime("%H:%M:%S")})
+    return load_run(folder)
+
+
+def final_records(meta: Dict[str, Any]) -> List[Dict[str, Any]]:
+    last = max(r["step"] for r in meta["records"])
+    return [r for r in meta["records"] if r["step"] == last]
+
+
+def fmt(stats: Dict[str, float], scale: float = 1.0, digits: int = 2) -> str:
+    if stats["n"] == 0 or math.isnan(stats["mean"]):
+        return "n/a"
+    se = "" if math.isnan(stats["se"]) else f" ± {scale * stats['se']:.{digits}f}"
+    return f"{scale * stats['mean']:.{digits}f}{se}"
+
+
+def row_for(label: str, meta: Optional[Dict[str, Any]], n_modes: int) -> List[str]:
+    if meta is None:
+        return [label, "not run"] + [""] * 7
+    recs = [r for r in final_records(meta) if not math.isnan(r["reverse_kl"])]
+    step = max(r["step"] for r in meta["records"])
+    if not recs:
+        return [label, str(step), "diverged"] + [""] * 6
+    stats = {k: summary_stats([r[k] for r in recs]) for k in ("modes", "modes_strict", "hq", "reverse_kl", "energy")}
+    all_modes = sum(r["modes"] == n_modes for r in recs)
+    status = "" if meta["status"] == "done" else f" ({meta['status']})"
+    return [label, f"{step}{status}", f"{fmt(stats['modes'])} ({stats['modes']['median']:g})",
+            f"{fmt(stats['modes_strict'])} ({stats['modes_strict']['median']:g})",
+            f"{all_modes}/{len(recs)}", f"{fmt(stats['hq'], 100, 1)} ({100 * stats['hq']['median']:.1f})",
+            f"{fmt(stats['reverse_kl'], digits=3)} ({stats['reverse_kl']['median']:.3f})",
+            f"{fmt(stats['energy'], digits=4)}", f"{len(recs)}"]
+
+
+HEADER = ["run", "iterations", "modes: mean ± s.e. (median)", "strict modes (median)", "all modes",
+          "HQ % (median)", "reverse KL (median)", "energy dist.", "seeds"]
+
+
+def table(rows: List[List[str]], header: Sequence[str]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def modes_over_time(cells: List[Tuple[Cell, Optional[Dict[str, Any]]]]) -> str:
+    steps = sorted({r["step"] for _, m in cells if m for r in m["records"]})
+    shown = [s for i, s in enumerate(steps) if i % max(1, len(steps) // 8) == 0 or s == steps[-1]]
+    rows = []
+    for cell, meta in cells:
+        if meta is None:
+            continue
+        by_step = {}
+        for r in meta["records"]:
+            by_step.setdefault(r["step"], []).append(r["modes"])
+        rows.append([cell.label] + [f"{statistics.fmean(by_step[s]):.1f}" if s in by_step else "" for s in shown])
+    return table(rows, ["run"] + [str(s) for s in shown])
+
+
+def observations(dataset: str, cells: List[Tuple[Cell, Optional[Dict[str, Any]]]], n_modes: int) -> List[str]:
+    """Plain statements computed from the numbers (no judgement calls)."""
+    out = []
+    for cell, meta in cells:
+        if meta is None:
+            continue
+        recs = [r for r in final_records(meta) if not math.isnan(r["reverse_kl"])]
+        if not recs:
+            out.append(f"- {cell.label}: diverged ({meta.get('diverged')}).")
+            continue
+        full = sum(r["modes"] == n_modes for r in recs)
+        one = sum(r["modes"] <= 1 for r in recs)
+        mean = statistics.fmean(r["modes"] for r in recs)
+        out.append(f"- {cell.label}: {full}/{len(recs)} runs cover all {n_modes} modes, {one}/{len(recs)} "
+                   f"cover at most one; mean {mean:.2f} modes.")
+    return out
+
+
+def dominant_modes(snapshots: List[Tuple[int, torch.Tensor]], dataset: str) -> List[List[int]]:
+    """Per seed, the mode nearest the densest histogram bin at every evaluation after step 0."""
+    mixture = make_mixture(dataset)
+    extent = histogram_extent(mixture)
+    out: List[List[int]] = []
+    for step, hist in snapshots:
+        if step == 0:
+            continue
+        bins = hist.shape[-1]
+        flat = hist.reshape(hist.shape[0], -1).argmax(dim=1)
+        centre = (torch.stack([flat // bins, flat % bins], dim=1).double() + 0.5) * (2 * extent / bins) - extent
+        nearest = torch.cdist(centre, mixture.centers.double()).argmin(dim=1)
+        out.append(nearest.tolist())
+    return [list(seed_modes) for seed_modes in zip(*out)]
+
+
+def rotation_table(cells: List[Tuple[Cell, Optional[Dict[str, Any]]]], out_root: Path, dataset: str) -> str:
+    """How often the densest mode changes between evaluations: rotation through the modes shows here."""
+    rows = []
+    for cell, meta in cells:
+        ckpt_path = out_root / cell.folder / CHECKPOINT
+        if meta is None or not ckpt_path.exists():
+            continue
+        per_seed = dominant_modes(torch.load(ckpt_path, weights_only=False)["snapshots"], dataset)
+        if not per_seed or len(per_seed[0]) < 2:
+            continue
+        changes = [sum(a != b for a, b in zip(m[:-1], m[1:])) for m in per_seed]
+        distinct = [len(set(m)) for m in per_seed]
+        rows.append([cell.label, f"{statistics.fmean(changes):.1f} of {len(per_seed[0]) - 1}",
+                     f"{statistics.fmean(distinct):.1f}", " ".join(map(str, per_seed[0]))])
+    return table(rows, ["run", "densest mode changed (mean over seeds)", "distinct densest modes",
+                        f"densest mode per evaluation, seed {cells[0][0].seeds[0]}"])
+
+
+def figure_for(dataset: str, cells: List[Tuple[Cell, Optional[Dict[str, Any]]]], out_root: Path,
+               path: Path) -> bool:
+    """Fig. 2-style: rows = K / control (first seed), columns = evaluation steps, last column the data."""
+    rows = []
+    for cell, meta in cells:
+        ckpt_path = out_root / cell.folder / CHECKPOINT
+        if meta is None or not ckpt_path.exists():
+            continue
+        snapshots = torch.load(ckpt_path, weights_only=False)["snapshots"]
+        rows.append((f"{cell.label} (seed {cell.seeds[0]})", [(step, hist[0]) for step, hist in snapshots]))
+    if not rows:
+        return False
+    mixture = make_mixture(dataset)
+    extent = histogram_extent(mixture)
+    data = density_histogram(mixture.sample(10_000, torch.Generator().manual_seed(0)), extent)
+    plot_density_grid(rows, data, extent, path, title=DATASET_TITLES[dataset])
+    return True
+
+
+def write_report(args: argparse.Namespace, cells: List[Cell], out_root: Path, log: List[Dict[str, Any]],
+                 command: str, complete: bool) -> None:
+    doc = Path(args.doc)
+    notes = ""
+    if doc.exists():
+        text = doc.read_text()
+        if NOTES_BEGIN in text and NOTES_END in text:
+            notes = text[text.index(NOTES_BEGIN) + len(NOTES_BEGIN):text.index(NOTES_END)]
+    metas = [(c, load_run(out_root / c.folder)) for c in cells]
+    done = sum(1 for _, m in metas if m is not None and m["status"] in ("done", "diverged"))
+    status = "complete" if complete and done == len(cells) else f"PARTIAL: {done} of {len(cells)} cells finished"
+    main_cfg = next(c.cfg for c in cells if c.group == "main")
+    lines = [
+        "# Unrolled GAN on 2-D mixtures of Gaussians (Metz et al. 2017, Sec. 3.1): measured over seeds",
+        "",
+        f"Status: **{status}**. Made by:",
+        "",
+        "```", command, "```",
+        "",
+        f"Settings (App. A unless stated): generator 256→128→128→2 ({main_cfg.activation}), discriminator input/4 "
+        f"→128 ReLU→logit, orthogonal init gain 0.8, Adam β=(0.5, 0.999), D lr {main_cfg.d_lr:g}, G lr "
+        f"{main_cfg.g_lr:g}, **unrolled (look-ahead) Adam lr {main_cfg.lookahead_lr:g}** starting from D's current "
+        f"Adam state, {main_cfg.loss} generator loss (G minimises -L_D), fixed unroll minibatch, batch "
+        f"{main_cfg.batch}. One *iteration* = one D update then one G update on the same minibatch (the paper "
+        f"counts each update as a step). Metrics on {main_cfg.eval_samples:,} generator samples: HQ = within 3 std "
+        f"of the nearest mode; a mode is covered if it is the nearest mode of at least one HQ sample (strict: at "
+        f"least 1% of the samples its weight predicts); reverse KL = KL(mode histogram of all samples ‖ true "
+        f"weights); energy distance on 2,000 samples. Tables show the last evaluation; mean ± standard error over "
+        f"paired seeds (seed s has the same init and data stream in every row), median in parentheses. The "
+        f"control takes K+1 committed D steps per G step (the extra ones at the look-ahead lr) and does not unroll.",
+        "",
+        NOTES_BEGIN + notes + NOTES_END,
+        "",
+    ]
+    for dataset in args.datasets:
+        dcells = [(c, m) for c, m in metas if c.group == "main" and c.cfg.dataset == dataset]
+        n_modes = make_mixture(dataset).n_modes
+        lines += [f"## {DATASET_TITLES[dataset]}", ""]
+        lines += [table([row_for(c.label, m, n_modes) for c, m in dcells], HEADER), ""]
+        lines += ["Published (other architectures and training lengths; for orientation):", ""]
+        lines += [table([list(p) for p in PUBLISHED[dataset]], ["source", "modes", "HQ %", "reverse KL"]), ""]
+        lines += ["Mean modes covered over training (iterations):", "", modes_over_time(dcells), ""]
+        lines += ["Mode hopping: the mode nearest the densest point of each run's density, evaluation by evaluation. "
+                  "For a collapsed generator this is its one mode, so changes are jumps from mode to mode; for a "
+                  "diffuse generator the densest point is sampling noise and the column means nothing.", "",
+                  rotation_table(dcells, out_root, dataset), ""]
+        lines += observations(dataset, dcells, n_modes) + [""]
+        fig = Path(args.fig_dir) / f"mixture_{dataset}.png"
+        if figure_for(dataset, dcells, out_root, fig):
+            rel = fig.resolve().relative_to(Path(args.doc).resolve().parent) if fig.resolve().is_relative_to(
+                Path(args.doc).resolve().parent) else fig
+            lines += [f"![{dataset}]({rel})", ""]
+    scells = [(c, m) for c, m in metas if c.group == "sensitivity"]
+    if scells:
+        lines += ["## Sensitivity (paper ring; one factor changed from the main setting)", ""]
+        lines += [table([row_for(c.label, m, 8) for c, m in scells], HEADER), ""]
+        lines += ["Mean modes covered over training (the *steps* factor):", "", modes_over_time(scells), ""]
+        lines += observations("ring", scells, 8) + [""]
+    if log:
+        total = sum(e["seconds"] for e in log)
+        lines += ["## Cost", "", f"Wall time of all cells: {total / 60:.1f} min (one process, one thread, on a "
+                  f"2-core CPU shared with other jobs; all seeds of a cell trained together with torch.func.vmap).",
+                  ""]
+        lines += [table([[e["cell"], f"{e['from_step']}→{e['to_step']}", str(e["seeds"]), f"{e['seconds']:.0f}",
+                          e.get("finished", "")] for e in log],
+                        ["cell", "iterations", "seeds", "seconds", "finished at"]), ""]
+    atomic_write_bytes(doc, "\n".join(lines).encode())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/mixture_sweep", help="run folders (checkpoints, metrics)")
+    p.add_argument("--doc", default=str(ROOT / "docs/results/mixture.md"))
+    p.add_argument("--fig-dir", default=str(ROOT / "docs/results/mixture"))
+    p.add_argument("--datasets", nargs="+", default=["ring", "ring-veegan", "grid"],
+                   choices=["ring", "ring-veegan", "grid"])
+    p.add_argument("--ks", type=int, nargs="+", default=[0, 1, 5, 10])
+    p.add_argument("--control-k", type=int, default=10, help="the control takes control-k + 1 D steps per G step")
+    p.add_argument("--seeds", default="0-9")
+    p.add_argument("--steps", type=int, default=2000, help="iterations per run on the rings")
+    p.add_argument("--steps-grid", type=int, default=2000, help="iterations per run on the grid")
+    p.add_argument("--unroll-lr", type=float, default=1e-3, help="look-ahead lr of the main table")
+    p.add_argument("--sens-seeds", default="0-3")
+    p.add_argument("--sens-steps", type=int, default=2000)
+    p.add_argument("--eval-every", type=int, default=250)
+    p.add_argument("--eval-samples", type=int, default=10_000)
+    p.add_argument("--batch", type=int, default=512)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--quick", action="store_true", help="one sensitivity cell only (smoke tests)")
+    p.add_argument("--report-only", action="store_true", help="rewrite the report from finished cells")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        cells = build_cells(args)
+        for cell in cells:
+            cell.cfg.validate()
+    except ValueError as error:
+        parser.error(str(error))
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    # The page names the command that trains the runs; --report-only only re-renders them.
+    flags = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--report-only"]
+    command = "python examples/gan/sweep_mixture.py " + " ".join(shlex.quote(a) for a in flags)
+    out_root = Path(args.out)
+    # The cost log survives restarts, so a resumed sweep still reports what every cell took.
+    log_path = out_root / "sweep_log.json"
+    log: List[Dict[str, Any]] = json.loads(log_path.read_text()) if log_path.exists() else []
+    if not args.report_only:
+        for i, cell in enumerate(cells):
+            print(f"[{i + 1}/{len(cells)}] {cell.folder}", file=sys.stderr, flush=True)
+            before = len(log)
+            run_cell(cell, out_root / cell.folder, not args.no_progress, log)
+            if len(log) > before:
+                atomic_write_bytes(log_path, json.dumps(log, indent=1).encode())
+            write_report(args, cells, out_root, log, command, complete=False)
+    write_report(args, cells, out_root, log, command, complete=True)
+    print(f"wrote {args.doc}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,249 @@
+"""The mixture experiment (examples/gan): determinism, vmap == alone, resume, divergence, outputs, flags."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any, Dict, List
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "gan"))
+
+import unroll  # noqa: E402
+import mixture  # noqa: E402
+import sweep_mixture  # noqa: E402
+from models import d_loss_from_logits, discriminator_forward, generator_forward  # noqa: E402
+from training import (CHECKPOINT, Hooks, TrainConfig, Trainer, TrainingDiverged, index_state,  # noqa: E402
+                      init_state, make_iteration)
+
+SMALL = dict(batch=64, eval_samples=400, eval_every=2)
+
+
+def small(**kwargs: Any) -> TrainConfig:
+    return TrainConfig(**{**SMALL, "steps": 4, **kwargs})
+
+
+def assert_trees_equal(a: Any, b: Any) -> None:
+    if isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert_trees_equal(a[k], b[k])
+    else:
+        assert torch.equal(a, b), "tensors differ"
+
+
+def records_without_nan(records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    # NaN != NaN: the step-0 records have no losses yet.
+    return [{k: ("nan" if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()} for r in records]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_seed_in_a_vmapped_batch_equals_the_seed_alone() -> None:
+    cfg = small(K=2, unroll_lr=1e-3, steps=3)
+    together = Trainer(cfg, [0, 4, 7])
+    alone = Trainer(cfg, [4])
+    for trainer in (together, alone):
+        for _ in range(cfg.steps):
+            trainer.state, _ = trainer.step_fn(trainer.state, trainer.draw_batch())
+    assert_trees_equal(index_state(together.state, 1), index_state(alone.state, 0))
+    assert not torch.equal(together.state["g"]["w0"][0], together.state["g"]["w0"][1])
+
+
+def test_same_seed_same_numbers() -> None:
+    cfg = small(K=1, unroll_batches="resampled", loss="nonsaturating")
+    first, second = Trainer(cfg, [3]).run(), Trainer(cfg, [3]).run()
+    assert records_without_nan(first) == records_without_nan(second)
+
+
+def test_seeds_are_paired_across_K_and_control() -> None:
+    """Seed s starts from the same parameters and sees the same main data stream for every K."""
+    configs = [small(K=0), small(K=5, unroll_lr=1e-3), small(K=3, control=True)]
+    batches = [Trainer(cfg, [2]).draw_batch() for cfg in configs]
+    for batch in batches[1:]:
+        assert torch.equal(batch["x"], batches[0]["x"]) and torch.equal(batch["z"], batches[0]["z"])
+    assert_trees_equal(init_state(configs[0], 2), init_state(configs[1], 2))
+
+
+def test_iteration_matches_the_surrogate_written_out() -> None:
+    """One vmapped iteration == a D Adam step then a G Adam step on unroll.surrogate_loss, done by hand."""
+    cfg = small(K=3, unroll_lr=1e-3)
+    trainer = Trainer(cfg, [1])
+    batch = trainer.draw_batch()
+    new_state, losses = trainer.step_fn(trainer.state, batch)
+
+    state = index_state(trainer.state, 0)
+    x, z = batch["x"][0, 0], batch["z"][0, 0]
+    d_opt = unroll.adam(cfg.d_lr, betas=(0.5, 0.999))
+    g_opt = unroll.adam(cfg.g_lr, betas=(0.5, 0.999))
+
+    def d_loss(d: Dict[str, torch.Tensor], x: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+        return d_loss_from_logits(discriminator_forward(d, x), discriminator_forward(d, fake))
+
+    fake = generator_forward(state["g"], z)
+    d_grads = torch.func.grad(d_loss)(state["d"], x, fake)
+    d, d_state = d_opt.step(state["d"], d_grads, state["d_opt"])
+    surrogate = unroll.surrogate_loss(d_loss, 3, optimizer=unroll.adam(1e-3, betas=(0.5, 0.999)))
+    g_grads = torch.func.grad(lambda g: surrogate(d, d_state, x, generator_forward(g, z)))(state["g"])
+    g, _ = g_opt.step(state["g"], g_grads, state["g_opt"])
+    for name in d:
+        torch.testing.assert_close(new_state["d"][name][0], d[name], rtol=1e-5, atol=1e-7)
+    for name in g:
+        torch.testing.assert_close(new_state["g"][name][0], g[name], rtol=1e-5, atol=1e-7)
+    assert torch.isfinite(losses["g_loss"]).all()
+
+
+def test_unrolling_changes_the_generator_update() -> None:
+    state_k0 = Trainer(small(K=0), [0])
+    state_k3 = Trainer(small(K=3, unroll_lr=1e-2), [0])
+    batch = state_k0.draw_batch()
+    g0 = state_k0.step_fn(state_k0.state, batch)[0]["g"]["w2"]
+    g3 = state_k3.step_fn(state_k3.state, batch)[0]["g"]["w2"]
+    assert not torch.allclose(g0, g3)
+
+
+def test_control_takes_K_plus_one_discriminator_steps() -> None:
+    trainer = Trainer(small(K=3, control=True, steps=2), [0, 1])
+    trainer.run()
+    assert trainer.state["d_opt"]["step"].tolist() == [8.0, 8.0]
+    assert trainer.state["g_opt"]["step"].tolist() == [2.0, 2.0]
+
+
+def test_hooks_carry_extra_state() -> None:
+    hooks = Hooks(init_extra=lambda d: {"count": torch.zeros(())},
+                  after_d_step=lambda extra, d, d_state: {"count": extra["count"] + 1},
+                  generator_loss=lambda extra, d, d_state, x, fake: -d_loss_from_logits(
+                      discriminator_forward(d, x), discriminator_forward(d, fake)))
+    trainer = Trainer(small(K=2, steps=3, g_steps=2), [0, 1], hooks=hooks)
+    trainer.run()
+    assert trainer.state["extra"]["count"].tolist() == [3.0, 3.0]
+    assert trainer.state["g_opt"]["step"].tolist() == [6.0, 6.0]
+
+
+class Killed(Exception):
+    pass
+
+
+def test_resume_equals_uninterrupted(tmp_path: Path) -> None:
+    cfg = small(K=2, unroll_lr=1e-3, steps=6, unroll_batches="resampled")
+    uninterrupted = Trainer(cfg, [0, 1], out_dir=tmp_path / "a")
+    uninterrupted.run()
+
+    killed = Trainer(cfg, [0, 1], out_dir=tmp_path / "b")
+    draw, calls = killed.draw_batch, [0]
+
+    def dying_draw():
+        calls[0] += 1
+        if calls[0] == 4:  # after the step-2 checkpoint and one more step: that step is lost
+            raise Killed
+        return draw()
+
+    killed.draw_batch = dying_draw
+    with pytest.raises(Killed):
+        killed.run()
+    assert torch.load(tmp_path / "b" / CHECKPOINT, weights_only=False)["step"] == 2
+    resumed = Trainer(cfg, [0, 1], out_dir=tmp_path / "b", resume=True)
+    resumed.run()
+    assert_trees_equal(resumed.state, uninterrupted.state)
+    assert records_without_nan(resumed.records) == records_without_nan(uninterrupted.records)
+    assert (tmp_path / "a" / "metrics.csv").read_text() == (tmp_path / "b" / "metrics.csv").read_text()
+
+
+def test_resume_refuses_other_settings(tmp_path: Path) -> None:
+    Trainer(small(K=1, steps=2), [0], out_dir=tmp_path).run()
+    with pytest.raises(ValueError, match="K"):
+        Trainer(small(K=2, steps=2), [0], out_dir=tmp_path, resume=True)
+
+
+def test_nan_loss_stops_with_step_and_seed_and_keeps_the_last_checkpoint(tmp_path: Path) -> None:
+    # The loss divides by zero once the per-seed counter reaches 3; seed 9's counter starts ahead.
+    hooks = Hooks(init_extra=lambda d: {"count": torch.zeros(())},
+                  after_d_step=lambda extra, d, d_state: {"count": extra["count"] + 1},
+                  generator_loss=lambda extra, d, d_state, x, fake: fake.mean() / (3 - extra["count"]))
+    trainer = Trainer(small(steps=6), [5, 9], out_dir=tmp_path, hooks=hooks)
+    trainer.state["extra"]["count"][1] = 1.0
+    with pytest.raises(TrainingDiverged, match=r"iteration 2 for seed 9") as error:
+        trainer.run()
+    assert error.value.step == 2 and error.value.seed == 9
+    meta = json.loads((tmp_path / "metrics.json").read_text())
+    assert meta["status"] == "diverged" and meta["diverged"]["step"] == 2 and meta["diverged"]["seed"] == 9
+    # The checkpoint and the metrics stay at the last evaluation with finite losses (step 0; eval_every=2).
+    assert {r["step"] for r in meta["records"]} == {0}
+    ckpt = torch.load(tmp_path / CHECKPOINT, weights_only=False)
+    assert ckpt["step"] == 0 and all(torch.isfinite(v).all() for v in ckpt["state"]["g"].values())
+
+
+def test_end_to_end_script_writes_every_output(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "run"
+    code = mixture.main(["--K", "1", "--unroll-lr", "1e-3", "--steps", "4", "--eval-every", "2", "--seeds", "0-1",
+                         "--batch", "64", "--eval-samples", "400", "--out", str(out), "--no-progress"])
+    assert code == 0
+    meta = json.loads((out / "metrics.json").read_text())
+    assert meta["status"] == "done" and meta["config"]["K"] == 1 and meta["seeds"] == [0, 1]
+    assert [(r["step"], r["seed"]) for r in meta["records"]] == [(s, seed) for s in (0, 2, 4) for seed in (0, 1)]
+    with open(out / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 6 and {"hq", "modes", "modes_strict", "reverse_kl", "energy"} <= set(rows[0])
+    assert (out / "density.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / CHECKPOINT).exists() and not list(out.glob("*.tmp"))
+    assert "mean over 2 seeds" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--K", "-1"], "K must be >= 0"),
+    (["--seeds", "1,1"], "distinct"),
+    (["--seeds", "a"], "invalid literal"),
+    (["--unroll-lr", "0"], "learning rates"),
+    (["--steps", "0"], "steps"),
+    (["--control", "--stop-grad"], "control"),
+    (["--dataset", "moons"], "invalid choice"),
+    (["--resume"], "no "),
+])
+def test_bad_flags_are_argparse_errors(flags: List[str], message: str, tmp_path: Path,
+                                       capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        mixture.parse_args(flags + ["--out", str(tmp_path / "x")])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_existing_run_needs_resume(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    Trainer(small(steps=2), [0], out_dir=tmp_path).run()
+    with pytest.raises(SystemExit):
+        mixture.parse_args(["--out", str(tmp_path)])
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_sweep_summary_statistics() -> None:
+    stats = sweep_mixture.summary_stats([1.0, 2.0, 3.0, 6.0])
+    assert stats["mean"] == pytest.approx(3.0) and stats["median"] == pytest.approx(2.5)
+    assert stats["se"] == pytest.approx(math.sqrt(14 / 3) / 2)
+
+
+def test_sweep_writes_the_report_and_resumes(tmp_path: Path) -> None:
+    flags = ["--datasets", "ring", "--ks", "0", "--control-k", "1", "--seeds", "0-1", "--steps", "2",
+             "--sens-seeds", "0-1", "--sens-steps", "2", "--eval-every", "1", "--batch", "32", "--eval-samples", "200",
+             "--quick", "--out", str(tmp_path / "runs"), "--doc", str(tmp_path / "mixture.md"),
+             "--fig-dir", str(tmp_path / "fig"), "--no-progress"]
+    assert sweep_mixture.main(flags) == 0
+    report = (tmp_path / "mixture.md").read_text()
+    assert "Status: **complete**" in report and "| K=0 | 2 |" in report and "control (2 D steps)" in report
+    assert (tmp_path / "fig" / "mixture_ring.png").exists()
+    # Notes between the markers survive a re-run, and finished cells are not trained again.
+    (tmp_path / "mixture.md").write_text(report.replace("<!-- notes -->", "<!-- notes -->hand-written"))
+    log_before = json.loads((tmp_path / "runs" / "sweep_log.json").read_text())
+    assert sweep_mixture.main(flags) == 0
+    assert "<!-- notes -->hand-written<!-- /notes -->" in (tmp_path / "mixture.md").read_text()
+    assert json.loads((tmp_path / "runs" / "sweep_log.json").read_text()) == log_before
