@@ -7,12 +7,14 @@ Definitions (used by every mixture experiment):
   ``strict_fraction`` (1%) of the HQ samples the true weights predict for that mode (``w_i * n``);
 - *reverse KL* is KL(q || p) between q, the histogram of every sample's nearest mode, and p, the true weights
   (finite even when modes are missed, since p > 0; all mass on mode i gives log(1 / p_i));
-- *energy distance* 2E|X-Y| - E|X-X'| - E|Y-Y'| between (sub-sampled) generator and data samples.
+- *energy distance* 2E|X-Y| - E|X-X'| - E|Y-Y'| between (sub-sampled) generator and data samples;
+- *steps to stable coverage*: the first evaluation from which a run keeps every mode strictly covered with a
+  minimum share of HQ samples until its end (the App. B ablations' measure of convergence).
 """
 
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -74,3 +76,21 @@ def all_metrics(samples: Tensor, reference: Tensor, centers: Tensor, std: float,
     metrics["energy"] = energy_distance(sub, reference[:energy_samples]) if torch.isfinite(sub).all() \
         else float("nan")
     return metrics
+
+
+def steps_to_stable_coverage(records: Sequence[Mapping[str, Any]], n_modes: int, min_hq: float = 0.05
+                             ) -> Optional[int]:
+    """The first evaluation step from which every later evaluation of one run covers all ``n_modes`` modes by
+    the strict count, with at least ``min_hq`` of its samples high quality; ``None`` if the run never settles.
+
+    ``records`` are one run's evaluations (``step``, ``modes_strict``, ``hq``), in any order. A run that reaches
+    coverage and then drops a mode again restarts the clock: mode hopping is not convergence.
+    """
+    settled: Optional[int] = None
+    for record in sorted(records, key=lambda r: r["step"]):
+        good = record["modes_strict"] == n_modes and record["hq"] >= min_hq
+        if not good:
+            settled = None
+        elif settled is None:
+            settled = int(record["step"])
+    return settled

@@ -84,8 +84,16 @@ def run_name(cfg: TrainConfig) -> str:
     """A folder name that tells the settings apart."""
     kind = f"control{cfg.K}" if cfg.control else f"K{cfg.K}"
     parts = [cfg.dataset, kind, f"ulr{cfg.lookahead_lr:g}", f"glr{cfg.g_lr:g}", cfg.activation, cfg.loss[:3]]
+    # Settings added after the first sweep are named only when they differ from the default, so that the
+    # folders of earlier runs keep their names.
+    if cfg.d_lr != DEFAULTS.d_lr:
+        parts.append(f"dlr{cfg.d_lr:g}")
+    if cfg.g_steps != DEFAULTS.g_steps:
+        parts.append(f"g{cfg.g_steps}")
     if cfg.stop_grad:
         parts.append("stopgrad")
+    if cfg.average_over_steps:
+        parts.append("avg")
     if cfg.unroll_batches != "fixed":
         parts.append(cfg.unroll_batches)
     if cfg.weight_std:

@@ -20,7 +20,7 @@ import shlex
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -28,8 +28,8 @@ import torch
 
 from data import make_mixture
 from mixture import parse_seeds, run_name
-from training import (CHECKPOINT, TrainConfig, Trainer, TrainingDiverged, atomic_write_bytes, density_histogram,
-                      histogram_extent, plot_density_grid)
+from training import (CHECKPOINT, Hooks, TrainConfig, Trainer, TrainingDiverged, atomic_write_bytes,
+                      density_histogram, histogram_extent, plot_density_grid)
 
 ROOT = Path(__file__).resolve().parents[2]
 NOTES_BEGIN, NOTES_END = "<!-- notes -->", "<!-- /notes -->"
@@ -50,14 +50,19 @@ DATASET_TITLES = {"ring": "Paper ring (8 modes, radius 2, std 0.02)",
 
 @dataclass(frozen=True)
 class Cell:
-    group: str  # "main" or "sensitivity"
+    """One row of a sweep: a configuration trained for all its seeds at once, in its own run folder."""
+
+    group: str  # e.g. "main" or "sensitivity"
     label: str
     cfg: TrainConfig
     seeds: Tuple[int, ...]
+    tag: str = ""  # tells apart cells whose TrainConfig is the same (e.g. different hooks)
+    hooks: Optional[Hooks] = field(default=None, compare=False)
 
     @property
     def folder(self) -> str:
-        return f"{self.group}/{run_name(self.cfg)}_s{len(self.seeds)}_n{self.cfg.steps}"
+        tag = f"_{self.tag}" if self.tag else ""
+        return f"{self.group}/{run_name(self.cfg)}{tag}_s{len(self.seeds)}_n{self.cfg.steps}"
 
 
 def build_cells(args: argparse.Namespace) -> List[Cell]:
@@ -111,7 +116,7 @@ def run_cell(cell: Cell, folder: Path, progress: bool, log: List[Dict[str, Any]]
         return meta
     resume = (folder / CHECKPOINT).exists()
     start = time.time()
-    trainer = Trainer(cell.cfg, cell.seeds, out_dir=folder, resume=resume, progress=progress)
+    trainer = Trainer(cell.cfg, cell.seeds, out_dir=folder, hooks=cell.hooks, resume=resume, progress=progress)
     start_step = trainer.step
     try:
         trainer.run()
@@ -229,7 +234,7 @@ def rotation_table(cells: List[Tuple[Cell, Optional[Dict[str, Any]]]], out_root:
 
 
 def figure_for(dataset: str, cells: List[Tuple[Cell, Optional[Dict[str, Any]]]], out_root: Path,
-               path: Path) -> bool:
+               path: Path, title: Optional[str] = None) -> bool:
     """Fig. 2-style: rows = K / control (first seed), columns = evaluation steps, last column the data."""
     rows = []
     for cell, meta in cells:
@@ -243,7 +248,7 @@ def figure_for(dataset: str, cells: List[Tuple[Cell, Optional[Dict[str, Any]]]],
     mixture = make_mixture(dataset)
     extent = histogram_extent(mixture)
     data = density_histogram(mixture.sample(10_000, torch.Generator().manual_seed(0)), extent)
-    plot_density_grid(rows, data, extent, path, title=DATASET_TITLES[dataset])
+    plot_density_grid(rows, data, extent, path, title=title or DATASET_TITLES[dataset])
     return True
 
 

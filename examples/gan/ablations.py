@@ -1,0 +1,217 @@
+"""What the App. B ablation sweeps (``second_gradient.py``, ``historical_averaging.py``) share: the common
+settings and flags, running the cells (``--resume``), steps to stable coverage, cost, tables and figures.
+
+A sweep is a list of :class:`sweep_mixture.Cell`: each is an ordinary run folder under ``--out`` with all its
+seeds trained together (``torch.func.vmap``), evaluated along the way and checkpointed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+import statistics
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from data import DATASETS, make_mixture
+from metrics import steps_to_stable_coverage
+from mixture import parse_seeds
+from sweep_mixture import (NOTES_BEGIN, NOTES_END, ROOT, Cell, figure_for, final_records, fmt, load_run, run_cell,
+                           summary_stats)
+from training import CHECKPOINT, atomic_write_bytes
+
+CellMeta = Tuple[Cell, Optional[Dict[str, Any]]]
+
+# The ablations need runs that converge within a CPU budget. With App. A's learning rates (1e-4) nothing settles
+# in a few thousand iterations (docs/results/mixture.md); with 1e-3 for D, G and the look-ahead steps, K = 5 keeps
+# all 8 ring modes from about 1,250 iterations on, while K = 0 collapses. Every flag can restore App. A.
+COMMON = dict(dataset="ring", d_lr=1e-3, g_lr=1e-3, unroll_lr=1e-3, eval_every=250, eval_samples=10_000)
+MIN_HQ = 0.05
+
+
+def add_common_flags(p: argparse.ArgumentParser, *, out: str, doc: str, steps: int, seeds: str = "0-4") -> None:
+    """Flags every ablation sweep has; defaults are :data:`COMMON`."""
+    p.add_argument("--dataset", choices=DATASETS, default=COMMON["dataset"])
+    p.add_argument("--seeds", default=seeds, help="paired seeds, trained together (e.g. 0-4)")
+    p.add_argument("--steps", type=int, default=steps, help="training iterations per run")
+    p.add_argument("--d-lr", type=float, default=COMMON["d_lr"])
+    p.add_argument("--g-lr", type=float, default=COMMON["g_lr"])
+    p.add_argument("--unroll-lr", type=float, default=COMMON["unroll_lr"], help="look-ahead Adam lr")
+    p.add_argument("--eval-every", type=int, default=COMMON["eval_every"])
+    p.add_argument("--eval-samples", type=int, default=COMMON["eval_samples"])
+    p.add_argument("--min-hq", type=float, default=MIN_HQ,
+                   help="share of high-quality samples that 'stable coverage' requires besides all modes")
+    p.add_argument("--out", default=out, help="run folders (checkpoints, metrics)")
+    p.add_argument("--doc", default=str(ROOT / doc), help="the results page to write")
+    p.add_argument("--fig-dir", default=None, help="figures (default: a folder named like --doc, beside it)")
+    p.add_argument("--resume", action="store_true", help="continue the runs already in --out")
+    p.add_argument("--report-only", action="store_true", help="rewrite the page from the runs in --out")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+
+
+def base_settings(args: argparse.Namespace) -> Dict[str, Any]:
+    """TrainConfig fields shared by every cell of the sweep."""
+    return dict(dataset=args.dataset, d_lr=args.d_lr, g_lr=args.g_lr, unroll_lr=args.unroll_lr,
+                eval_every=args.eval_every, eval_samples=args.eval_samples)
+
+
+def parse_and_check(parser: argparse.ArgumentParser, build_cells, argv: Optional[Sequence[str]]
+                    ) -> Tuple[argparse.Namespace, List[Cell]]:
+    """Parse flags and build the cells; every problem is an argparse error before any training starts."""
+    args = parser.parse_args(argv)
+    try:
+        args.seed_list = tuple(parse_seeds(args.seeds))
+        if not 0 <= args.min_hq <= 1:
+            raise ValueError(f"--min-hq must be in [0, 1], got {args.min_hq}")
+        if args.threads is not None and args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        cells = build_cells(args)
+        for cell in cells:
+            cell.cfg.validate()
+    except ValueError as error:
+        parser.error(str(error))
+    out = Path(args.out)
+    started = [c.folder for c in cells if (out / c.folder / CHECKPOINT).exists()]
+    if started and not (args.resume or args.report_only):
+        parser.error(f"{out} already holds runs of this sweep ({started[0]}, ...); pass --resume to continue "
+                     f"them or choose another --out")
+    if args.fig_dir is None:
+        args.fig_dir = str(Path(args.doc).with_suffix(""))
+    return args, cells
+
+
+def command_line(script: str, argv: Optional[Sequence[str]]) -> str:
+    """The command that trains the runs (``--report-only`` and ``--resume`` do not change them)."""
+    flags = [a for a in (sys.argv[1:] if argv is None else argv) if a not in ("--report-only", "--resume")]
+    return " ".join(["python", f"examples/gan/{script}"] + [shlex.quote(a) for a in flags])
+
+
+def run_all(cells: Sequence[Cell], args: argparse.Namespace, report) -> List[Dict[str, Any]]:
+    """Train every unfinished cell (resuming from checkpoints), calling ``report(log)`` after each one."""
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    out_root = Path(args.out)
+    log_path = out_root / "sweep_log.json"
+    # The cost log survives restarts, so a resumed sweep still reports what every cell took.
+    log: List[Dict[str, Any]] = json.loads(log_path.read_text()) if log_path.exists() else []
+    if not args.report_only:
+        for i, cell in enumerate(cells):
+            print(f"[{i + 1}/{len(cells)}] {cell.folder}", file=sys.stderr, flush=True)
+            before = len(log)
+            run_cell(cell, out_root / cell.folder, not args.no_progress, log)
+            if len(log) > before:
+                atomic_write_bytes(log_path, json.dumps(log, indent=1).encode())
+            report(log)
+    return log
+
+
+def seconds_per_iteration(cell: Cell, log: Sequence[Dict[str, Any]]) -> Optional[float]:
+    """Training wall time per iteration of ``cell`` (all its seeds together), from the sweep's cost log."""
+    entries = [e for e in log if e["cell"] == cell.folder and e["to_step"] > e["from_step"]]
+    if not entries:
+        return None
+    return sum(e["seconds"] for e in entries) / sum(e["to_step"] - e["from_step"] for e in entries)
+
+
+def stable_steps(meta: Dict[str, Any], n_modes: int, min_hq: float) -> List[Optional[int]]:
+    """Per seed, the iteration from which the run keeps stable coverage (None: never within the run)."""
+    by_seed: Dict[int, List[Dict[str, Any]]] = {}
+    for record in meta["records"]:
+        by_seed.setdefault(record["seed"], []).append(record)
+    return [steps_to_stable_coverage(by_seed[s], n_modes, min_hq) for s in sorted(by_seed)]
+
+
+def describe_stable(steps: Sequence[Optional[int]]) -> str:
+    """``"4/5 settled, median 1250"``; the median counts unsettled runs as later than any settled one."""
+    settled = sorted(s for s in steps if s is not None)
+    if not settled:
+        return f"0/{len(steps)} settled"
+    median = statistics.median(settled + [math.inf] * (len(steps) - len(settled)))
+    median_text = "not settled" if math.isinf(median) else f"{median:g}"
+    return f"{len(settled)}/{len(steps)} settled, median {median_text}"
+
+
+RESULT_HEADER = ["run", "iterations", "stable coverage (iteration)", "modes (strict)", "all modes", "HQ %",
+                 "reverse KL", "s / iteration"]
+
+
+def result_row(label: str, cell: Cell, meta: Optional[Dict[str, Any]], n_modes: int, min_hq: float,
+               log: Sequence[Dict[str, Any]]) -> List[str]:
+    """One table row: steps to stable coverage and the final metrics (mean ± s.e. over seeds)."""
+    if meta is None:
+        return [label, "not run"] + [""] * (len(RESULT_HEADER) - 2)
+    step = max(r["step"] for r in meta["records"])
+    status = "" if meta["status"] == "done" else f" ({meta['status']})"
+    recs = [r for r in final_records(meta) if not math.isnan(r["reverse_kl"])]
+    cost = seconds_per_iteration(cell, log)
+    cost_text = "" if cost is None else f"{cost:.3f}"
+    if not recs:
+        return [label, f"{step}{status}", "diverged"] + [""] * 4 + [cost_text]
+    stats = {k: summary_stats([r[k] for r in recs]) for k in ("modes", "modes_strict", "hq", "reverse_kl")}
+    return [label, f"{step}{status}", describe_stable(stable_steps(meta, n_modes, min_hq)),
+            f"{fmt(stats['modes'], digits=1)} ({fmt(stats['modes_strict'], digits=1)})",
+            f"{sum(r['modes'] == n_modes for r in recs)}/{len(recs)}", fmt(stats["hq"], 100, 1),
+            fmt(stats["reverse_kl"], digits=3), cost_text]
+
+
+def load_all(cells: Sequence[Cell], out_root: Path) -> List[CellMeta]:
+    return [(c, load_run(out_root / c.folder)) for c in cells]
+
+
+def figure_markdown(cells: List[CellMeta], out_root: Path, args: argparse.Namespace, name: str,
+                    title: str) -> List[str]:
+    """Write a Fig. 2-style grid (rows = cells, first seed; columns = evaluations) and return its markdown."""
+    path = Path(args.fig_dir) / f"{name}.png"
+    if not figure_for(args.dataset, cells, out_root, path, title=title):
+        return []
+    doc_dir = Path(args.doc).resolve().parent
+    rel = path.resolve().relative_to(doc_dir) if path.resolve().is_relative_to(doc_dir) else path
+    return [f"![{title}]({rel})", ""]
+
+
+def page_header(title: str, status: str, command: str, args: argparse.Namespace, n_modes: int) -> List[str]:
+    """Title, status, the command and the settings every table on the page shares."""
+    return [
+        f"# {title}", "",
+        f"Status: **{status}**. Made by:", "", "```", command, "```", "",
+        f"Settings: the mixture experiment of App. A (`examples/gan/mixture.py`) on the `{args.dataset}` data "
+        f"({n_modes} modes), {len(args.seed_list)} paired seeds per row (seed s has the same initial parameters and "
+        f"data in every row), trained together with `torch.func.vmap`. Adam β=(0.5, 0.999), batch 512, saturating "
+        f"generator loss; D lr {args.d_lr:g}, G lr {args.g_lr:g}, look-ahead lr {args.unroll_lr:g} (App. A uses "
+        f"1e-4 for all three; at 1e-4 no run settles within a CPU budget, see [mixture.md](mixture.md)). One "
+        f"*iteration* is one D update followed by the G updates of the regime. Metrics on {args.eval_samples:,} "
+        f"samples every {args.eval_every} iterations. **Stable coverage**: the first evaluation from which every "
+        f"later one has all {n_modes} modes covered by the strict count (each mode gets at least 1% of the "
+        f"high-quality samples its weight predicts) and at least {100 * args.min_hq:g}% high-quality samples "
+        f"(`metrics.steps_to_stable_coverage`); 'settled' counts the seeds that got there. Final metrics: mean ± "
+        f"standard error over seeds at the last evaluation; s / iteration is the measured training time of all "
+        f"seeds together (one thread).", "",
+    ]
+
+
+def kept_notes(doc: str) -> str:
+    """The hand-written text between the notes markers of an existing page (kept when the page is rewritten)."""
+    path = Path(doc)
+    text = path.read_text() if path.exists() else ""
+    if NOTES_BEGIN in text and NOTES_END in text:
+        return text[text.index(NOTES_BEGIN) + len(NOTES_BEGIN):text.index(NOTES_END)]
+    return ""
+
+
+def write_page(doc: Path, lines: Sequence[str], log: Sequence[Dict[str, Any]]) -> None:
+    """Write the page, ending with the total training time of the sweep."""
+    total = sum(e["seconds"] for e in log)
+    lines = list(lines) + [f"Training time of all cells: {total / 60:.1f} min (one process, one thread, all seeds "
+                           f"of a cell together with torch.func.vmap; the machine's other core was busy with "
+                           f"other jobs).", ""]
+    atomic_write_bytes(Path(doc), "\n".join(lines).encode())
+
+
+def n_modes_of(dataset: str) -> int:
+    return make_mixture(dataset).n_modes

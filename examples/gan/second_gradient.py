@@ -1,0 +1,136 @@
+"""Is the second term of Eq. 12 needed? The App. B.2 ablation of Metz et al. (2017), Figs. App.3 and App.4.
+
+The generator's gradient of the unrolled surrogate f(θ_G, θ_D^K(θ_G, θ_D)) has two terms (Eq. 12): the direct
+one, and the one that flows back through the K discriminator updates. Three configurations:
+
+- ``full``: both terms (``unroll.surrogate_loss``);
+- ``stop_grad``: the first term only (``stop_grad=True``: θ_D^K is a constant);
+- ``stop_grad_avg``: the first term only, with the loss averaged over θ_D^1 .. θ_D^K (``average_over_steps``);
+
+for K in {0, 1, 3, 5, 10}, in two regimes: one generator update per discriminator update, and five (the paper:
+with D kept out of equilibrium, full unrolling needs 5 steps where the first term alone needs 10).
+
+    python examples/gan/second_gradient.py                 # the sweep behind docs/results/second_gradient.md
+    python examples/gan/second_gradient.py --resume        # continue it after a kill
+    python examples/gan/second_gradient.py --report-only   # rewrite the page from the runs
+
+Every cell is a run folder under ``--out`` (metrics.json/csv, density.png, checkpoint.pt); figures like App.3 and
+App.4 go to ``--fig-dir``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import ablations as ab
+from sweep_mixture import Cell, table
+from training import TrainConfig
+
+# ---- configuration ----
+CONFIGS: Dict[str, Dict[str, bool]] = {
+    "full": {},
+    "stop_grad": {"stop_grad": True},
+    "stop_grad_avg": {"stop_grad": True, "average_over_steps": True},
+}
+CONFIG_TITLES = {"full": "full gradient (both terms of Eq. 12)", "stop_grad": "stop gradient (first term only)",
+                 "stop_grad_avg": "stop gradient, loss averaged over k = 1..K"}
+KS = (0, 1, 3, 5, 10)
+REGIMES = (1, 5)  # generator updates per discriminator update
+PAPER_CLAIM = {
+    1: "no difference between with and without the second gradient: both need 3 unrolling steps to become stable "
+       "(Fig. App.3)",
+    5: "full unrolling needs 5 unrolling steps to converge, the first term alone needs 10 (Fig. App.4)",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ab.add_common_flags(p, out="runs/second_gradient", doc="docs/results/second_gradient.md", steps=2000)
+    p.add_argument("--steps-g5", type=int, default=800,
+                   help="iterations per run with five G updates per D update (each costs about five times more)")
+    p.add_argument("--ks", type=int, nargs="+", default=list(KS), help="unrolling steps (0 is shared by all)")
+    p.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
+    p.add_argument("--regimes", type=int, nargs="+", choices=REGIMES, default=list(REGIMES),
+                   help="generator updates per discriminator update")
+    return p
+
+
+def build_cells(args: argparse.Namespace) -> List[Cell]:
+    """K = 0 once per regime (no unrolling: the configurations coincide), then every configuration and K > 0."""
+    if any(k < 0 for k in args.ks):
+        raise ValueError(f"--ks must be >= 0, got {args.ks}")
+    base = ab.base_settings(args)
+    cells = []
+    for g_steps in args.regimes:
+        steps = args.steps if g_steps == 1 else args.steps_g5
+        group = f"g{g_steps}"
+        if 0 in args.ks:
+            cells.append(Cell(group, "K=0 (plain GAN)", TrainConfig(K=0, g_steps=g_steps, steps=steps, **base),
+                              args.seed_list))
+        for name in args.configs:
+            for K in sorted(k for k in args.ks if k > 0):
+                cfg = TrainConfig(K=K, g_steps=g_steps, steps=steps, **CONFIGS[name], **base)
+                cells.append(Cell(group, f"{name}, K={K}", cfg, args.seed_list))
+    return cells
+
+
+def config_of(cell: Cell) -> Optional[str]:
+    if cell.cfg.K == 0:
+        return None
+    return next(name for name, flags in CONFIGS.items()
+                if cell.cfg.stop_grad == flags.get("stop_grad", False)
+                and cell.cfg.average_over_steps == flags.get("average_over_steps", False))
+
+
+def smallest_stable_k(cells: List[ab.CellMeta], name: str, n_modes: int, min_hq: float) -> str:
+    """The smallest K at which every seed reaches stable coverage (what the paper's claim is about)."""
+    for cell, meta in sorted(cells, key=lambda cm: cm[0].cfg.K):
+        if meta is None or (cell.cfg.K > 0 and config_of(cell) != name):
+            continue
+        steps = ab.stable_steps(meta, n_modes, min_hq)
+        if steps and all(s is not None for s in steps):
+            return f"K = {cell.cfg.K}"
+    return "none of the K run"
+
+
+def write_report(args: argparse.Namespace, cells: List[Cell], log: Sequence[dict], command: str,
+                 complete: bool) -> None:
+    out_root = Path(args.out)
+    metas = ab.load_all(cells, out_root)
+    n_modes = ab.n_modes_of(args.dataset)
+    done = sum(1 for _, m in metas if m is not None and m["status"] in ("done", "diverged"))
+    status = "complete" if complete and done == len(cells) else f"PARTIAL: {done} of {len(cells)} cells finished"
+    lines = ab.page_header("The second gradient term (Metz et al. 2017, App. B.2): measured over seeds", status,
+                           command, args, n_modes)
+    lines += ["Configurations: " + "; ".join(f"**{n}** = {CONFIG_TITLES[n]}" for n in args.configs) + ". "
+              "K = 0 is the plain GAN, the same for all three.", "",
+              ab.NOTES_BEGIN + ab.kept_notes(args.doc) + ab.NOTES_END, ""]
+    for g_steps in args.regimes:
+        group = [(c, m) for c, m in metas if c.group == f"g{g_steps}"]
+        regime = "one generator update" if g_steps == 1 else f"{g_steps} generator updates"
+        lines += [f"## {regime} per discriminator update", ""]
+        lines += [table([ab.result_row(c.label, c, m, n_modes, args.min_hq, log) for c, m in group],
+                        ab.RESULT_HEADER), ""]
+        claim_rows = [[n, smallest_stable_k(group, n, n_modes, args.min_hq)] for n in args.configs]
+        lines += [f"Paper (App. B.2): {PAPER_CLAIM[g_steps]}. Here, the smallest K at which every seed reaches "
+                  f"stable coverage within the run:", "",
+                  table(claim_rows, ["configuration", "smallest K with all seeds settled"]), ""]
+        lines += ab.figure_markdown(group, out_root, args, f"second_gradient_g{g_steps}",
+                                    f"{args.dataset}, {regime} per D update (seed {args.seed_list[0]})")
+    ab.write_page(Path(args.doc), lines, log)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args, cells = ab.parse_and_check(build_parser(), build_cells, argv)
+    command = ab.command_line("second_gradient.py", argv)
+    log = ab.run_all(cells, args, lambda log: write_report(args, cells, log, command, complete=False))
+    write_report(args, cells, log, command, complete=True)
+    print(f"wrote {args.doc}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
