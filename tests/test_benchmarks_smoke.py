@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import memory  # noqa: E402
+from benchmarks import memory, vmap_seeds  # noqa: E402
 from benchmarks.methods import CHECKPOINT_METHOD, checkpoint_unavailable, make, make_unroll  # noqa: E402
 from benchmarks.models import make_problem  # noqa: E402
 from benchmarks.unrolled_gradient import QUICK, compare, render_markdown, run_suite  # noqa: E402
@@ -63,6 +63,24 @@ def test_page_shows_command_targets_and_checkpoint_row(quick_results: Dict[str, 
     assert "unroll ≤ 3.2× first-order" not in page  # K = 10 is not in the quick run
     assert "checkpointed unroll" in page
     assert "## mixture: median time per gradient" in page and "## conv: median time per gradient" in page
+    assert "## N seeds in one process" in page and "mixture seeds in one process (vmap)" in page
+
+
+def test_vmap_seeds_trains_the_same_parameters_as_separate_runs(quick_results: Dict[str, Any]) -> None:
+    seeds = quick_results["seeds"]
+    assert all(len(ts) == vmap_seeds.QUICK_SEEDS.reps and min(ts) > 0 for ts in seeds["times_s"].values())
+    # A one-seed Trainer is built to give exactly the numbers of its seed in a vmapped batch; without vmap,
+    # other reduction kernels change the last bits only.
+    assert seeds["max_abs_diff"]["separate_trainer"] == 0
+    assert seeds["max_abs_diff"]["separate"] <= 1e-5
+    assert seeds["ok"] is None  # the target is for N = 10 seeds, not the quick run's 2
+
+
+def test_vmap_seeds_runs_really_train() -> None:
+    # Guards the comparison above: equal parameters must not come from runs that leave them untouched.
+    one, two = (vmap_seeds.runners(replace(vmap_seeds.QUICK_SEEDS, iterations=n))["vmap"]() for n in (1, 2))
+    assert len(one) == vmap_seeds.QUICK_SEEDS.seeds
+    assert all(not torch.equal(a[name], b[name]) for a, b in zip(one, two) for name in a)
 
 
 def test_unrolled_gradient_differs_from_first_order() -> None:

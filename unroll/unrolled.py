@@ -184,17 +184,38 @@ def _trajectory(inner_fn: LossFn, K: int, stop_grad: bool, optimizer: Optimizer,
         check_scalar_loss(value, "inner_fn")
         return value, value.detach()
 
-    grad_fn = torch.func.grad(loss, has_aux=True)
+    def autograd_grads(packed: Dict[str, Tensor], create_graph: bool, *args_k: Any
+                       ) -> Tuple[Dict[str, Tensor], Tensor]:
+        with torch.enable_grad():
+            inputs = {n: t if t.requires_grad else t.detach().requires_grad_() for n, t in packed.items()}
+            value = loss(inputs, buffers, *args_k)[0]
+            grads = (torch.autograd.grad(value, list(inputs.values()), create_graph=create_graph, allow_unused=True)
+                     if value.requires_grad else (None,) * len(inputs))
+        return {n: torch.zeros_like(t) if g is None else g for (n, t), g in zip(packed.items(), grads)}, value.detach()
+
+    inference = torch.is_inference_mode_enabled()
+    if _under_torch_func() or inference:
+        # Inside torch.func.grad/vmap the inner gradient must be a transform too; under inference_mode autograd
+        # records nothing, while torch.func.grad still differentiates.
+        func_grad = torch.func.grad(loss, has_aux=True)
+
+        def inner_grads(packed: Dict[str, Tensor], *args_k: Any) -> Tuple[Dict[str, Tensor], Tensor]:
+            grads, value = func_grad(packed, buffers, *args_k)
+            return (_detach(grads) if stop_grad else grads), value
+    else:
+        # Plain autograd does the same arithmetic as torch.func.grad without its per-operation wrapping (up to 15 %
+        # of a small discriminator's unroll, docs/benchmarks.md), and records the graph of the inner gradient
+        # only when a backward pass can use it (not under stop_grad or torch.no_grad).
+        create_graph = torch.is_grad_enabled() and not stop_grad
+
+        def inner_grads(packed: Dict[str, Tensor], *args_k: Any) -> Tuple[Dict[str, Tensor], Tensor]:
+            return autograd_grads(packed, create_graph, *args_k)
 
     def recomputable_step(packed: Dict[str, Tensor], state: State, *args_k: Any
                           ) -> Tuple[Dict[str, Tensor], State, Tensor]:
-        # torch.func.grad refuses saved-tensor hooks, which checkpointing relies on: use autograd.grad here.
-        with torch.enable_grad():
-            packed = {n: t if t.requires_grad else t.detach().requires_grad_() for n, t in packed.items()}
-            value = loss(packed, buffers, *args_k)[0]
-            grads = torch.autograd.grad(value, list(packed.values()), create_graph=True, allow_unused=True)
-        grads_k = {n: torch.zeros_like(t) if g is None else g for (n, t), g in zip(packed.items(), grads)}
-        return (*optimizer.apply(packed, grads_k, state), value.detach())
+        # torch.func.grad refuses saved-tensor hooks, which checkpointing relies on: autograd.grad only.
+        grads, value = autograd_grads(packed, True, *args_k)
+        return (*optimizer.apply(packed, grads, state), value)
 
     params_k, state_k = layout.pack(params), layout.pack_state(state, optimizer.buffers)
     if stop_grad:
@@ -205,15 +226,21 @@ def _trajectory(inner_fn: LossFn, K: int, stop_grad: bool, optimizer: Optimizer,
         args_k = args if step_args is None else _call_step_args(step_args, k, args)
         if stop_grad and step_args is not None:
             args_k = _detach(args_k)
-        if checkpoint and not stop_grad:
+        if checkpoint and not stop_grad and not inference:  # no backward pass follows inference_mode
             params_k, state_k, value = _checkpointed(recomputable_step, params_k, state_k, *args_k)
         else:
-            grads, value = grad_fn(params_k, buffers, *args_k)
+            grads, value = inner_grads(params_k, *args_k)
             params_k, state_k = optimizer.apply(params_k, grads, state_k)
         losses.append(value)
         if check_finite and k == K - 1:
             _raise_if_nonfinite(losses)
         yield _UnrolledStep(layout, optimizer, params_k, state_k)
+
+
+def _under_torch_func() -> bool:
+    """True inside a torch.func transform (grad, vmap, jvp, ...); also if this torch cannot tell (the safe side)."""
+    peek = getattr(torch._C._functorch, "peek_interpreter_stack", None)
+    return peek is None or peek() is not None
 
 
 def _checkpointed(step: Callable[..., Any], *inputs: Any) -> Any:
