@@ -335,7 +335,8 @@ def plot_density_grid(rows: Sequence[Tuple[str, Sequence[Tuple[int, Tensor]]]], 
                 ax.set_ylabel(label, fontsize=6)
     if title:
         fig.suptitle(title, fontsize=8)
-    fig.tight_layout()
+    # Leave the title its own strip above the column labels.
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / fig.get_figheight()) if title else None)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=80)
     plt.close(fig)
