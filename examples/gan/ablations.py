@@ -207,9 +207,9 @@ def kept_notes(doc: str) -> str:
 def write_page(doc: Path, lines: Sequence[str], log: Sequence[Dict[str, Any]]) -> None:
     """Write the page, ending with the total training time of the sweep."""
     total = sum(e["seconds"] for e in log)
-    lines = list(lines) + [f"Training time of all cells: {total / 60:.1f} min (one process, one thread, all seeds "
-                           f"of a cell together with torch.func.vmap; the machine's other core was busy with "
-                           f"other jobs).", ""]
+    lines = list(lines) + [f"Training time of all cells: {total / 60:.1f} min, summed over cells (each cell on one "
+                           f"thread, all its seeds together with torch.func.vmap). The 2-core machine was shared "
+                           f"with other jobs, so s / iteration is noisy.", ""]
     atomic_write_bytes(Path(doc), "\n".join(lines).encode())
 
 
