@@ -279,7 +279,7 @@ def _seeds_section(seeds: Dict[str, Any]) -> List[str]:
     c, m = seeds["config"], seeds["median_s"]
     diff = seeds["max_abs_diff"]
     return [
-        "", f"## N seeds in one process (`torch.func.vmap`) vs N separate runs, mixture", "",
+        "", "## N seeds in one process (`torch.func.vmap`) vs N separate runs, mixture", "",
         f"{c['seeds']} seeds × {c['iterations']} training iterations of `examples/gan/training.py` (K = {c['K']}, "
         f"batch {c['batch']}), {c['threads']} thread, median of {c['reps']} interleaved repetitions "
         "(`benchmarks/vmap_seeds.py`).", "",

@@ -6,7 +6,7 @@ work whether or not ``tests/`` is a package.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Mapping, Sequence
+from typing import Callable, Dict, Iterator, List, Mapping, Sequence
 
 import pytest
 import torch
@@ -73,3 +73,12 @@ def mlp_params() -> MlpParams:
 def mlp_forward() -> MlpForward:
     """``mlp_forward(params, x, activation=torch.tanh)``: the MLP matching :func:`mlp_params`."""
     return _mlp_forward
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Run on one thread (training tests: the machine is shared), restoring the setting for the tests after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

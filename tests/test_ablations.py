@@ -23,12 +23,7 @@ from training import CHECKPOINT, TrainConfig, Trainer  # noqa: E402
 TINY = ["--seeds", "0-1", "--eval-every", "2", "--eval-samples", "200", "--threads", "1", "--no-progress"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def small(**kwargs: Any) -> TrainConfig:

@@ -40,12 +40,7 @@ needs_real_mnist = pytest.mark.skipif(
 TIMING = {"train_seconds", "seconds_per_iteration", "eval_seconds", "wall_seconds", "environment"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def devices() -> List[str]:

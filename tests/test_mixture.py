@@ -19,7 +19,7 @@ import mixture  # noqa: E402
 import sweep_mixture  # noqa: E402
 from models import d_loss_from_logits, discriminator_forward, generator_forward  # noqa: E402
 from training import (CHECKPOINT, Hooks, TrainConfig, Trainer, TrainingDiverged, index_state,  # noqa: E402
-                      init_state, make_iteration)
+                      init_state)
 
 SMALL = dict(batch=64, eval_samples=400, eval_every=2)
 
@@ -42,12 +42,7 @@ def records_without_nan(records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     return [{k: ("nan" if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()} for r in records]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def test_seed_in_a_vmapped_batch_equals_the_seed_alone() -> None:

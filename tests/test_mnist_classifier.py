@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import sys
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import torch
@@ -32,15 +31,6 @@ def real_test_split() -> md.MNIST:
         return md.load_mnist("test", download=False)
     except md.MissingDataError as exc:
         pytest.skip(f"the real MNIST test split is missing: {exc}")
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """Train on one thread (the machine is shared), restoring the setting for the tests that follow."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def heldout_accuracy(model: nn.Module, mnist: md.MNIST, config: mc.ClassifierConfig) -> float:

@@ -8,20 +8,19 @@ seeds trained together (``torch.func.vmap``), evaluated along the way and checkp
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import shlex
 import statistics
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from data import DATASETS, make_mixture
 from metrics import steps_to_stable_coverage
 from mixture import parse_seeds
-from sweep_mixture import (NOTES_BEGIN, NOTES_END, ROOT, Cell, figure_for, final_records, fmt, load_run, run_cell,
+from sweep_mixture import (NOTES_BEGIN, NOTES_END, ROOT, Cell, figure_for, final_records, fmt, load_run, run_cells,
                            summary_stats)
 from training import CHECKPOINT, atomic_write_bytes
 
@@ -92,23 +91,21 @@ def command_line(script: str, argv: Optional[Sequence[str]]) -> str:
     return " ".join(["python", f"examples/gan/{script}"] + [shlex.quote(a) for a in flags])
 
 
-def run_all(cells: Sequence[Cell], args: argparse.Namespace, report) -> List[Dict[str, Any]]:
-    """Train every unfinished cell (resuming from checkpoints), calling ``report(log)`` after each one."""
+def main_for(script: str, parser: argparse.ArgumentParser, build_cells: Callable[[argparse.Namespace], List[Cell]],
+             write_report: Callable[..., None], argv: Optional[Sequence[str]]) -> int:
+    """The whole sweep: check the flags, train every unfinished cell, rewrite the page after each and at the end.
+
+    ``write_report(args, cells, log, command, complete)`` renders the page.
+    """
+    args, cells = parse_and_check(parser, build_cells, argv)
+    command = command_line(script, argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    out_root = Path(args.out)
-    log_path = out_root / "sweep_log.json"
-    # The cost log survives restarts, so a resumed sweep still reports what every cell took.
-    log: List[Dict[str, Any]] = json.loads(log_path.read_text()) if log_path.exists() else []
-    if not args.report_only:
-        for i, cell in enumerate(cells):
-            print(f"[{i + 1}/{len(cells)}] {cell.folder}", file=sys.stderr, flush=True)
-            before = len(log)
-            run_cell(cell, out_root / cell.folder, not args.no_progress, log)
-            if len(log) > before:
-                atomic_write_bytes(log_path, json.dumps(log, indent=1).encode())
-            report(log)
-    return log
+    log = run_cells(cells, Path(args.out), not args.no_progress, args.report_only,
+                    lambda log: write_report(args, cells, log, command, complete=False))
+    write_report(args, cells, log, command, complete=True)
+    print(f"wrote {args.doc}")
+    return 0
 
 
 def seconds_per_iteration(cell: Cell, log: Sequence[Dict[str, Any]]) -> Optional[float]:

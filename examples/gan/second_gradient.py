@@ -124,12 +124,7 @@ def write_report(args: argparse.Namespace, cells: List[Cell], log: Sequence[dict
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args, cells = ab.parse_and_check(build_parser(), build_cells, argv)
-    command = ab.command_line("second_gradient.py", argv)
-    log = ab.run_all(cells, args, lambda log: write_report(args, cells, log, command, complete=False))
-    write_report(args, cells, log, command, complete=True)
-    print(f"wrote {args.doc}")
-    return 0
+    return ab.main_for("second_gradient.py", build_parser(), build_cells, write_report, argv)
 
 
 if __name__ == "__main__":

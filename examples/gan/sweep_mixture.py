@@ -13,7 +13,6 @@ report is rewritten after every cell (marked partial until the last one is done)
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import shlex
@@ -22,7 +21,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -126,6 +125,26 @@ def run_cell(cell: Cell, folder: Path, progress: bool, log: List[Dict[str, Any]]
     log.append({"cell": cell.folder, "seconds": time.time() - start, "from_step": start_step,
                 "to_step": trainer.step, "seeds": len(cell.seeds), "finished": time.strftime("%H:%M:%S")})
     return load_run(folder)
+
+
+def run_cells(cells: Sequence[Cell], out_root: Path, progress: bool, report_only: bool,
+              report: Callable[[List[Dict[str, Any]]], None]) -> List[Dict[str, Any]]:
+    """Train every unfinished cell (resuming from checkpoints), calling ``report(log)`` after each one.
+
+    Returns the cost log (``sweep_log.json`` under ``out_root``), which survives restarts, so a resumed sweep
+    still reports what every cell took. With ``report_only`` nothing is trained.
+    """
+    log_path = out_root / "sweep_log.json"
+    log: List[Dict[str, Any]] = json.loads(log_path.read_text()) if log_path.exists() else []
+    if not report_only:
+        for i, cell in enumerate(cells):
+            print(f"[{i + 1}/{len(cells)}] {cell.folder}", file=sys.stderr, flush=True)
+            before = len(log)
+            run_cell(cell, out_root / cell.folder, progress, log)
+            if len(log) > before:
+                atomic_write_bytes(log_path, json.dumps(log, indent=1).encode())
+            report(log)
+    return log
 
 
 def final_records(meta: Dict[str, Any]) -> List[Dict[str, Any]]:
@@ -361,17 +380,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     flags = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--report-only"]
     command = "python examples/gan/sweep_mixture.py " + " ".join(shlex.quote(a) for a in flags)
     out_root = Path(args.out)
-    # The cost log survives restarts, so a resumed sweep still reports what every cell took.
-    log_path = out_root / "sweep_log.json"
-    log: List[Dict[str, Any]] = json.loads(log_path.read_text()) if log_path.exists() else []
-    if not args.report_only:
-        for i, cell in enumerate(cells):
-            print(f"[{i + 1}/{len(cells)}] {cell.folder}", file=sys.stderr, flush=True)
-            before = len(log)
-            run_cell(cell, out_root / cell.folder, not args.no_progress, log)
-            if len(log) > before:
-                atomic_write_bytes(log_path, json.dumps(log, indent=1).encode())
-            write_report(args, cells, out_root, log, command, complete=False)
+    log = run_cells(cells, out_root, not args.no_progress, args.report_only,
+                    lambda log: write_report(args, cells, out_root, log, command, complete=False))
     write_report(args, cells, out_root, log, command, complete=True)
     print(f"wrote {args.doc}")
     return 0
