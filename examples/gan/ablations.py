@@ -21,7 +21,7 @@ from data import DATASETS, make_mixture
 from metrics import steps_to_stable_coverage
 from mixture import parse_seeds
 from sweep_mixture import (NOTES_BEGIN, NOTES_END, ROOT, Cell, figure_for, final_records, fmt, load_run, run_cells,
-                           summary_stats)
+                           summary_stats, table)
 from training import CHECKPOINT, atomic_write_bytes
 
 CellMeta = Tuple[Cell, Optional[Dict[str, Any]]]
@@ -172,9 +172,15 @@ def figure_markdown(cells: List[CellMeta], out_root: Path, args: argparse.Namesp
     return [f"![{title}]({rel})", ""]
 
 
-def page_header(title: str, status: str, command: str, args: argparse.Namespace, n_modes: int) -> List[str]:
-    """Title, status, the command and the settings every table on the page shares."""
-    return [
+def start_page(title: str, intro: str, args: argparse.Namespace, cells: Sequence[Cell], command: str,
+               complete: bool) -> Tuple[List[CellMeta], int, List[str]]:
+    """The cells' runs, the number of modes, and the page's first lines: title, status, the command, the settings
+    every table shares, ``intro`` and the hand-written notes kept from the existing page."""
+    metas = load_all(cells, Path(args.out))
+    n_modes = n_modes_of(args.dataset)
+    done = sum(1 for _, m in metas if m is not None and m["status"] in ("done", "diverged"))
+    status = "complete" if complete and done == len(cells) else f"PARTIAL: {done} of {len(cells)} cells finished"
+    return metas, n_modes, [
         f"# {title}", "",
         f"Status: **{status}**. Made by:", "", "```", command, "```", "",
         f"Settings: the mixture experiment of App. A (`examples/gan/mixture.py`) on the `{args.dataset}` data "
@@ -189,7 +195,14 @@ def page_header(title: str, status: str, command: str, args: argparse.Namespace,
         f"(`metrics.steps_to_stable_coverage`); 'settled' counts the seeds that got there. Final metrics: mean ± "
         f"standard error over seeds at the last evaluation; s / iteration is the measured training time of all "
         f"seeds together (one thread).", "",
+        intro, "", NOTES_BEGIN + kept_notes(args.doc) + NOTES_END, "",
     ]
+
+
+def results_table(rows: Sequence[CellMeta], args: argparse.Namespace, n_modes: int,
+                  log: Sequence[Dict[str, Any]]) -> str:
+    """One :func:`result_row` per cell."""
+    return table([result_row(c.label, c, m, n_modes, args.min_hq, log) for c, m in rows], RESULT_HEADER)
 
 
 def kept_notes(doc: str) -> str:

@@ -35,7 +35,7 @@ from torch import Tensor
 
 import ablations as ab
 from models import discriminator_forward
-from sweep_mixture import Cell, table
+from sweep_mixture import Cell
 from training import LOSSES, Hooks, TrainConfig
 
 # ---- configuration ----
@@ -144,18 +144,13 @@ def build_cells(args: argparse.Namespace) -> List[Cell]:
 
 def write_report(args: argparse.Namespace, cells: List[Cell], log: Sequence[dict], command: str,
                  complete: bool) -> None:
-    out_root = Path(args.out)
-    metas = ab.load_all(cells, out_root)
-    n_modes = ab.n_modes_of(args.dataset)
-    done = sum(1 for _, m in metas if m is not None and m["status"] in ("done", "diverged"))
-    status = "complete" if complete and done == len(cells) else f"PARTIAL: {done} of {len(cells)} cells finished"
-    lines = ab.page_header("Historical averaging vs unrolling (Metz et al. 2017, App. B.1): measured over seeds",
-                           status, command, args, n_modes)
-    lines += [f"The generator trains against an ensemble of past discriminators (no unrolling); the ensemble "
-              f"combines by averaging its members' **{args.combine}** (see `historical_averaging.py` for why "
-              f"probabilities by default). Snapshots are taken after a D update; until an ensemble is full it "
-              f"holds the snapshots taken so far. Paper: {PAPER_CLAIM}.", "",
-              ab.NOTES_BEGIN + ab.kept_notes(args.doc) + ab.NOTES_END, ""]
+    intro = (f"The generator trains against an ensemble of past discriminators (no unrolling); the ensemble "
+             f"combines by averaging its members' **{args.combine}** (see `historical_averaging.py` for why "
+             f"probabilities by default). Snapshots are taken after a D update; until an ensemble is full it "
+             f"holds the snapshots taken so far. Paper: {PAPER_CLAIM}.")
+    metas, n_modes, lines = ab.start_page(
+        "Historical averaging vs unrolling (Metz et al. 2017, App. B.1): measured over seeds", intro, args, cells,
+        command, complete)
     sections = [("last N=", "Ensembles of the last N discriminators (Fig. App.1)", "historical_averaging_last_n"),
                 (f"{PERIOD_ENSEMBLE} every P=", f"Ensembles of {PERIOD_ENSEMBLE}, one snapshot every P discriminator "
                                                 f"updates (Fig. App.2)", "historical_averaging_period"),
@@ -164,10 +159,8 @@ def write_report(args: argparse.Namespace, cells: List[Cell], log: Sequence[dict
         rows = [(c, m) for c, m in metas if c.label.startswith(prefix)]
         if not rows:
             continue
-        lines += [f"## {title}", "",
-                  table([ab.result_row(c.label, c, m, n_modes, args.min_hq, log) for c, m in rows],
-                        ab.RESULT_HEADER), ""]
-        lines += ab.figure_markdown(rows, out_root, args, figure, f"{args.dataset}: {title} (seed "
+        lines += [f"## {title}", "", ab.results_table(rows, args, n_modes, log), ""]
+        lines += ab.figure_markdown(rows, Path(args.out), args, figure, f"{args.dataset}: {title} (seed "
                                                                     f"{args.seed_list[0]})")
     ab.write_page(Path(args.doc), lines, log)
 

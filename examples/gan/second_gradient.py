@@ -98,27 +98,20 @@ def smallest_stable_k(cells: List[ab.CellMeta], name: str, n_modes: int, min_hq:
 
 def write_report(args: argparse.Namespace, cells: List[Cell], log: Sequence[dict], command: str,
                  complete: bool) -> None:
-    out_root = Path(args.out)
-    metas = ab.load_all(cells, out_root)
-    n_modes = ab.n_modes_of(args.dataset)
-    done = sum(1 for _, m in metas if m is not None and m["status"] in ("done", "diverged"))
-    status = "complete" if complete and done == len(cells) else f"PARTIAL: {done} of {len(cells)} cells finished"
-    lines = ab.page_header("The second gradient term (Metz et al. 2017, App. B.2): measured over seeds", status,
-                           command, args, n_modes)
-    lines += ["Configurations: " + "; ".join(f"**{n}** = {CONFIG_TITLES[n]}" for n in args.configs) + ". "
-              "K = 0 is the plain GAN, the same for all three.", "",
-              ab.NOTES_BEGIN + ab.kept_notes(args.doc) + ab.NOTES_END, ""]
+    intro = ("Configurations: " + "; ".join(f"**{n}** = {CONFIG_TITLES[n]}" for n in args.configs) + ". "
+             "K = 0 is the plain GAN, the same for all three.")
+    metas, n_modes, lines = ab.start_page("The second gradient term (Metz et al. 2017, App. B.2): measured over seeds",
+                                          intro, args, cells, command, complete)
     for g_steps in args.regimes:
         group = [(c, m) for c, m in metas if c.group == f"g{g_steps}"]
         regime = "one generator update" if g_steps == 1 else f"{g_steps} generator updates"
         lines += [f"## {regime} per discriminator update", ""]
-        lines += [table([ab.result_row(c.label, c, m, n_modes, args.min_hq, log) for c, m in group],
-                        ab.RESULT_HEADER), ""]
+        lines += [ab.results_table(group, args, n_modes, log), ""]
         claim_rows = [[n, smallest_stable_k(group, n, n_modes, args.min_hq)] for n in args.configs]
         lines += [f"Paper (App. B.2): {PAPER_CLAIM[g_steps]}. Here, the smallest K at which every seed reaches "
                   f"stable coverage within the run:", "",
                   table(claim_rows, ["configuration", "smallest K with all seeds settled"]), ""]
-        lines += ab.figure_markdown(group, out_root, args, f"second_gradient_g{g_steps}",
+        lines += ab.figure_markdown(group, Path(args.out), args, f"second_gradient_g{g_steps}",
                                     f"{args.dataset}, {regime} per D update (seed {args.seed_list[0]})")
     ab.write_page(Path(args.doc), lines, log)
 
