@@ -412,8 +412,9 @@ repetition, one untimed warm-up iteration, medians; the final generator paramete
 WHY_SPEED = """\
 **unroll ≤ 0.7× the faster of higher and torchopt.** The three compute the same exact gradient with the same
 heavy kernels: per unrolled step a forward and a `create_graph` backward pass of D, then one reverse pass over
-all of it (a double backward), which costs about 2–3.5× the first-order loop on these models. torch.profiler
-(K = 10, 1 thread) counts identical calls of every heavy kernel in all three (mixture: 241 `mm`, 47 `addmm`,
+all of it (a double backward), which costs about 2–3.5× the first-order loop on these models. A one-off
+torch.profiler session (K = 10, 1 thread, 2026-11-24; not part of this command, so its counts are fixed text)
+counts identical calls of every heavy kernel in all three (mixture: 241 `mm`, 47 `addmm`,
 62 `threshold_backward` per gradient; conv: 200 convolutions, 127 `convolution_backward`, 127
 `native_batch_norm_backward`), and these kernels alone take about half (mixture) to two thirds (conv) of each
 method's time. unroll issues about 30 % fewer ATen operations in all (mixture 6,915 against 9,844 per gradient;
@@ -443,9 +444,9 @@ backward as costing as much as both; on the conv discriminator it costs more. Ba
 (`NativeBatchNormBackwardBackward0`) alone takes about a fifth of unroll's time at K = 10, and each
 convolution's backward is reversed with two more convolutions. higher and torchopt are as far from the
 first-order loop (compare their times with first_order's in the table below). The unroll also keeps every
-step's activations (163 MiB at K = 10, the memory table) where the first-order loop needs 17 MiB, so it
-suffers more from caches and memory bandwidth shared with other jobs: on this machine the conv ratio has moved
-between 2.9× and 3.8× from run to run with the load.
+step's activations (about ten times the first-order loop's memory at K = 10, the memory table), which costs
+cache and memory bandwidth. The conv ratio moves with the machine's load (2.9× in one run on a loaded machine),
+but on a quiet machine it stays above 3.2×: the conv model misses this target, the mixture model meets it.
 """
 
 
