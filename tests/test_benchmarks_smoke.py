@@ -64,6 +64,8 @@ def test_page_shows_command_targets_and_checkpoint_row(quick_results: Dict[str, 
     assert "checkpointed unroll" in page
     assert "## mixture: median time per gradient" in page and "## conv: median time per gradient" in page
     assert "## N seeds in one process" in page and "mixture seeds in one process (vmap)" in page
+    small_batch = QUICK.seeds_small_batch.batch
+    assert f"| {small_batch} | vmap:" in page and f"| {QUICK.seeds.batch} | vmap:" in page
 
 
 def test_vmap_seeds_trains_the_same_parameters_as_separate_runs(quick_results: Dict[str, Any]) -> None:
@@ -74,6 +76,9 @@ def test_vmap_seeds_trains_the_same_parameters_as_separate_runs(quick_results: D
     assert seeds["max_abs_diff"]["separate_trainer"] == 0
     assert seeds["max_abs_diff"]["separate"] <= 1e-5
     assert seeds["ok"] is None  # the target is for N = 10 seeds, not the quick run's 2
+    small = quick_results["seeds_small_batch"]
+    assert small["config"]["batch"] == QUICK.seeds_small_batch.batch != seeds["config"]["batch"]
+    assert small["max_abs_diff"]["separate_trainer"] == 0 and small["max_abs_diff"]["separate"] <= 1e-5
 
 
 def test_vmap_seeds_runs_really_train() -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import pickle
 import sys
 from pathlib import Path
@@ -274,6 +275,59 @@ def test_trainer_resume_equals_uninterrupted(tmp_path: Path) -> None:
     assert [s for s, _ in resumed.snapshots] == [0, 2, 4, 6]
 
 
+needs_fork = pytest.mark.skipif(not it.can_fork(), reason="parallel runs need the 'fork' start method")
+
+
+def _evaluate_with_samples(trainer: it.GANTrainer, spec: it.RunSpec, run_dir: Path) -> Dict[str, Any]:
+    return {"sample_sum": float(trainer.samples(8).double().sum()), "pid": os.getpid()}
+
+
+@needs_fork
+def test_parallel_workers_give_the_numbers_of_one_worker(tmp_path: Path) -> None:
+    """Runs in forked workers (largest K first) equal the sequential runs, record for record, and the
+    trainers handed back for the figures are reloaded from the workers' checkpoints."""
+    specs = [it.RunSpec(tiny_gan(), it.GANConfig(K=K, batch=4, steps=3, seed=seed, snapshot_every=1), {"K": K})
+             for K in (0, 2) for seed in (0, 1)]
+    one, _ = it.run_experiment(specs, tmp_path / "one", _evaluate_with_samples, log=lambda _: None)
+    lines: List[str] = []
+    two, trainers = it.run_experiment(specs, tmp_path / "two", _evaluate_with_samples, log=lines.append,
+                                      workers=2)
+    strip = lambda r: {k: v for k, v in r.items() if k not in TIMING | {"pid", "eval_seconds"}}  # noqa: E731
+    assert [strip(r) for r in two] == [strip(r) for r in one]
+    assert {r["pid"] for r in two} != {os.getpid()}  # trained elsewhere
+    assert len(lines) == len(specs) and all(line.split(":")[0] in {s.folder for s in specs} for line in lines)
+    assert list(trainers) == [specs[0].folder, specs[2].folder]
+    assert [step for step, _ in trainers[specs[2].folder].snapshots] == [0, 1, 2, 3]
+
+
+@needs_fork
+def test_an_error_in_a_worker_stops_the_experiment_and_resume_finishes_it(tmp_path: Path) -> None:
+    def broken(trainer: it.GANTrainer, spec: it.RunSpec, run_dir: Path) -> Dict[str, Any]:
+        if spec.cfg.K == 2:
+            raise RuntimeError("evaluation failed")
+        return {"m": 1.0}
+
+    specs = [it.RunSpec(tiny_gan(), it.GANConfig(K=K, batch=4, steps=2), {"K": K}) for K in (0, 2)]
+    with pytest.raises(RuntimeError, match="evaluation failed"):
+        it.run_experiment(specs, tmp_path, broken, log=lambda _: None, workers=2)
+    assert (tmp_path / specs[1].folder / it.CHECKPOINT).is_file()  # trained before the evaluation failed
+    records, _ = it.run_experiment(specs, tmp_path, lambda t, s, d: {"m": 2.0}, resume=True, log=lambda _: None,
+                                   workers=2)
+    assert [r["status"] for r in records] == ["done", "done"] and records[1]["m"] == 2.0
+
+
+def test_a_cached_diverged_run_is_not_trained_again_on_resume(tmp_path: Path) -> None:
+    def nan_data(n: int, gen: torch.Generator) -> torch.Tensor:
+        return torch.full((n, 1, 8, 8), math.nan)
+
+    spec = it.RunSpec(tiny_gan("bad", nan_data), it.GANConfig(batch=4, steps=2), {"K": 0})
+    (first,), _ = it.run_experiment([spec], tmp_path, lambda t, s, d: {}, log=lambda _: None)
+    assert first["status"] == "diverged"
+    (tmp_path / spec.folder / it.CHECKPOINT).write_bytes(b"")  # loading it would fail: it must not be read
+    (again,), _ = it.run_experiment([spec], tmp_path, lambda t, s, d: {}, resume=True, log=lambda _: None)
+    assert again == first
+
+
 # ------------------------------------------------------------------------ inference via optimisation
 
 
@@ -443,6 +497,7 @@ def assert_outputs_colored(out: Path) -> Dict[str, Any]:
     (stacked_mnist, ["--sizes", "quarter"], "size multiplier must be a number"),
     (stacked_mnist, ["--batch", "1"], "batch must be >= 2"),
     (stacked_mnist, ["--eval-samples", "0"], "--eval-samples must be >= 1"),
+    (stacked_mnist, ["--workers", "0"], "--workers must be >= 1"),
     (colored_mnist, ["--steps", "0"], "steps must be >= 1"),
     (colored_mnist, ["--K", "1", "1"], "--K values must be distinct"),
     (colored_mnist, ["--g-loss", "hinge"], "invalid choice: 'hinge'"),

@@ -110,7 +110,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                               restarts=settings["restarts"], max_iter=settings["lbfgs_iters"],
                               n_pairs=settings["pairs"], n_samples=min(2000, images.shape[0]))
     records, trainers = it.run_experiment(specs, out, dv.script_evaluator(probe), args.resume, args.device,
-                                          not args.no_progress)
+                                          not args.no_progress, workers=args.workers)
     diversity, table = dv.script_outputs(probe, records, specs, trainers, out, paper=PAPER_TABLE3)
     rows = it.aggregate(records, ("K",), ("recon_mse", "mean_distance"))
     table += (f"\n\nmean pair distance (data {probe.data_profile['mean_distance']:.3f}):\n\n"

@@ -106,7 +106,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     probe = dv.DiversityProbe(digits, n_targets=settings["targets"], restarts=settings["restarts"],
                               max_iter=settings["lbfgs_iters"], n_pairs=settings["pairs"])
     records, trainers = it.run_experiment(specs, out, dv.script_evaluator(probe), args.resume, args.device,
-                                          not args.no_progress)
+                                          not args.no_progress, workers=args.workers)
     diversity, diversity_md = dv.script_outputs(probe, records, specs, trainers, out)
     rows = it.aggregate(records, ("K",), ("recon_mse", "mean_distance"))
     table = it.markdown_table(rows, [("recon_mse", "reconstruction MSE"), ("mean_distance", "mean pair distance")],
