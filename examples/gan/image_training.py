@@ -47,7 +47,7 @@ from training import TrainingDiverged, atomic_torch_save, atomic_write_bytes
 G_LOSSES = ("nonsaturating", "minimax")
 CHECKPOINT = "checkpoint.pt"
 RESULT = "result.json"
-# The reduced defaults of the conv experiments (Stacked and colored MNIST) train D and G at this learning rate:
+# The reduced defaults of the conv experiments (Stacked MNIST, colored MNIST, CIFAR-10) train D and G at this rate:
 # at App. D's 2e-4 / 1e-4 their generators still output noise at the end of a CPU-sized budget (1,200-1,500
 # iterations), while at 1e-3 they draw digits within it (docs/results/stacked_mnist.md, colored_mnist.md).
 REDUCED_LR = 1e-3
@@ -396,12 +396,13 @@ def _train_in_workers(specs: Sequence[RunSpec], out_dir: Path, evaluate: Evaluat
     if not can_fork():
         raise RuntimeError("workers > 1 needs the 'fork' start method, which this platform does not have")
     order = sorted(range(len(specs)), key=lambda i: -specs[i].cfg.K)
+    workers = min(workers, len(specs))
     context = multiprocessing.get_context("fork")
     before = set(context.active_children())
     _WORK.update(specs=list(specs), out_dir=Path(out_dir), evaluate=evaluate, resume=resume, device=device,
                  threads=torch.get_num_threads())
     try:
-        with ProcessPoolExecutor(min(workers, len(specs)), mp_context=context) as pool:
+        with ProcessPoolExecutor(workers, mp_context=context) as pool:
             futures = [pool.submit(_train_one, i) for i in order]
             try:
                 with tqdm(total=len(specs), disable=not progress, desc=f"runs ({workers} workers)") as bar:
@@ -607,7 +608,7 @@ def check_common(parser: argparse.ArgumentParser, args: argparse.Namespace, sett
         args.workers = default_workers(device)
     elif args.workers < 1:
         parser.error(f"--workers must be >= 1, got {args.workers}")
-    elif args.workers > 1 and (device.type != "cpu" or not can_fork()):
+    elif args.workers > 1 and not can_run_in_workers(device):
         parser.error(f"--workers {args.workers}: parallel runs need --device cpu and a platform that can fork "
                      f"processes (Linux); use --workers 1")
     out = Path(args.out or settings["out"])
@@ -619,9 +620,14 @@ def check_common(parser: argparse.ArgumentParser, args: argparse.Namespace, sett
     return out
 
 
+def can_run_in_workers(device: torch.device) -> bool:
+    """Whether runs on ``device`` can be trained in forked worker processes: CPU runs where processes can fork."""
+    return device.type == "cpu" and can_fork()
+
+
 def default_workers(device: torch.device) -> int:
-    """One worker per CPU core available to this process for CPU runs where processes can fork, else 1."""
-    if device.type != "cpu" or not can_fork():
+    """One worker per CPU core available to this process where :func:`can_run_in_workers`, else 1."""
+    if not can_run_in_workers(device):
         return 1
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 

@@ -37,7 +37,7 @@ PAPER: Dict[str, Any] = dict(K=[0, 20], steps=75_000, d_lr=1e-4, g_lr=1e-4, beta
 PAPER_EXTRAS: Dict[str, Any] = dict(seeds=[0, 1, 2], lbfgs_iters=200, snapshot_every=5_000,
                                     checkpoint_every=500)
 # The reduced default (measured 0.048 s per iteration at K = 0 and 0.52 s at K = 20, 1 thread per worker; ~5 s
-# per diversity evaluation): about 22 minutes with 2 workers, the three K = 20 runs setting the pace.
+# per diversity evaluation): 21 minutes with 2 workers, the three K = 20 runs setting the pace.
 REDUCED: Dict[str, Any] = dict(PAPER, seeds=[0, 1, 2], steps=1_200, batch=64, unroll_lr=None,
                                g_loss="nonsaturating", targets=64, lbfgs_iters=50, pairs=5_000, snapshot_every=150,
                                checkpoint_every=50, split="auto", out="runs/mnist_rnn")
