@@ -56,5 +56,6 @@ class IdentityLayout(FlatLayout):
         return dict(packed)
 
 
-def layout_for(params: Params) -> FlatLayout:
-    return FlatLayout(params) if FlatLayout.applies(params) else IdentityLayout(params)
+def layout_for(params: Params, packable: bool = True) -> FlatLayout:
+    """The flat layout where ``packable`` (the optimizer's update is elementwise and shared) and it applies."""
+    return FlatLayout(params) if packable and FlatLayout.applies(params) else IdentityLayout(params)

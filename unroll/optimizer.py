@@ -37,6 +37,9 @@ class Optimizer:
     hyperparams: Mapping[str, Any]
     buffers: Tuple[str, ...]
     update: TensorUpdate = field(repr=False)
+    packable: bool = field(default=True, repr=False)
+    """True when ``update`` is elementwise with one set of hyperparameters for every tensor, so an unroll may run
+    it once on all parameters concatenated into one vector (see ``unroll._flat``); False keeps tensors apart."""
 
     def init(self, params: Params) -> State:
         """Fresh state for ``params``: step 0 and zero buffers (what torch.optim creates on its first step)."""

@@ -176,7 +176,7 @@ def _trajectory(inner_fn: LossFn, K: int, stop_grad: bool, optimizer: Optimizer,
     optimizer.check_state(params, state)
     if K == 0:
         return
-    layout = layout_for(params)
+    layout = layout_for(params, optimizer.packable)
 
     # Buffers are an explicit (non-differentiated) input: torch.func forbids in-place updates of captured tensors.
     def loss(packed: Dict[str, Tensor], buffers: Dict[str, Tensor], *args_k: Any) -> Tuple[Tensor, Tensor]:
