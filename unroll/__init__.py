@@ -14,10 +14,15 @@ from .interop import from_torch
 from .optimizer import Optimizer
 from .rmsprop import rmsprop
 from .sgd import sgd
-from .unrolled import NonFiniteLossError, surrogate_loss, unrolled_params
+from .unrolled import NonFiniteLossError, surrogate_loss, train_step, unrolled_params
 from ._types import Grads, Params, State
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
+
+# Public classes read as ``unroll.X`` in reprs and tracebacks, not as the private module that defines them.
+for _public in (NonFiniteLossError, Optimizer):
+    _public.__module__ = __name__
+del _public
 
 __all__ = [
     "Grads",
@@ -30,5 +35,6 @@ __all__ = [
     "rmsprop",
     "sgd",
     "surrogate_loss",
+    "train_step",
     "unrolled_params",
 ]

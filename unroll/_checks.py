@@ -16,6 +16,18 @@ def check_unroll_steps(K: Any) -> int:
     return int(K)
 
 
+def check_truncate(truncate: Any, K: int) -> int | None:
+    """``truncate`` must be None or an int in [0, K]."""
+    if truncate is None:
+        return None
+    if isinstance(truncate, bool) or not isinstance(truncate, numbers.Integral):
+        raise TypeError(f"truncate (the number of differentiated unrolled steps) must be an int or None, got "
+                        f"{type(truncate).__name__}: {truncate!r}")
+    if not 0 <= truncate <= K:
+        raise ValueError(f"truncate must be between 0 and K = {K} (the steps to differentiate), got {truncate}")
+    return int(truncate)
+
+
 def check_tensor_mapping(mapping: Any, what: str, *, floating: bool) -> None:
     """``mapping`` must be a non-empty ``Mapping[str, Tensor]``; floating point if ``floating``."""
     if not isinstance(mapping, Mapping):
