@@ -1,6 +1,10 @@
 """Quickstart: the generator gradient of an unrolled GAN, both terms of Eq. 12 (Metz et al., 2017).
 
-Runs in a second on a CPU:  python examples/quickstart.py
+    python examples/quickstart.py
+
+About 4 s on a laptop CPU, half of it importing torch. Prints, for K = 0, 1, 5 and 10 unrolled discriminator
+steps, the norm of the generator's gradient and of its two terms: the first (D held fixed at θ_D^K) and the
+second (how the K discriminator updates respond to the generator), which is what fights mode collapse.
 """
 
 import torch
@@ -43,8 +47,10 @@ def generator_gradient(K: int, stop_grad: bool) -> torch.Tensor:
     return torch.cat([g.flatten() for g in grads])
 
 
+print("Generator gradient of the unrolled GAN loss f_K(θ_G, θ_D) = f(θ_G, θ_D^K(θ_G, θ_D)) (Eq. 12):")
+print("  K   |df_K/dθ_G|   first term (θ_D^K fixed)   second term (through the K updates)")
 for K in (0, 1, 5, 10):
     full, first_term = generator_gradient(K, False), generator_gradient(K, True)
     second_term = full - first_term
-    print(f"K={K:2d}  |dfK/dθG| = {full.norm():.5f}   |first term| = {first_term.norm():.5f}   "
-          f"|second term| = {second_term.norm():.5f}")
+    print(f"{K:3d}   {full.norm():11.5f}   {first_term.norm():24.5f}   {second_term.norm():35.5f}")
+print("K = 0 is the plain GAN gradient (no second term); the second term grows with K.")
