@@ -162,7 +162,8 @@ def test_surrogate_bad_input(call: Callable[[CountingLoss], Any], error: type, f
 
 # -------------------------------------------------------------------------------------------- optimizer.init/step
 
-STATEFUL = [unroll.sgd(0.1, momentum=0.9), unroll.adam(), unroll.rmsprop(centered=True)]
+STATEFUL = [unroll.sgd(0.1, momentum=0.9), unroll.adam(), unroll.rmsprop(centered=True), unroll.adagrad(),
+            unroll.nadam()]
 
 
 def _step_with(optimizer: unroll.Optimizer, *, params: Any = None, grads: Any = None, state: Any = None) -> Any:
@@ -223,6 +224,14 @@ def test_optimizer_bad_input(optimizer: unroll.Optimizer, call: Callable[[unroll
     assert fragment in str(info.value)
 
 
+def test_nadam_rejects_a_mu_product_shaped_like_the_parameter() -> None:
+    nadam = unroll.nadam()
+    state = nadam.init(_params())
+    state["mu_product"] = {k: torch.ones_like(v) for k, v in _params().items()}
+    with pytest.raises(ValueError, match=r"state\['mu_product'\]\['w'\] must be a 0-dim tensor .* shape \(3, 2\)"):
+        _step_with(nadam, state=state)
+
+
 def test_sgd_without_momentum_rejects_a_momentum_state() -> None:
     with pytest.raises(KeyError, match=r"unexpected \['momentum_buffer'\]"):
         _step_with(unroll.sgd(0.1), state=unroll.sgd(0.1, momentum=0.9).init(_params()))
@@ -231,7 +240,7 @@ def test_sgd_without_momentum_rejects_a_momentum_state() -> None:
 # ------------------------------------------------------------------------------------------------ hyperparameters
 
 HYPERPARAMETER_CASES = [
-    ("sgd_negative_lr", lambda: unroll.sgd(-0.1), ValueError, "Invalid learning rate value: -0.1"),
+    ("sgd_negative_lr", lambda: unroll.sgd(-0.1), ValueError, "Invalid learning rate: -0.1"),
     ("adam_negative_lr", lambda: unroll.adam(-1e-3), ValueError, "Invalid learning rate"),
     ("rmsprop_negative_lr", lambda: unroll.rmsprop(-1e-2), ValueError, "Invalid learning rate"),
     ("tensor_negative_lr", lambda: unroll.adam(torch.tensor(-1e-3)), ValueError, "Invalid learning rate"),
@@ -249,6 +258,23 @@ HYPERPARAMETER_CASES = [
     ("sgd_negative_momentum", lambda: unroll.sgd(0.1, momentum=-0.9), ValueError, "Invalid momentum value"),
     ("rmsprop_negative_alpha", lambda: unroll.rmsprop(alpha=-0.5), ValueError, "Invalid alpha value"),
     ("rmsprop_negative_momentum", lambda: unroll.rmsprop(momentum=-0.5), ValueError, "Invalid momentum value"),
+    ("adagrad_negative_lr_decay", lambda: unroll.adagrad(lr_decay=-0.1), ValueError,
+     "Invalid lr_decay value: -0.1"),
+    ("adagrad_negative_initial_value", lambda: unroll.adagrad(initial_accumulator_value=-1.0), ValueError,
+     "Invalid initial_accumulator_value value: -1.0"),
+    ("nadam_negative_momentum_decay", lambda: unroll.nadam(momentum_decay=-1e-3), ValueError,
+     "Invalid momentum_decay value: -0.001"),
+    ("radam_beta2_one", lambda: unroll.radam(betas=(0.9, 1.0)), ValueError, "Invalid beta parameter at index 1: 1.0"),
+    ("adamw_negative_weight_decay", lambda: unroll.adamw(weight_decay=-0.01), ValueError,
+     "Invalid weight_decay value: -0.01"),
+    ("adamax_negative_eps", lambda: unroll.adamax(eps=-1.0), ValueError, "Invalid epsilon value: -1.0"),
+    # Optimizer's own fields (for optimizers built by hand)
+    ("initial_value_of_unknown_buffer",
+     lambda: unroll.Optimizer("mine", {}, ("sum",), lambda *a: a[:2], initial_values={"summ": 1.0}), ValueError,
+     "may only name buffers ['sum'], got ['summ']"),
+    ("packable_scalar_buffer",
+     lambda: unroll.Optimizer("mine", {}, ("mu",), lambda *a: a[:2], scalar_buffers=("mu",)), ValueError,
+     "scalar buffers ['mu'] cannot be packed with the parameters; pass packable=False"),
 ]
 
 
@@ -258,6 +284,57 @@ def test_invalid_hyperparameters(build: Callable[[], Any], error: type, fragment
     with pytest.raises(error) as info:
         build()
     assert fragment in str(info.value)
+
+
+NAN = math.nan
+TORCH_CLASSES = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW,
+                 "rmsprop": torch.optim.RMSprop, "adagrad": torch.optim.Adagrad, "adamax": torch.optim.Adamax,
+                 "nadam": torch.optim.NAdam, "radam": torch.optim.RAdam}
+_ADAM_FAMILY_NAN = [({"lr": NAN}, "Invalid learning rate: nan"), ({"eps": NAN}, "Invalid epsilon value: nan"),
+                    ({"betas": (NAN, 0.999)}, "Invalid beta parameter at index 0: nan"),
+                    ({"betas": (0.9, NAN)}, "Invalid beta parameter at index 1: nan"),
+                    ({"weight_decay": NAN}, "Invalid weight_decay value: nan")]
+# (optimizer, arguments with one NaN, torch.optim's message for it)
+NAN_CASES = [
+    *[("sgd", {"lr": 0.1, **o}, m) for o, m in [({"lr": NAN}, "Invalid learning rate: nan"),
+                                                ({"momentum": NAN}, "Invalid momentum value: nan"),
+                                                ({"dampening": NAN}, "Invalid dampening value: nan"),
+                                                ({"weight_decay": NAN}, "Invalid weight_decay value: nan")]],
+    *[(name, o, m) for name in ("adam", "adamw", "adamax", "nadam", "radam") for o, m in _ADAM_FAMILY_NAN],
+    ("adam", {"lr": torch.tensor(NAN)}, "Invalid learning rate: nan"),
+    ("nadam", {"momentum_decay": NAN}, "Invalid momentum_decay value: nan"),
+    *[("rmsprop", o, m) for o, m in [({"lr": NAN}, "Invalid learning rate: nan"),
+                                     ({"alpha": NAN}, "Invalid alpha value: nan"),
+                                     ({"eps": NAN}, "Invalid epsilon value: nan"),
+                                     ({"momentum": NAN}, "Invalid momentum value: nan"),
+                                     ({"weight_decay": NAN}, "Invalid weight_decay value: nan")]],
+    *[("adagrad", o, m) for o, m in [({"lr": NAN}, "Invalid learning rate: nan"),
+                                     ({"lr_decay": NAN}, "Invalid lr_decay value: nan"),
+                                     ({"weight_decay": NAN}, "Invalid weight_decay value: nan"),
+                                     ({"initial_accumulator_value": NAN},
+                                      "Invalid initial_accumulator_value value: nan"),
+                                     ({"eps": NAN}, "Invalid epsilon value: nan")]],
+]
+
+
+def _nan_case_id(name: str, options: Dict[str, Any], message: str) -> str:
+    tensor = any(isinstance(v, Tensor) for v in options.values())
+    return f"{name}-{message[len('Invalid '):-len(': nan')]}" + ("-tensor" if tensor else "")
+
+
+@pytest.mark.parametrize("name, options, message", NAN_CASES, ids=[_nan_case_id(*c) for c in NAN_CASES])
+def test_nan_hyperparameters_are_rejected_with_torch_messages(name: str, options: Dict[str, Any],
+                                                               message: str) -> None:
+    with pytest.raises(ValueError) as ours:
+        getattr(unroll, name)(**options)
+    assert str(ours.value).startswith(message)
+    try:
+        TORCH_CLASSES[name]([torch.zeros(2, requires_grad=True)], **options)
+    except ValueError as theirs:
+        assert str(theirs) == message
+    else:
+        # torch.optim.SGD checks `lr < 0.0` etc., which NaN passes (and never checks dampening): we are stricter.
+        assert name == "sgd"
 
 
 # ------------------------------------------------------------------------------------------- non-finite inner loss

@@ -178,9 +178,8 @@ def _different_step_counts(cls: type, full_steps: int, **options: Any) -> Callab
 
 
 ERROR_CASES = [
-    ("adagrad", lambda m: torch.optim.Adagrad(m.parameters()), TypeError, "Adagrad"),
-    ("adamw", lambda m: torch.optim.AdamW(m.parameters()), TypeError, "AdamW"),
-    ("decoupled", lambda m: torch.optim.Adam(m.parameters(), decoupled_weight_decay=True), ValueError, "decoupled"),
+    ("adadelta", lambda m: torch.optim.Adadelta(m.parameters()), TypeError, "Adadelta"),
+    ("rprop", lambda m: torch.optim.Rprop(m.parameters()), TypeError, "Rprop"),
     ("group_lr", _two_groups_different_lr, ValueError, "['lr']"),
     ("foreign_param", _holds_foreign_param, ValueError, "(5, 7) that is not a parameter of the given module"),
     ("missing_params", _misses_module_params, ValueError, "['2.bias', '2.weight'] are not held by the optimizer"),

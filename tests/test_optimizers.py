@@ -1,4 +1,7 @@
-"""unroll.sgd/adam/rmsprop: torch.optim parity, purity, differentiability, finite meta-gradients at zero gradients."""
+"""unroll.sgd/adam/rmsprop: torch.optim parity, purity, differentiability, finite meta-gradients at zero gradients.
+
+The ``_assert_*`` helpers take any optimizer by name; test_optimizers_more.py runs them on the other optimizers.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +17,10 @@ from torch import Tensor
 import unroll
 
 GradSequence = Callable[..., List[Dict[str, Tensor]]]  # the random_grads fixture (see conftest.py)
-TORCH_CLASSES = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "rmsprop": torch.optim.RMSprop}
+TORCH_CLASSES = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "rmsprop": torch.optim.RMSprop,
+                 # tested in test_optimizers_more.py, except for their defaults below
+                 "adamw": torch.optim.AdamW, "adagrad": torch.optim.Adagrad, "adamax": torch.optim.Adamax,
+                 "nadam": torch.optim.NAdam, "radam": torch.optim.RAdam}
 SHAPES = {"weight": (4, 3), "bias": (4,), "kernel": (2, 3, 2), "scale": ()}
 PARITY_STEPS = 50
 PARITY_ATOL = 1e-6
@@ -143,8 +149,7 @@ def test_parity_grid_covers_every_option_combination() -> None:
 def test_defaults_match_torch_optim(name: str, torch_cls: type, random_grads: GradSequence) -> None:
     ours = inspect.signature(getattr(unroll, name)).parameters
     theirs = inspect.signature(torch_cls.__init__).parameters
-    implementation_only = {"self", "params", "foreach", "fused", "capturable", "differentiable",
-                           "decoupled_weight_decay"}
+    implementation_only = {"self", "params", "foreach", "fused", "capturable", "differentiable"}
     assert set(ours) == set(theirs) - implementation_only
     # The issue's contract makes SGD's learning rate a required argument; everything else defaults like torch.
     required = {"lr"} if name == "sgd" else set()
@@ -156,24 +161,30 @@ def test_defaults_match_torch_optim(name: str, torch_cls: type, random_grads: Gr
     _assert_parity(name, {"lr": 0.01} if name == "sgd" else {}, random_grads)
 
 
+def _assert_keeps_dtype_and_shape(optimizer: unroll.Optimizer, dtype: torch.dtype,
+                                  random_grads: GradSequence) -> None:
+    # Includes a 0-dim parameter: 0-dim float64 intermediates (e.g. bias corrections) must not promote it.
+    params = _params(dtype)
+    new_params, new_state = _run(optimizer, params, random_grads(params, 2, seed=7))
+    step_like = (optimizer.init(params)["step"].dtype, ())
+    for key, p in params.items():
+        assert (new_params[key].dtype, new_params[key].shape) == (dtype, p.shape), key
+        for buffer in optimizer.buffers:
+            # Scalar buffers (NAdam's mu_product) stay 0-dim in the step's dtype, as in torch.optim.
+            expected = step_like if buffer in optimizer.scalar_buffers else (dtype, p.shape)
+            assert (new_state[buffer][key].dtype, new_state[buffer][key].shape) == expected, (buffer, key)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("case", RICH_OPTIONS, ids=_case_id)
 def test_step_keeps_dtype_and_shape(case: Tuple[str, Dict[str, Any]], dtype: torch.dtype,
                                     random_grads: GradSequence) -> None:
-    # Includes a 0-dim parameter: 0-dim float64 intermediates (e.g. bias corrections) must not promote it.
-    params = _params(dtype)
-    new_params, new_state = _run(_make(*case), params, random_grads(params, 2, seed=7))
-    for key, p in params.items():
-        assert (new_params[key].dtype, new_params[key].shape) == (dtype, p.shape), key
-        for buffer in _make(*case).buffers:
-            assert (new_state[buffer][key].dtype, new_state[buffer][key].shape) == (dtype, p.shape), (buffer, key)
+    _assert_keeps_dtype_and_shape(_make(*case), dtype, random_grads)
 
 
 # ---------------------------------------------------------------------------------------------------------- purity
 
-@pytest.mark.parametrize("case", RICH_OPTIONS, ids=_case_id)
-def test_step_is_pure(case: Tuple[str, Dict[str, Any]], random_grads: GradSequence) -> None:
-    optimizer = _make(*case)
+def _assert_step_is_pure(optimizer: unroll.Optimizer, random_grads: GradSequence) -> None:
     params = _params(torch.float32)
     warmup = random_grads(params, 3, seed=2)
     params, state = _run(optimizer, params, warmup[:2])  # a state that is not all zeros
@@ -201,6 +212,11 @@ def test_step_is_pure(case: Tuple[str, Dict[str, Any]], random_grads: GradSequen
     _assert_bit_identical(state, before[2])
 
 
+@pytest.mark.parametrize("case", RICH_OPTIONS, ids=_case_id)
+def test_step_is_pure(case: Tuple[str, Dict[str, Any]], random_grads: GradSequence) -> None:
+    _assert_step_is_pure(_make(*case), random_grads)
+
+
 # ------------------------------------------------------------------------------------------------ differentiability
 
 TENSOR_HYPERPARAMS = ("lr", "weight_decay")
@@ -217,7 +233,8 @@ def _flat_step_fn(name: str, options: Dict[str, Any], params: Dict[str, Tensor],
     grads = [torch.randn(params[k].shape, generator=gen, dtype=torch.float64) for _ in range(n_steps) for k in names]
     hypers = [torch.tensor(float(options[h]), dtype=torch.float64) for h in TENSOR_HYPERPARAMS]
     inputs = (*hypers, *params.values(), *grads, *(state[b][k] for b, k in buffers))
-    inputs = tuple(t.detach().clone().requires_grad_(True) for t in inputs)
+    # float64 throughout, including 0-dim buffers torch.optim keeps in float32 (NAdam's mu_product).
+    inputs = tuple(t.detach().to(torch.float64).clone().requires_grad_(True) for t in inputs)
 
     def f(*flat: Tensor) -> Tuple[Tensor, ...]:
         hyper_values, flat = flat[:len(TENSOR_HYPERPARAMS)], flat[len(TENSOR_HYPERPARAMS):]
@@ -235,27 +252,33 @@ def _flat_step_fn(name: str, options: Dict[str, Any], params: Dict[str, Tensor],
     return f, inputs
 
 
-@pytest.mark.parametrize("n_steps", [1, 3])
-@pytest.mark.parametrize("warm_state", [False, True], ids=["init_state", "warm_state"])
-@pytest.mark.parametrize("case", RICH_OPTIONS, ids=_case_id)
-def test_step_gradients_match_finite_differences(case: Tuple[str, Dict[str, Any]], warm_state: bool, n_steps: int,
-                                                 random_grads: GradSequence) -> None:
-    """d(new params, new buffers) / d(lr, weight_decay, params, grads, state buffers) in float64 (gradcheck)."""
-    name, options = case
+def _assert_step_gradients(name: str, options: Dict[str, Any], warm_steps: int, n_steps: int,
+                           random_grads: GradSequence) -> None:
+    """d(new params, new buffers) / d(lr, weight_decay, params, grads, state buffers) in float64 (gradcheck),
+    over ``n_steps`` steps from ``init`` (``warm_steps=0``) or from the state after ``warm_steps`` steps."""
     # Weight decay must be on for its derivative to be checked.
     options = {**options, "weight_decay": options.get("weight_decay", 0.0) or 0.05}
     params = {"w": _params(torch.float64)["weight"][:2], "b": _params(torch.float64, seed=1)["bias"][:3]}
     state = None
-    if warm_state:
+    if warm_steps:
         # Buffers from real steps with large gradients: with tiny second moments the update is so curved in them
         # that finite differences become inaccurate.
-        warmup = [{k: 10 * g for k, g in grads.items()} for grads in random_grads(params, 2, seed=4, zero_fraction=0)]
+        warmup = [{k: 10 * g for k, g in grads.items()}
+                  for grads in random_grads(params, warm_steps, seed=4, zero_fraction=0)]
         _, state = _run(_make(name, options), params, warmup)
     f, inputs = _flat_step_fn(name, options, params, state, n_steps)
     assert torch.autograd.gradcheck(f, inputs, eps=1e-7, atol=1e-6, rtol=1e-5)
     # The tensor hyperparameters really influence the result (so the check above is not vacuous for them).
     d_hypers = torch.autograd.grad(sum(out.sum() for out in f(*inputs)), inputs[:len(TENSOR_HYPERPARAMS)])
     assert all(d.abs() > 0 for d in d_hypers)
+
+
+@pytest.mark.parametrize("n_steps", [1, 3])
+@pytest.mark.parametrize("warm_state", [False, True], ids=["init_state", "warm_state"])
+@pytest.mark.parametrize("case", RICH_OPTIONS, ids=_case_id)
+def test_step_gradients_match_finite_differences(case: Tuple[str, Dict[str, Any]], warm_state: bool, n_steps: int,
+                                                 random_grads: GradSequence) -> None:
+    _assert_step_gradients(*case, warm_steps=2 if warm_state else 0, n_steps=n_steps, random_grads=random_grads)
 
 
 # ------------------------------------------------------------------------------ zero gradients: finite meta-grads
@@ -299,12 +322,14 @@ def _meta_gradient(optimizer: unroll.Optimizer, theta0: Dict[str, Tensor], inner
     return {k: v.detach() for k, v in params.items()}, dict(zip(theta0, meta))
 
 
-@pytest.mark.parametrize("case", ZERO_GRAD_OPTIONS, ids=_case_id)
-def test_zero_gradient_entries_give_finite_meta_gradients(case: Tuple[str, Dict[str, Any]], mlp_params: Any,
-                                                          mlp_forward: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    name, options = case
+def _assert_finite_meta_gradients(name: str, options: Dict[str, Any], mlp_params: Any, mlp_forward: Any,
+                                  monkeypatch: pytest.MonkeyPatch, steps: int = 3, uses_sqrt: bool = True,
+                                  update_module: str | None = None) -> None:
+    """Finite meta-gradients through ``steps`` steps with dead units, forward values those of torch.optim, and, if
+    the update ``uses_sqrt``, NaN ones once the safe_sqrt of ``update_module`` (default ``unroll.<name>``) is a
+    plain torch.sqrt."""
     theta0, inner_loss, outer_loss = _dead_relu_problem(mlp_params, mlp_forward)
-    theta3, meta = _meta_gradient(_make(name, options), theta0, inner_loss, outer_loss)
+    theta_k, meta = _meta_gradient(_make(name, options), theta0, inner_loss, outer_loss, steps)
     for key, g in meta.items():
         assert torch.isfinite(g).all(), f"non-finite meta-gradient for {key}"
     assert meta["w0"][2:].abs().sum() > 0  # live units do get a meta-gradient
@@ -312,14 +337,22 @@ def test_zero_gradient_entries_give_finite_meta_gradients(case: Tuple[str, Dict[
     # Forward values are torch.optim's.
     leaves = {k: v.clone().requires_grad_(True) for k, v in theta0.items()}
     torch_opt = TORCH_CLASSES[name](leaves.values(), **options)
-    for _ in range(3):
+    for _ in range(steps):
         torch_opt.zero_grad()
         inner_loss(leaves).backward()
         torch_opt.step()
-    torch.testing.assert_close(theta3, {k: v.detach() for k, v in leaves.items()}, rtol=0, atol=1e-12)
+    torch.testing.assert_close(theta_k, {k: v.detach() for k, v in leaves.items()}, rtol=0, atol=1e-12)
 
+    if not uses_sqrt:
+        return
     # The test is meaningful: the same optimizer with a plain torch.sqrt gives NaN meta-gradients here.
-    monkeypatch.setattr(importlib.import_module(f"unroll.{name}"), "safe_sqrt", torch.sqrt)
-    naive_theta3, naive_meta = _meta_gradient(_make(name, options), theta0, inner_loss, outer_loss)
-    torch.testing.assert_close(naive_theta3, theta3, rtol=0, atol=0)
+    monkeypatch.setattr(importlib.import_module(update_module or f"unroll.{name}"), "safe_sqrt", torch.sqrt)
+    naive_theta_k, naive_meta = _meta_gradient(_make(name, options), theta0, inner_loss, outer_loss, steps)
+    torch.testing.assert_close(naive_theta_k, theta_k, rtol=0, atol=0)
     assert any(torch.isnan(g).any() for g in naive_meta.values())
+
+
+@pytest.mark.parametrize("case", ZERO_GRAD_OPTIONS, ids=_case_id)
+def test_zero_gradient_entries_give_finite_meta_gradients(case: Tuple[str, Dict[str, Any]], mlp_params: Any,
+                                                          mlp_forward: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    _assert_finite_meta_gradients(*case, mlp_params, mlp_forward, monkeypatch)

@@ -9,9 +9,14 @@ The generator's gradient of ``g_loss`` has both terms of Eq. 12 of Metz, Poole, 
 "Unrolled Generative Adversarial Networks" (ICLR 2017).
 """
 
+from .adagrad import adagrad
 from .adam import adam
+from .adamax import adamax
+from .adamw import adamw
 from .interop import from_torch
+from .nadam import nadam
 from .optimizer import Optimizer
+from .radam import radam
 from .rmsprop import rmsprop
 from .sgd import sgd
 from .unrolled import NonFiniteLossError, surrogate_loss, train_step, unrolled_params
@@ -30,8 +35,13 @@ __all__ = [
     "Optimizer",
     "Params",
     "State",
+    "adagrad",
     "adam",
+    "adamax",
+    "adamw",
     "from_torch",
+    "nadam",
+    "radam",
     "rmsprop",
     "sgd",
     "surrogate_loss",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numbers
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Tuple
 
 import torch
 
@@ -66,6 +66,13 @@ def check_shapes(params: Mapping[str, torch.Tensor], other: Mapping[str, torch.T
                              f"shape {tuple(p.shape)}")
 
 
+def check_scalars(tensors: Mapping[str, torch.Tensor], what: str) -> None:
+    for name, t in tensors.items():
+        if t.dim() != 0:
+            raise ValueError(f"{what}[{name!r}] must be a 0-dim tensor (one value per parameter), got shape "
+                             f"{tuple(t.shape)}")
+
+
 def check_scalar_loss(value: Any, fn_name: str) -> None:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{fn_name} must return a scalar tensor, got {type(value).__name__}")
@@ -75,16 +82,36 @@ def check_scalar_loss(value: Any, fn_name: str) -> None:
         raise TypeError(f"{fn_name} must return a floating-point tensor, got dtype {value.dtype}")
 
 
-def check_hyperparameter(value: Any, name: str, *, low: float = 0.0, high: float | None = None,
+def check_hyperparameter(value: Any, label: str, *, low: float | None = 0.0, high: float | None = None,
                          high_inclusive: bool = False) -> None:
-    """Range check with torch.optim's messages; tensors must be 0-dim (they may require grad)."""
+    """Range check with torch.optim's messages (``Invalid <label>: <value>``); NaN is always out of range.
+
+    Tensors must have one element (they may require grad). ``low=None`` checks for NaN only (SGD's dampening,
+    which torch.optim does not check at all). The comparisons are written so that NaN fails them, as in
+    torch.optim's ``if not 0.0 <= lr`` (torch.optim.SGD's ``if lr < 0.0`` lets NaN through; we do not).
+    """
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
-            raise ValueError(f"Tensor {name} must be 1-element, got shape {tuple(value.shape)}")
+            raise ValueError(f"Tensor {label} must be 1-element, got shape {tuple(value.shape)}")
         value = value.detach().item()
     if not isinstance(value, numbers.Real) or isinstance(value, bool):
-        raise TypeError(f"{name} must be a real number or a 1-element tensor, got {type(value).__name__}")
-    too_high = high is not None and (value > high if high_inclusive else value >= high)
-    if value < low or too_high:
-        bound = "" if high is None else f" and {'<=' if high_inclusive else '<'} {high}"
-        raise ValueError(f"Invalid {name} value: {value} (must be >= {low}{bound})")
+        raise TypeError(f"{label} must be a real number or a 1-element tensor, got {type(value).__name__}")
+    above_low = value == value if low is None else low <= value
+    below_high = high is None or (value <= high if high_inclusive else value < high)
+    if not (above_low and below_high):
+        bound = "a number" if low is None else f">= {low}"
+        if high is not None:
+            bound += f" and {'<=' if high_inclusive else '<'} {high}"
+        raise ValueError(f"Invalid {label}: {value} (must be {bound})")
+
+
+def check_adam_hyperparameters(lr: Any, betas: Any, eps: Any, weight_decay: Any) -> Tuple[Any, Any]:
+    """The checks torch.optim's Adam-family constructors (Adam, AdamW, Adamax, NAdam, RAdam) share, in their
+    order; returns ``(beta1, beta2)``."""
+    beta1, beta2 = betas
+    check_hyperparameter(lr, "learning rate")
+    check_hyperparameter(eps, "epsilon value")
+    check_hyperparameter(beta1, "beta parameter at index 0", high=1.0)
+    check_hyperparameter(beta2, "beta parameter at index 1", high=1.0)
+    check_hyperparameter(weight_decay, "weight_decay value")
+    return beta1, beta2

@@ -7,8 +7,13 @@ from typing import Any, Callable, Dict, List, Tuple
 import torch
 from torch import Tensor, nn
 
+from .adagrad import adagrad
 from .adam import adam
+from .adamax import adamax
+from .adamw import adamw
+from .nadam import nadam
 from .optimizer import Optimizer, _step_dtype
+from .radam import radam
 from .rmsprop import rmsprop
 from .sgd import sgd
 from ._types import State
@@ -23,11 +28,14 @@ def _sgd_from_group(group: Dict[str, Any]) -> Optimizer:
 
 
 def _adam_from_group(group: Dict[str, Any]) -> Optimizer:
-    if group.get("decoupled_weight_decay", False):
-        raise ValueError("from_torch: decoupled weight decay (AdamW, or Adam(decoupled_weight_decay=True)) is not "
-                         "supported; use Adam with L2 weight_decay")
     return adam(group["lr"], betas=tuple(group["betas"]), eps=group["eps"], weight_decay=group["weight_decay"],
-                amsgrad=group["amsgrad"], maximize=group["maximize"])
+                amsgrad=group["amsgrad"], maximize=group["maximize"],
+                decoupled_weight_decay=group.get("decoupled_weight_decay", False))
+
+
+def _adamw_from_group(group: Dict[str, Any]) -> Optimizer:
+    return adamw(group["lr"], betas=tuple(group["betas"]), eps=group["eps"], weight_decay=group["weight_decay"],
+                 amsgrad=group["amsgrad"], maximize=group["maximize"])
 
 
 def _rmsprop_from_group(group: Dict[str, Any]) -> Optimizer:
@@ -35,10 +43,38 @@ def _rmsprop_from_group(group: Dict[str, Any]) -> Optimizer:
                    momentum=group["momentum"], centered=group["centered"], maximize=group["maximize"])
 
 
+def _adagrad_from_group(group: Dict[str, Any]) -> Optimizer:
+    # initial_accumulator_value only shapes a fresh state; from_torch copies torch.optim's `sum` itself.
+    return adagrad(group["lr"], lr_decay=group["lr_decay"], weight_decay=group["weight_decay"],
+                   initial_accumulator_value=group["initial_accumulator_value"], eps=group["eps"],
+                   maximize=group["maximize"])
+
+
+def _adamax_from_group(group: Dict[str, Any]) -> Optimizer:
+    return adamax(group["lr"], betas=tuple(group["betas"]), eps=group["eps"], weight_decay=group["weight_decay"],
+                  maximize=group["maximize"])
+
+
+def _nadam_from_group(group: Dict[str, Any]) -> Optimizer:
+    return nadam(group["lr"], betas=tuple(group["betas"]), eps=group["eps"], weight_decay=group["weight_decay"],
+                 momentum_decay=group["momentum_decay"], decoupled_weight_decay=group["decoupled_weight_decay"],
+                 maximize=group["maximize"])
+
+
+def _radam_from_group(group: Dict[str, Any]) -> Optimizer:
+    return radam(group["lr"], betas=tuple(group["betas"]), eps=group["eps"], weight_decay=group["weight_decay"],
+                 decoupled_weight_decay=group["decoupled_weight_decay"], maximize=group["maximize"])
+
+
 _CONVERTERS: Dict[type, Callable[[Dict[str, Any]], Optimizer]] = {
     torch.optim.SGD: _sgd_from_group,
     torch.optim.Adam: _adam_from_group,
+    torch.optim.AdamW: _adamw_from_group,
     torch.optim.RMSprop: _rmsprop_from_group,
+    torch.optim.Adagrad: _adagrad_from_group,
+    torch.optim.Adamax: _adamax_from_group,
+    torch.optim.NAdam: _nadam_from_group,
+    torch.optim.RAdam: _radam_from_group,
 }
 
 

@@ -1,4 +1,4 @@
-"""The pure optimizer type shared by :func:`unroll.sgd`, :func:`unroll.adam` and :func:`unroll.rmsprop`."""
+"""The pure optimizer type shared by :func:`unroll.sgd`, :func:`unroll.adam`, :func:`unroll.rmsprop` and the rest."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from typing import Any, Callable, Dict, Mapping, Tuple
 import torch
 from torch import Tensor
 
-from ._checks import check_same_keys, check_shapes, check_tensor_mapping
-from ._types import Grads, Params, State
+from ._checks import check_same_keys, check_scalars, check_shapes, check_tensor_mapping
+from ._types import Grads, Params, Scalar, State
 
 TensorUpdate = Callable[[Tensor, Tensor, Dict[str, Tensor], Tensor], Tuple[Tensor, Dict[str, Tensor]]]
 """``update(param, grad, buffers, step) -> (new_param, new_buffers)`` for one tensor; ``step`` is the number
@@ -31,6 +31,8 @@ class Optimizer:
 
     The state is a plain dict: ``{"step": 0-dim tensor, <buffer>: {param name: tensor}, ...}`` with torch.optim's
     buffer names (e.g. ``exp_avg``), so it can be inspected, stacked for ``vmap`` and saved with ``torch.save``.
+    Each buffer holds a tensor shaped like its parameter, or, for the names in ``scalar_buffers``, a 0-dim tensor
+    per parameter.
     """
 
     name: str
@@ -40,16 +42,43 @@ class Optimizer:
     packable: bool = field(default=True, repr=False)
     """True when ``update`` is elementwise with one set of hyperparameters for every tensor, so an unroll may run
     it once on all parameters concatenated into one vector (see ``unroll._flat``); False keeps tensors apart."""
+    initial_values: Mapping[str, Scalar] = field(default_factory=dict, repr=False)
+    """The value ``init`` fills each named buffer with (e.g. Adagrad's ``initial_accumulator_value``); buffers not
+    named here start at zero, as torch.optim's do."""
+    scalar_buffers: Tuple[str, ...] = field(default=(), repr=False)
+    """Buffers holding one 0-dim tensor per parameter in the step counter's dtype (NAdam's ``mu_product``), as
+    torch.optim keeps them, instead of a tensor shaped like the parameter. They cannot be packed into one vector
+    with the parameters, so an optimizer with any must have ``packable=False``."""
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.initial_values) - set(self.buffers)) + sorted(set(self.scalar_buffers)
+                                                                                 - set(self.buffers))
+        if unknown:
+            raise ValueError(f"{self.name}: initial_values and scalar_buffers may only name buffers "
+                             f"{list(self.buffers)}, got {unknown}")
+        if self.scalar_buffers and self.packable:
+            raise ValueError(f"{self.name}: scalar buffers {list(self.scalar_buffers)} cannot be packed with the "
+                             f"parameters; pass packable=False")
 
     def init(self, params: Params) -> State:
-        """Fresh state for ``params``: step 0 and zero buffers (what torch.optim creates on its first step)."""
+        """Fresh state for ``params``: step 0 and buffers at their initial values (zero unless ``initial_values``
+        says otherwise), what torch.optim creates on its first step."""
         check_tensor_mapping(params, "params", floating=True)
         first = next(iter(params.values()))
         state: State = {"step": torch.zeros((), dtype=_step_dtype(), device=first.device)}
         for buffer in self.buffers:
-            state[buffer] = {name: torch.zeros_like(p, memory_format=torch.preserve_format)
-                             for name, p in params.items()}
+            value = self.initial_values.get(buffer, 0.0)
+            state[buffer] = {name: self._initial_buffer(buffer, p, value) for name, p in params.items()}
         return state
+
+    def _initial_buffer(self, buffer: str, param: Tensor, value: Scalar) -> Tensor:
+        if buffer in self.scalar_buffers:
+            like = torch.zeros((), dtype=_step_dtype(), device=param.device)
+        else:
+            like = torch.zeros_like(param, memory_format=torch.preserve_format)
+        if isinstance(value, Tensor):  # a tensor initial value stays differentiable
+            return like + value.to(dtype=like.dtype, device=like.device)
+        return like.fill_(value)
 
     def step(self, params: Params, grads: Grads, state: State) -> Tuple[Dict[str, Tensor], State]:
         """One optimizer step. Returns ``(new_params, new_state)``; the inputs are left untouched."""
@@ -74,7 +103,10 @@ class Optimizer:
         for buffer in self.buffers:
             check_tensor_mapping(state[buffer], f"state[{buffer!r}]", floating=True)
             check_same_keys(params, state[buffer], f"state[{buffer!r}]")
-            check_shapes(params, state[buffer], f"state[{buffer!r}]")
+            if buffer in self.scalar_buffers:
+                check_scalars(state[buffer], f"state[{buffer!r}]")
+            else:
+                check_shapes(params, state[buffer], f"state[{buffer!r}]")
 
     def apply(self, params: Params, grads: Grads, state: State) -> Tuple[Dict[str, Tensor], State]:
         """:meth:`step` without the input checks, for hot loops that checked their inputs once."""

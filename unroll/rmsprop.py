@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from ._checks import check_hyperparameter
-from ._math import is_zero, safe_sqrt
+from ._math import is_zero, safe_sqrt, signed_decayed
 from ._types import Scalar
 from .optimizer import Optimizer
 
@@ -55,10 +55,7 @@ def rmsprop(lr: Scalar = 1e-2, alpha: Scalar = 0.99, eps: float = 1e-8, weight_d
 def _update(param: Tensor, grad: Tensor, buffers: Dict[str, Tensor], step: Tensor, *, lr: Scalar,
             alpha: Scalar, eps: float, weight_decay: Scalar, momentum: Scalar, centered: bool,
             maximize: bool) -> Tuple[Tensor, Dict[str, Tensor]]:
-    if maximize:
-        grad = -grad
-    if not is_zero(weight_decay):
-        grad = grad + weight_decay * param
+    param, grad = signed_decayed(param, grad, lr=lr, weight_decay=weight_decay, maximize=maximize)
     square_avg = buffers["square_avg"] * alpha + (1 - alpha) * grad * grad
     new_buffers = {"square_avg": square_avg}
     if centered:

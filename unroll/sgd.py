@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from ._checks import check_hyperparameter
-from ._math import is_zero
+from ._math import is_zero, signed_decayed
 from ._types import Scalar
 from .optimizer import Optimizer
 
@@ -27,11 +27,13 @@ def sgd(lr: Scalar, momentum: float = 0.0, dampening: float = 0.0, weight_decay:
 
     Without momentum, :math:`d_t = g_t`: the update of Eq. 7 of Metz et al. (2017) (with ``maximize=True`` for
     the discriminator's ascent). Unlike ``torch.optim.SGD(differentiable=True)``, the first momentum buffer
-    :math:`b_1 = g_1` stays attached to the graph.
+    :math:`b_1 = g_1` stays attached to the graph, and NaN hyperparameters are rejected (torch.optim.SGD,
+    unlike its other optimizers, accepts them).
     """
     check_hyperparameter(lr, "learning rate")
-    check_hyperparameter(momentum, "momentum")
-    check_hyperparameter(weight_decay, "weight_decay")
+    check_hyperparameter(momentum, "momentum value")
+    check_hyperparameter(weight_decay, "weight_decay value")
+    check_hyperparameter(dampening, "dampening value", low=None)  # torch.optim lets any dampening through
     if nesterov and (momentum <= 0 or dampening != 0):
         raise ValueError("Nesterov momentum requires a momentum and zero dampening")
     update = functools.partial(_update, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
@@ -48,10 +50,7 @@ def sgd(lr: Scalar, momentum: float = 0.0, dampening: float = 0.0, weight_decay:
 def _update(param: Tensor, grad: Tensor, buffers: Dict[str, Tensor], step: Tensor, *, lr: Scalar,
             momentum: float, dampening: float, weight_decay: Scalar, nesterov: bool,
             maximize: bool) -> Tuple[Tensor, Dict[str, Tensor]]:
-    if maximize:
-        grad = -grad
-    if not is_zero(weight_decay):
-        grad = grad + weight_decay * param
+    param, grad = signed_decayed(param, grad, lr=lr, weight_decay=weight_decay, maximize=maximize)
     new_buffers = {}
     if not is_zero(momentum):
         decayed = buffers["momentum_buffer"] * momentum + (1 - dampening) * grad
