@@ -10,8 +10,10 @@ The generator's gradient of ``g_loss`` has both terms of Eq. 12 of Metz, Poole, 
 """
 
 from .adam import adam
-from .interop import from_torch
+from .custom import custom_optimizer
+from .interop import from_torch, to_torch
 from .optimizer import Optimizer
+from .param_groups import param_groups
 from .rmsprop import rmsprop
 from .sgd import sgd
 from .unrolled import NonFiniteLossError, surrogate_loss, unrolled_params
@@ -26,9 +28,12 @@ __all__ = [
     "Params",
     "State",
     "adam",
+    "custom_optimizer",
     "from_torch",
+    "param_groups",
     "rmsprop",
     "sgd",
     "surrogate_loss",
+    "to_torch",
     "unrolled_params",
 ]
