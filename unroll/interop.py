@@ -1,4 +1,5 @@
-"""Round trips with :mod:`torch.optim`: mirror an optimizer and its state (``from_torch``), write it back (``to_torch``)."""
+"""Round trips with :mod:`torch.optim`: mirror an optimizer and its state (``from_torch``), write them back
+(``to_torch``)."""
 
 from __future__ import annotations
 
