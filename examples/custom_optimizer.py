@@ -5,7 +5,7 @@ Algorithm 2), unrolled by ``unroll.surrogate_loss`` to learn its learning rate.
     m_t = beta2 m_{t-1} + (1 - beta2) g_t.
 
 sign() has a zero derivative, so the hypergradient flows through lr, the weight decay and theta itself, not
-through the gradients. Runs in a second on a CPU:  python examples/custom_optimizer.py
+through the gradients. A few seconds on a CPU:  python examples/custom_optimizer.py
 """
 
 from __future__ import annotations
