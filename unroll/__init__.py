@@ -13,9 +13,11 @@ from .adagrad import adagrad
 from .adam import adam
 from .adamax import adamax
 from .adamw import adamw
-from .interop import from_torch
+from .custom import custom_optimizer
+from .interop import from_torch, to_torch
 from .nadam import nadam
 from .optimizer import Optimizer
+from .param_groups import param_groups
 from .radam import radam
 from .rmsprop import rmsprop
 from .sgd import sgd
@@ -39,12 +41,15 @@ __all__ = [
     "adam",
     "adamax",
     "adamw",
+    "custom_optimizer",
     "from_torch",
     "nadam",
+    "param_groups",
     "radam",
     "rmsprop",
     "sgd",
     "surrogate_loss",
+    "to_torch",
     "train_step",
     "unrolled_params",
 ]
