@@ -49,9 +49,6 @@ def main(warmup_steps: int = 50, meta_steps: int = 60, final_steps: int = 50, K:
     def train_loss(params: Dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
         return nn.functional.mse_loss(functional_call(model, params, (x,)), y)
 
-    def validation_loss(params: Dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
-        return train_loss(params, x_val, y_val)  # closes over the validation data; ignores the training batch
-
     base, state = unroll.from_torch(torch_opt, model)  # SGD's hyperparameters and its momentum buffers
     params = {name: p.detach() for name, p in model.named_parameters()}
     log_wd = torch.tensor(math.log(1e-3), requires_grad=True)
@@ -61,16 +58,15 @@ def main(warmup_steps: int = 50, meta_steps: int = 60, final_steps: int = 50, K:
         return unroll.sgd(**{**base.hyperparams, "weight_decay": weight_decay})
 
     for _ in range(meta_steps):
-        # The hypergradient: d validation_loss(theta^K) / d log_wd, through K SGD steps from where training is.
+        # The hypergradient: d (validation loss at theta^K) / d log_wd, through K SGD steps from where training is.
         surrogate = unroll.surrogate_loss(train_loss, K, optimizer=sgd_with(log_wd.exp()),
-                                          outer_fn=validation_loss)
+                                          outer_fn=train_loss)
         meta_opt.zero_grad()
-        surrogate(params, state, x_train, y_train).backward()
+        surrogate(params, state, x_train, y_train, outer_args=(x_val, y_val)).backward()
         meta_opt.step()
         # The real training step, with the updated weight decay as a plain number (nothing to differentiate).
         committed = sgd_with(log_wd.exp().item())
-        grads = torch.func.grad(train_loss)(params, x_train, y_train)
-        params, state = committed.step(params, grads, state)
+        params, state, _ = unroll.train_step(train_loss, optimizer=committed)(params, state, x_train, y_train)
 
     # --- 3. back to torch.optim with the learned weight decay
     torch_opt.param_groups[0]["weight_decay"] = committed.hyperparams["weight_decay"]

@@ -186,7 +186,8 @@ def _check_callables(inner_fn: Any, optimizer: Any, step_args: Any, transform_gr
     if not callable(inner_fn):
         raise TypeError(f"inner_fn must be callable, got {type(inner_fn).__name__}")
     if not isinstance(optimizer, Optimizer):
-        raise TypeError(f"optimizer must be an unroll optimizer (unroll.sgd/adam/rmsprop or unroll.from_torch), "
+        raise TypeError(f"optimizer must be an unroll.Optimizer (unroll.adam, unroll.sgd, ..., unroll.from_torch, "
+                        f"unroll.param_groups or unroll.custom_optimizer), "
                         f"got {type(optimizer).__name__}")
     if step_args is not None and not callable(step_args):
         raise TypeError(f"step_args must be callable or None, got {type(step_args).__name__}")
