@@ -141,9 +141,9 @@ SURROGATE_CASES: List[Case] = [
     ("step_args_returns_list", lambda f: _surrogate(f, step_args=lambda k, x: [x]), TypeError,
      "step_args must return a tuple", 0),
     ("optimizer_torch", lambda f: _surrogate(f, optimizer=torch.optim.SGD([torch.zeros(1)], lr=0.1)), TypeError,
-     "optimizer must be an unroll optimizer", 0),
+     "optimizer must be an unroll.Optimizer", 0),
     ("optimizer_factory", lambda f: _surrogate(f, optimizer=unroll.adam), TypeError,
-     "optimizer must be an unroll optimizer", 0),
+     "optimizer must be an unroll.Optimizer", 0),
     ("unrolled_optimizer_str", lambda f: unroll.unrolled_params(f, 1, optimizer="adam"), TypeError,
      "got str", 0),
 ]
