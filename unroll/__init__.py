@@ -9,6 +9,7 @@ The generator's gradient of ``g_loss`` has both terms of Eq. 12 of Metz, Poole, 
 "Unrolled Generative Adversarial Networks" (ICLR 2017).
 """
 
+from . import distributed
 from .adam import adam
 from .interop import from_torch
 from .optimizer import Optimizer
@@ -31,6 +32,7 @@ __all__ = [
     "Params",
     "State",
     "adam",
+    "distributed",
     "from_torch",
     "rmsprop",
     "sgd",
