@@ -34,9 +34,10 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300, help="generator steps")
     parser.add_argument("--batch", type=int, default=256, help="global batch, split evenly across ranks")
-    parser.add_argument("--unroll", type=int, default=5, help="K, unrolled discriminator steps")
-    parser.add_argument("--hidden", type=int, default=64, help="width of both players' hidden layers")
-    parser.add_argument("--latent", type=int, default=16)
+    parser.add_argument("--K", type=int, default=5, help="unrolled discriminator steps")
+    parser.add_argument("--hidden", type=int, default=64,
+                        help="width of both players' hidden layers (the paper's App. A: 128)")
+    parser.add_argument("--latent", type=int, default=16, help="generator input size (the paper's App. A: 256)")
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate of both players")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
@@ -100,7 +101,7 @@ def main() -> None:
     mean = unroll.distributed.all_reduce_mean()
     d_opt = unroll.adam(args.lr, betas=(0.5, 0.999))
     d_step = unroll.train_step(d_loss, optimizer=d_opt, transform_grads=mean)
-    surrogate = unroll.surrogate_loss(d_loss, args.unroll, optimizer=d_opt, transform_grads=mean)
+    surrogate = unroll.surrogate_loss(d_loss, args.K, optimizer=d_opt, transform_grads=mean)
     d_params = {name: p.detach() for name, p in D.named_parameters()}
     d_state = d_opt.init(d_params)
     g_opt = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(0.5, 0.999))
