@@ -24,9 +24,10 @@ from torch.nn.parallel import DistributedDataParallel
 
 import unroll
 from unroll.distributed import all_reduce_grads_, all_reduce_mean, check_same_shapes
-from test_surrogate import Game, Params, assert_close, leaf_copy, make_game, stack_trees
+from test_surrogate import Game, Params, assert_close, assert_trees_equal, leaf_copy, make_game, stack_trees
 
-pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                                reason="torch.distributed with gloo is not available")
 
 WORLD = 2
 K = 5
@@ -153,13 +154,37 @@ def error_cases(rank: int) -> Dict[str, Any]:
     return results
 
 
+def collective_counts(rank: int) -> Dict[str, Any]:
+    """How many all-reduces one generator step makes (the surrogate's backward and G's average), per option."""
+    game, opt = game_and_optimizer()
+    real, z = shard(game.real, rank), shard(game.z, rank)
+    mean = all_reduce_mean()
+    d_params, state = warm_start(game, opt, real, z, mean)
+    counts, all_reduce = {}, dist.all_reduce
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        counts[name] += 1
+        return all_reduce(*args, **kwargs)
+
+    dist.all_reduce = counted  # this rank's process only
+    try:
+        for name, options in {**CASES, "truncate=2": {"truncate": 2},
+                               "truncate=2, checkpoint": {"truncate": 2, "checkpoint": True}}.items():
+            counts[name] = 0
+            _, g_params = generator_grad(game, opt, real, z, d_params, state, mean, **options)
+            all_reduce_grads_(g_params)
+    finally:
+        dist.all_reduce = all_reduce
+    return counts
+
+
 def run_rank(rank: int, store: str, out_dir: str) -> None:
     torch.set_num_threads(1)  # first, before any parallel region (the machine is shared; safe after fork)
     os.environ["GLOO_SOCKET_IFNAME"] = "lo0" if sys.platform == "darwin" else "lo"  # loopback only
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD,
                             timeout=datetime.timedelta(seconds=60))  # a hang becomes an error
     try:
-        results = {"parity": parity_cases(rank), "errors": error_cases(rank)}
+        results = {"parity": parity_cases(rank), "errors": error_cases(rank), "counts": collective_counts(rank)}
         dist.barrier()  # every rank got through every case: no rank was left waiting in a collective
     finally:
         dist.destroy_process_group()
@@ -230,6 +255,7 @@ def test_unrolled_params_are_the_one_process_params_on_every_rank(ranks: list, c
     expected = one_process(case)
     for results in ranks:
         assert_matches(results["parity"][case], expected)
+    assert_trees_equal(ranks[0]["parity"][case], ranks[1]["parity"][case])  # the same bits on every rank
 
 
 def test_ddp_generator_and_func_grad_match_one_process(ranks: list) -> None:
@@ -270,6 +296,14 @@ def test_all_reduce_grads_counts_none_as_zero(ranks: list) -> None:
         assert_close(averaged["both"], torch.full((2,), 2.0, dtype=torch.float64))
         assert_close(averaged["rank 1"], torch.full((2,), 2.0, dtype=torch.float64))
         assert averaged["none"] == "None"
+
+
+def test_collectives_per_generator_step(ranks: list) -> None:
+    """K forward all-reduces, K backward (T with truncate=T, none with stop_grad), K more recomputed with
+    checkpoint=True, and one for G's gradient: the counts of docs/distributed.md."""
+    expected = {"full": 2 * K + 1, "stop_grad": K + 1, "checkpoint": 3 * K + 1, "truncate=2": K + 2 + 1,
+                "truncate=2, checkpoint": K + 2 * 2 + 1}
+    assert [results["counts"] for results in ranks] == [expected] * WORLD
 
 
 def test_without_process_group_raises_before_any_work() -> None:

@@ -32,9 +32,9 @@ __all__ = ["all_reduce_mean", "all_reduce_grads_", "check_same_shapes"]
 class _AllReduceSum(torch.autograd.Function):
     """Sum over ranks; its backward is the same sum of the cotangents, so it differentiates to any order.
 
-    ``torch.distributed.nn.functional.all_reduce`` does the same but is deprecated in torch 2.x and, like the
-    functional collectives, refuses ``torch.func`` transforms; this one works under ``torch.func.grad`` and
-    ``vmap`` (several seeds at once: one collective for all of them).
+    ``torch.distributed.nn.functional.all_reduce`` does the same but warns that it is deprecated (torch 2.13)
+    and, like the functional collectives, refuses ``torch.func`` transforms; this one works under
+    ``torch.func.grad`` and ``vmap`` (several seeds at once: one collective for all of them).
     """
 
     @staticmethod
