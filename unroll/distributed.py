@@ -172,7 +172,7 @@ def check_same_shapes(tree: Any, what: str = "batch", group: Any = None) -> None
     first batch (or every batch, if shard sizes can vary, e.g. a last partial batch).
     """
     _require_process_group("check_same_shapes")
-    leaves = [leaf for leaf in pytree.tree_leaves(tree) if isinstance(leaf, Tensor)]
+    leaves = [leaf for leaf in pytree.tree_flatten(tree)[0] if isinstance(leaf, Tensor)]
     if not leaves:
         raise TypeError(f"{what} must contain at least one tensor, got {type(tree).__name__}")
     description = "; ".join(f"{tuple(t.shape)} {t.dtype}" for t in leaves)
