@@ -9,6 +9,7 @@ The generator's gradient of ``g_loss`` has both terms of Eq. 12 of Metz, Poole, 
 "Unrolled Generative Adversarial Networks" (ICLR 2017).
 """
 
+from . import distributed
 from .adagrad import adagrad
 from .adam import adam
 from .adamax import adamax
@@ -42,6 +43,7 @@ __all__ = [
     "adamax",
     "adamw",
     "custom_optimizer",
+    "distributed",
     "from_torch",
     "nadam",
     "param_groups",
