@@ -103,7 +103,7 @@ def make_torchopt(problem: Problem, K: int) -> GradFn:
         adam_state, *rest = d_opt.impl.init(flat)
         adam_state = adam_state._replace(
             mu=tuple(s["exp_avg"] for s in states), nu=tuple(s["exp_avg_sq"] for s in states),
-            count=tuple(torch.tensor(int(s["step"]), dtype=torch.int64) for s in states))
+            count=tuple(torch.tensor(int(s["step"]), dtype=torch.int64, device=s["exp_avg"].device) for s in states))
         d_opt.load_state_dict([(adam_state, *rest)])
 
     def run() -> Tuple[Tensor, ...]:
@@ -162,30 +162,103 @@ MAKERS: Dict[str, Callable[[Problem, int], GradFn]] = {
 }
 
 
+# Variants of the unroll method carry ``surrogate_loss`` options in their name, so that a name alone (e.g. the
+# argument of the memory subprocess) says what to build: "unroll:truncate=10:checkpoint" is
+# ``make_unroll(problem, K, truncate=10, checkpoint=True)``. Options are written in this order, each at most once.
+OPTION_SEPARATOR = ":"
+UNROLL_OPTIONS: Dict[str, type] = {"truncate": int, "checkpoint": bool}  # bool options are flags (no "=value")
+
+
+def unroll_method(*, truncate: Optional[int] = None, checkpoint: bool = False) -> str:
+    """The method name of ``make_unroll`` with these ``surrogate_loss`` options; :func:`parse_method` inverts it."""
+    parts = ["unroll"]
+    if truncate is not None:
+        parts.append(f"truncate={int(truncate)}")
+    if checkpoint:
+        parts.append("checkpoint")
+    return OPTION_SEPARATOR.join(parts)
+
+
+def parse_method(method: str) -> Tuple[str, Dict[str, object]]:
+    """``(base method, surrogate_loss options)`` of a method name, e.g. ``("unroll", {"truncate": 10})``."""
+    base, *parts = method.split(OPTION_SEPARATOR)
+    if base not in MAKERS:
+        raise ValueError(f"unknown method {method!r}: it must start with one of {METHODS}")
+    if parts and base != "unroll":
+        raise ValueError(f"method {method!r}: only unroll takes options, {base} has none")
+    options: Dict[str, object] = {}
+    for part in parts:
+        name, has_value, value = part.partition("=")
+        kind = UNROLL_OPTIONS.get(name)
+        if kind is None:
+            raise ValueError(f"method {method!r}: unknown option {name!r}; options are {tuple(UNROLL_OPTIONS)}")
+        if name in options:
+            raise ValueError(f"method {method!r}: option {name!r} given twice")
+        if kind is bool:
+            if has_value:
+                raise ValueError(f"method {method!r}: {name} is a flag, write it without a value")
+            options[name] = True
+        else:
+            try:
+                options[name] = kind(value)
+            except ValueError:
+                raise ValueError(f"method {method!r}: {name} needs an integer value, got {value!r}") from None
+    canonical = unroll_method(**options) if parts else base  # type: ignore[arg-type]
+    if canonical != method:  # one name per variant, so that its result rows never split
+        raise ValueError(f"method {method!r}: write it as {canonical!r} (options in the order "
+                         f"{tuple(UNROLL_OPTIONS)})")
+    return base, options
+
+
+def describe(method: str) -> str:
+    """A method name as the page shows it: ``unroll:truncate=10:checkpoint`` -> ``truncate=10, checkpoint=True``."""
+    base, options = parse_method(method)
+    if not options:
+        return base
+    return ", ".join(f"{name}={value}" for name, value in options.items())
+
+
+def warm_up(method: str) -> Tuple[str, int]:
+    """A small ``(method, K)`` that runs the same code as ``method`` at any K, to pay one-off costs first.
+
+    K = 1 for most methods; a truncated unroll needs a constant step and a differentiated one (truncate=1, K=2).
+    """
+    _, options = parse_method(method)
+    if options.get("truncate") is None:
+        return method, 1
+    return unroll_method(truncate=1, checkpoint=bool(options.get("checkpoint"))), 2
+
+
 # Issue 6's memory-bounding option (recompute each unrolled step in the backward pass). The suite compares it
 # with the plain unroll at K = 100 on the conv model as soon as unroll.surrogate_loss accepts ``checkpoint``.
-CHECKPOINT_METHOD = "unroll_checkpoint"
+CHECKPOINT_METHOD = unroll_method(checkpoint=True)
+
+
+def _missing_options(options: Dict[str, object]) -> Optional[str]:
+    accepted = inspect.signature(unroll.surrogate_loss).parameters
+    missing = [name for name in options if name not in accepted]
+    return f"unroll.surrogate_loss has no {', '.join(f'`{n}`' for n in missing)} option yet" if missing else None
 
 
 def checkpoint_unavailable() -> Optional[str]:
     """None if ``unroll.surrogate_loss`` has the ``checkpoint`` option, else why the comparison is skipped."""
-    if "checkpoint" in inspect.signature(unroll.surrogate_loss).parameters:
-        return None
-    return "unroll.surrogate_loss has no `checkpoint` option yet"
+    return unavailable(CHECKPOINT_METHOD)
 
 
 def make(method: str, problem: Problem, K: int) -> GradFn:
-    """The gradient function of ``method`` (one of METHODS, or CHECKPOINT_METHOD)."""
-    if method == CHECKPOINT_METHOD:
-        return make_unroll(problem, K, checkpoint=True)
-    return MAKERS[method](problem, K)
+    """The gradient function of ``method``: one of METHODS, or an unroll variant named by :func:`unroll_method`."""
+    base, options = parse_method(method)
+    if options:
+        return make_unroll(problem, K, **options)  # type: ignore[arg-type]
+    return MAKERS[base](problem, K)
 
 
 def unavailable(method: str) -> Optional[str]:
     """None if ``method`` can run here, else the reason it cannot."""
-    if method == CHECKPOINT_METHOD:
-        return checkpoint_unavailable()
-    module = OPTIONAL.get(method)
+    base, options = parse_method(method)
+    if options:
+        return _missing_options(options)
+    module = OPTIONAL.get(base)
     if module is None:
         return None
     try:

@@ -7,7 +7,7 @@ the pixel values, and the suite must run offline.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Tuple
 
 import torch
@@ -160,8 +160,11 @@ def steady_adam(G: nn.Module, D: nn.Module, lr: float, batch: Callable[[], Tuple
     return opt
 
 
-def make_problem(name: str, seed: int = 0) -> Problem:
-    """Build the named problem ("mixture" or "conv") with deterministic weights, data, noise and D state."""
+def make_problem(name: str, seed: int = 0, device: str = "cpu") -> Problem:
+    """Build the named problem ("mixture" or "conv") with deterministic weights, data, noise and D state.
+
+    Everything is built on the CPU (the same numbers for every device), then moved to ``device``.
+    """
     torch.manual_seed(seed)
     data_rng = torch.Generator().manual_seed(seed + 1)
     if name == "mixture":
@@ -180,4 +183,15 @@ def make_problem(name: str, seed: int = 0) -> Problem:
     else:
         raise ValueError(f"unknown model {name!r}; choose from {MODELS}")
     real, noise = batch()
-    return Problem(name, G, D, real, noise, lr, steady_adam(G, D, lr, batch))
+    problem = Problem(name, G, D, real, noise, lr, steady_adam(G, D, lr, batch))
+    return problem if torch.device(device) == torch.device("cpu") else to_device(problem, device)
+
+
+def to_device(problem: Problem, device: str) -> Problem:
+    """``problem`` with models, data and the Adam state on ``device`` (the modules and the optimizer move in place)."""
+    # Module.to keeps the Parameter objects (it replaces their .data), so the optimizer's state keys stay valid;
+    # load_state_dict moves the state to its parameters' device by torch.optim's own rule (the step count stays).
+    problem.generator.to(device)
+    problem.discriminator.to(device)
+    problem.d_optimizer.load_state_dict(problem.d_optimizer.state_dict())
+    return replace(problem, real=problem.real.to(device), noise=problem.noise.to(device))

@@ -2,10 +2,13 @@
 
     python -m benchmarks.unrolled_gradient --out docs/benchmarks.md          # full suite (minutes)
     python -m benchmarks.unrolled_gradient --quick                           # smoke run (seconds)
+    python -m benchmarks.unrolled_gradient --only truncation --threads 1     # one section
+    python -m benchmarks.unrolled_gradient --device cuda --ks 1 5 10 20      # on a GPU
 
 All methods run in one process, interleaved round-robin within each repetition (the starting method rotates),
 after warm-up calls; the page reports medians and ratios to unroll, at 1 and 2 threads, the peak memory of
-each method (see :mod:`benchmarks.memory`) and a side-check that the gradients agree.
+each method (see :mod:`benchmarks.memory`) and a side-check that the gradients agree. Sections: the method
+comparison, the checkpointed unroll at K = 100 (issue 6), truncated unrolls (issue 13) and N seeds with vmap.
 """
 
 from __future__ import annotations
@@ -20,15 +23,17 @@ import platform
 import statistics
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 from . import memory, vmap_seeds
-from .methods import CHECKPOINT_METHOD, METHODS, TORCHOPT_EPS_ROOT, GradFn, make, make_unroll, unavailable
+from .methods import (CHECKPOINT_METHOD, METHODS, OPTIONAL, TORCHOPT_EPS_ROOT, GradFn, describe, make, make_unroll,
+                      unavailable, unroll_method)
 from .models import CONV_BATCH, CONV_D_CHANNELS, CONV_G_CHANNELS, MIXTURE_BATCH, MODELS, STEADY_STEP, make_problem
 
 Log = Callable[[str], None]
@@ -38,9 +43,18 @@ FIRST_ORDER_TARGET = 3.2  # unroll / first-order, K = 10
 FIRST_ORDER_TARGET_K = 10
 CHECKPOINT_MEMORY_TARGET = 1 / 5
 
+# What a run measures (--only): the method comparison (timings, memory, correctness and issue 6's speed targets),
+# the checkpointed unroll at K = 100, truncated unrolls, N seeds with vmap.
+SECTIONS = ("comparison", "checkpoint", "truncation", "seeds")
+DEVICES = ("cpu", "cuda")
+SEEDS_ON_CUDA = ("examples/gan/training.py's Trainer builds its parameters and draws its batches on the CPU "
+                 "(it has no device option), so N seeds with vmap are compared on the CPU only")
+
 
 @dataclass(frozen=True)
 class Config:
+    device: str = "cpu"
+    sections: Tuple[str, ...] = SECTIONS
     models: Tuple[str, ...] = MODELS
     methods: Tuple[str, ...] = METHODS
     ks: Tuple[int, ...] = (1, 5, 10, 20)
@@ -51,7 +65,9 @@ class Config:
     checkpoint_k: int = 100  # K of the checkpointed-vs-plain memory comparison on the conv model
     seed: int = 0
     tolerance: float = 1e-5  # gradients must agree to this, relative to the largest entry of unroll's
-    checkpoint_tolerance: float = 1e-6
+    checkpoint_tolerance: float = 1e-6  # checkpointed and truncate=K gradients equal the plain one to this
+    truncation_ks: Tuple[int, ...] = (20, 100)  # K of the truncated unrolls; T in {1, K/2, K}, 1 thread
+    truncation_reps: Tuple[Tuple[str, int], ...] = (("mixture", 10), ("conv", 3))  # conv at K = 100: ~15 s a round
     seeds: Optional[vmap_seeds.SeedsConfig] = vmap_seeds.SeedsConfig()  # N seeds vmapped vs separate; None: skip
     # The same at a batch where per-operation overhead dominates: shows where vmap pays (not a target).
     seeds_small_batch: Optional[vmap_seeds.SeedsConfig] = vmap_seeds.SeedsConfig(batch=64)
@@ -61,7 +77,41 @@ class Config:
 
 
 QUICK = Config(ks=(1, 2), threads=(1,), reps=(("mixture", 3), ("conv", 1)), checkpoint_k=4,
+               truncation_ks=(4,), truncation_reps=(("mixture", 2), ("conv", 1)),
                seeds=vmap_seeds.QUICK_SEEDS, seeds_small_batch=replace(vmap_seeds.QUICK_SEEDS, batch=8))
+
+
+def device_unavailable(device: str) -> Optional[str]:
+    """None if the suite can run on ``device`` here, else why not."""
+    if device not in DEVICES:
+        return f"unknown device {device!r}; choose from {DEVICES}"
+    if device == "cuda" and not torch.cuda.is_available():
+        build = "has no CUDA support" if torch.version.cuda is None else f"is built for CUDA {torch.version.cuda}"
+        return (f"--device cuda needs a GPU, but torch.cuda.is_available() is False (torch {torch.__version__} "
+                f"{build}); run on the CPU (the default) or on a machine with CUDA")
+    return None
+
+
+def _synchronizer(device: str) -> Callable[[], None]:
+    """What makes a timed call complete: CUDA kernels run asynchronously to the Python that launches them."""
+    return torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+
+@contextmanager
+def _num_threads(threads: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def truncation_methods(K: int) -> List[str]:
+    """The unroll variants of the truncation section at K: truncate T in {1, K/2, K}, checkpoint, both (T = K/2)."""
+    half = max(1, K // 2)
+    return ([unroll_method(truncate=T) for T in sorted({1, half, K})]
+            + [unroll_method(checkpoint=True), unroll_method(truncate=half, checkpoint=True)])
 
 
 def compare(grads: Sequence[Tensor], reference: Sequence[Tensor]) -> Dict[str, Any]:
@@ -72,8 +122,18 @@ def compare(grads: Sequence[Tensor], reference: Sequence[Tensor]) -> Dict[str, A
     return {"max_abs": max_abs, "max_rel": max_abs / scale if scale > 0 else max_abs, "nan": nan}
 
 
-def _time_round_robin(fns: Dict[str, GradFn], reps: int, warmup: int) -> Tuple[Dict[str, List[float]],
-                                                                               Dict[str, Tuple[Tensor, ...]]]:
+def _timed_call(fn: GradFn, sync: Callable[[], None]) -> Tuple[float, Tuple[Tensor, ...]]:
+    """Seconds of one complete call of ``fn`` (``sync`` before and after), and its result."""
+    gc.collect()
+    sync()
+    start = time.perf_counter()
+    out = fn()
+    sync()
+    return time.perf_counter() - start, out
+
+
+def _time_round_robin(fns: Dict[str, GradFn], reps: int, warmup: int, sync: Callable[[], None] = lambda: None
+                      ) -> Tuple[Dict[str, List[float]], Dict[str, Tuple[Tensor, ...]]]:
     """Seconds per call of each function over ``reps`` rounds, and each function's first result."""
     first = {}
     for i in range(warmup):
@@ -87,10 +147,7 @@ def _time_round_robin(fns: Dict[str, GradFn], reps: int, warmup: int) -> Tuple[D
         # Rotate who goes first so that no method always runs right after the same neighbour.
         shift = rep % len(names)
         for name in names[shift:] + names[:shift]:
-            gc.collect()
-            start = time.perf_counter()
-            fns[name]()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(_timed_call(fns[name], sync)[0])
     return times, first
 
 
@@ -109,7 +166,7 @@ def _checks(model: str, K: int, first: Dict[str, Tuple[Tensor, ...]], stop_grad:
     return rows
 
 
-def _machine() -> Dict[str, Any]:
+def _machine(device: str) -> Dict[str, Any]:
     cpu = platform.processor() or platform.machine()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
@@ -123,7 +180,9 @@ def _machine() -> Dict[str, Any]:
             versions[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
             versions[package] = None
-    return {"cpu": cpu, "cpus": os.cpu_count(), "python": platform.python_version(), "versions": versions}
+    gpu = f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})" if device == "cuda" else None
+    return {"cpu": cpu, "cpus": os.cpu_count(), "gpu": gpu, "python": platform.python_version(),
+            "versions": versions}
 
 
 def _loadavg() -> Optional[List[float]]:
@@ -132,64 +191,83 @@ def _loadavg() -> Optional[List[float]]:
 
 def run_suite(config: Config, log: Log = lambda message: print(message, file=sys.stderr)) -> Dict[str, Any]:
     """Run the benchmark described by ``config`` and return its results (JSON-serialisable)."""
+    reason = device_unavailable(config.device)
+    if reason is not None:
+        raise ValueError(reason)
+    unknown = [s for s in config.sections if s not in SECTIONS]
+    if unknown:
+        raise ValueError(f"unknown sections {unknown}; choose from {SECTIONS}")
     skipped = {m: reason for m in config.methods if (reason := unavailable(m)) is not None}
     methods = [m for m in config.methods if m not in skipped]
-    if "unroll" not in methods:
+    if "comparison" in config.sections and "unroll" not in methods:
         raise ValueError("the suite measures everything relative to unroll; include it in the methods")
     results: Dict[str, Any] = {
-        "date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": _machine(),
+        "date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": _machine(config.device),
         "config": asdict(config), "models": {}, "skipped": skipped, "load_before": _loadavg(),
-        "timings": [], "checks": [], "memory": [], "memory_skipped": None, "checkpoint": None, "seeds": None,
-        "seeds_small_batch": None,
+        "timings": [], "checks": [], "memory": [], "memory_skipped": None, "checkpoint": None, "truncation": None,
+        "seeds": None, "seeds_small_batch": None, "seeds_skipped": None,
     }
     start = time.perf_counter()
-    threads_before = torch.get_num_threads()
-    try:
+    if "comparison" in config.sections:
+        _comparison(config, methods, results, log)
+        results["timing_seconds"] = time.perf_counter() - start
+        results["load_after_timing"] = _loadavg()
+        if config.memory:
+            _memory(config, methods, results, log)
+    if "checkpoint" in config.sections:
+        _checkpoint(config, results, log)
+    if "truncation" in config.sections:
+        _truncation(config, results, log)
+    if "seeds" in config.sections:
+        _seeds(config, results, log)
+    results["total_seconds"] = time.perf_counter() - start
+    return results
+
+
+def _comparison(config: Config, methods: List[str], results: Dict[str, Any], log: Log) -> None:
+    """Timings of every method, model, K and thread count, and the correctness side-check."""
+    sync = _synchronizer(config.device)
+    # Set-up runs at the first thread count too: oversubscribed OpenMP threads spin and waste CPU.
+    with _num_threads(config.threads[0]):
         for model in config.models:
-            # Set-up runs at the first thread count too: oversubscribed OpenMP threads spin and waste CPU.
-            torch.set_num_threads(config.threads[0])
-            problem = make_problem(model, config.seed)
+            problem = make_problem(model, config.seed, config.device)
+            _drop_failing(problem, methods, results["skipped"], config.device)
             results["models"][model] = problem.describe()
             log(f"[{model}] {problem.describe()}")
             for K in config.ks:
                 fns = {m: make(m, problem, K) for m in methods}
                 stop_grad = make_unroll(problem, K, stop_grad=True)() if "first_order" in fns else None
                 for i, threads in enumerate(config.threads):
-                    torch.set_num_threads(threads)
-                    times, first = _time_round_robin(fns, config.reps_for(model), config.warmup)
+                    with _num_threads(threads):
+                        times, first = _time_round_robin(fns, config.reps_for(model), config.warmup, sync)
                     if i == 0:
                         results["checks"] += _checks(model, K, first, stop_grad, config.tolerance)
                     for m, ts in times.items():
-                        median = statistics.median(ts)
                         results["timings"].append({"model": model, "threads": threads, "K": K, "method": m,
-                                                   "median_ms": 1e3 * median, "times_ms": [1e3 * t for t in ts]})
+                                                   "median_ms": 1e3 * statistics.median(ts),
+                                                   "times_ms": [1e3 * t for t in ts]})
                     log(f"[{model}] K={K} threads={threads}: " + ", ".join(
                         f"{m} {1e3 * statistics.median(ts):.1f} ms" for m, ts in times.items()))
-    finally:
-        torch.set_num_threads(threads_before)
-    results["timing_seconds"] = time.perf_counter() - start
-    results["load_after_timing"] = _loadavg()
-    if config.memory:
-        _memory(config, methods, results, log)
-    _checkpoint(config, results, log)
-    if config.seeds is not None:
-        log("[mixture] N seeds with vmap vs separate runs")
-        results["seeds"] = vmap_seeds.measure(config.seeds, log)
-    if config.seeds is not None and config.seeds_small_batch is not None:
-        log(f"[mixture] N seeds with vmap vs separate runs, batch {config.seeds_small_batch.batch}")
-        results["seeds_small_batch"] = vmap_seeds.measure(config.seeds_small_batch, log)
-    results["total_seconds"] = time.perf_counter() - start
-    return results
+
+
+def _drop_failing(problem: Any, methods: List[str], skipped: Dict[str, str], device: str) -> None:
+    """Skip, with the reason, an optional (third-party) method that fails on this problem, e.g. on CUDA."""
+    for m in [m for m in methods if m in OPTIONAL]:
+        try:
+            make(m, problem, 1)()
+        except Exception as error:  # whatever higher or torchopt raise: the page says what it was
+            skipped[m] = f"failed on {device} ({problem.name}, K = 1): {type(error).__name__}: {error}"
+            methods.remove(m)
 
 
 def _memory(config: Config, methods: Sequence[str], results: Dict[str, Any], log: Log) -> None:
-    reason = memory.supported()
+    reason = memory.supported(config.device)
     if reason is not None:
         results["memory_skipped"] = reason
         return
     for m in methods:
-        log(f"peak memory of {m} (subprocess)")
-        for model, per_k in memory.measure(config.models, m, config.ks, config.seed).items():
+        log(f"peak memory of {m}" + (" (subprocess)" if config.device == "cpu" else ""))
+        for model, per_k in memory.measure(config.models, m, config.ks, config.seed, config.device).items():
             for K, growth in per_k.items():
                 results["memory"].append({"model": model, "K": K, "method": m, "peak_growth_mib": growth / 2 ** 20})
 
@@ -197,7 +275,7 @@ def _memory(config: Config, methods: Sequence[str], results: Dict[str, Any], log
 def _checkpoint(config: Config, results: Dict[str, Any], log: Log) -> None:
     """Issue 6: at K = checkpoint_k on the conv model, checkpointed unroll peak memory <= 1/5 of plain, same grad."""
     reason = unavailable(CHECKPOINT_METHOD) or (None if config.memory else "memory measurement disabled")
-    reason = reason or memory.supported()
+    reason = reason or memory.supported(config.device)
     if reason is None and "conv" not in config.models:
         reason = "the conv model is not in this run"
     if reason is not None:
@@ -205,26 +283,84 @@ def _checkpoint(config: Config, results: Dict[str, Any], log: Log) -> None:
         return
     K = config.checkpoint_k
     log(f"[conv] checkpoint comparison at K={K}")
-    threads_before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        problem = make_problem("conv", config.seed)
-        grads, seconds = {}, {}
+    sync = _synchronizer(config.device)
+    with _num_threads(1):
+        problem = make_problem("conv", config.seed, config.device)
+        seconds, grads = {}, {}
         for m in ("unroll", CHECKPOINT_METHOD):
-            fn = make(m, problem, K)
-            start = time.perf_counter()
-            grads[m] = fn()
-            seconds[m] = time.perf_counter() - start
-    finally:
-        torch.set_num_threads(threads_before)
-    diff = compare(grads[CHECKPOINT_METHOD], grads["unroll"])
-    peaks = {m: memory.measure(["conv"], m, [K], config.seed)["conv"][K] / 2 ** 20
-             for m in ("unroll", CHECKPOINT_METHOD)}
+            seconds[m], grads[m] = _timed_call(make(m, problem, K), sync)
+        diff = compare(grads[CHECKPOINT_METHOD], grads["unroll"])
+        peaks = {m: memory.measure(["conv"], m, [K], config.seed, config.device)["conv"][K] / 2 ** 20
+                 for m in ("unroll", CHECKPOINT_METHOD)}
     ratio = peaks[CHECKPOINT_METHOD] / peaks["unroll"]
     results["checkpoint"] = {"K": K, "plain_mib": peaks["unroll"], "checkpoint_mib": peaks[CHECKPOINT_METHOD],
                              "plain_s": seconds["unroll"], "checkpoint_s": seconds[CHECKPOINT_METHOD],
                              "ratio": ratio, **diff, "ok_memory": ratio <= CHECKPOINT_MEMORY_TARGET,
                              "ok_grad": not diff["nan"] and diff["max_rel"] <= config.checkpoint_tolerance}
+
+
+def _truncation(config: Config, results: Dict[str, Any], log: Log) -> None:
+    """Issue 13: time, peak memory and gradient of truncated unrolls (truncate T of K steps), 1 thread.
+
+    Every model and K of the section: the variants of :func:`truncation_methods` timed round-robin, each
+    gradient compared with the full one (truncate=K), and the checks that truncate=K equals the plain unroll and
+    that checkpointing changes no truncated gradient.
+    """
+    reason = unavailable(unroll_method(truncate=1, checkpoint=True))
+    if reason is not None:
+        results["truncation"] = {"skipped": reason}
+        return
+    sync = _synchronizer(config.device)
+    rows: List[Dict[str, Any]] = []
+    checks: List[Dict[str, Any]] = []
+    with _num_threads(1):
+        for model in config.models:
+            problem = make_problem(model, config.seed, config.device)
+            for K in config.truncation_ks:
+                names = truncation_methods(K)
+                full, half = unroll_method(truncate=K), max(1, K // 2)
+                times, first = _time_round_robin({m: make(m, problem, K) for m in names},
+                                                 dict(config.truncation_reps)[model], config.warmup, sync)
+                first["unroll"] = make("unroll", problem, K)()
+                for m in names:
+                    rows.append({"model": model, "K": K, "method": m, "options": describe(m),
+                                 "median_ms": 1e3 * statistics.median(times[m]),
+                                 "times_ms": [1e3 * t for t in times[m]],
+                                 "vs_full": compare(first[m], first[full])})
+                pairs = ((full, "unroll"), (CHECKPOINT_METHOD, full),
+                         (unroll_method(truncate=half, checkpoint=True), unroll_method(truncate=half)))
+                for method, reference in pairs:
+                    diff = compare(first[method], first[reference])
+                    checks.append({"model": model, "K": K, "method": method, "reference": reference, **diff,
+                                   "ok": not diff["nan"] and diff["max_rel"] <= config.checkpoint_tolerance})
+                log(f"[{model}] truncation K={K}: " + ", ".join(
+                    f"{describe(m)} {1e3 * statistics.median(times[m]):.1f} ms" for m in names))
+    results["truncation"] = {"rows": rows, "checks": checks, "memory_skipped": None}
+    reason = None if config.memory else "memory measurement disabled"
+    reason = reason or memory.supported(config.device)
+    if reason is not None:
+        results["truncation"]["memory_skipped"] = reason
+        return
+    for K in config.truncation_ks:
+        for m in truncation_methods(K):
+            log(f"peak memory of {m} at K={K}")
+            peaks = memory.measure(config.models, m, [K], config.seed, config.device)
+            for row in rows:
+                if (row["K"], row["method"]) == (K, m):
+                    row["peak_growth_mib"] = peaks[row["model"]][K] / 2 ** 20
+
+
+def _seeds(config: Config, results: Dict[str, Any], log: Log) -> None:
+    if config.device != "cpu":
+        results["seeds_skipped"] = SEEDS_ON_CUDA
+        return
+    if config.seeds is None:
+        return
+    log("[mixture] N seeds with vmap vs separate runs")
+    results["seeds"] = vmap_seeds.measure(config.seeds, log)
+    if config.seeds_small_batch is not None:
+        log(f"[mixture] N seeds with vmap vs separate runs, batch {config.seeds_small_batch.batch}")
+        results["seeds_small_batch"] = vmap_seeds.measure(config.seeds_small_batch, log)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -244,6 +380,7 @@ def _met(ok: Optional[bool]) -> str:
 
 def _target_rows(results: Dict[str, Any]) -> List[str]:
     config = results["config"]
+    sections = config.get("sections", SECTIONS)
     rows = []
     for model in config["models"]:
         for threads in config["threads"]:
@@ -259,26 +396,34 @@ def _target_rows(results: Dict[str, Any]) -> List[str]:
                     ratio = unroll_ms / first_order
                     rows.append(f"| unroll ≤ {FIRST_ORDER_TARGET}× first-order | {model} | {threads} | {K} "
                                 f"| {ratio:.2f}× | {_met(ratio <= FIRST_ORDER_TARGET)} |")
+    if "checkpoint" in sections:
+        rows += _checkpoint_target_rows(results)
+    if "seeds" in sections:
+        rows += _seeds_target_rows(results)
+    return rows
+
+
+def _checkpoint_target_rows(results: Dict[str, Any]) -> List[str]:
     checkpoint = results["checkpoint"] or {"skipped": "not run"}
     if "skipped" in checkpoint:
-        rows.append(f"| checkpointed unroll peak ≤ 1/5 of plain, same gradient to 1e-6 | conv | 1 | "
-                    f"{config['checkpoint_k']} | not measured: {checkpoint['skipped']} | n/a |")
-    else:
-        rows.append(f"| checkpointed unroll peak ≤ 1/5 of plain | conv | 1 | {checkpoint['K']} | "
-                    f"{checkpoint['ratio']:.3f}× | {_met(checkpoint['ok_memory'])} |")
-        rows.append(f"| checkpointed gradient = plain to 1e-6 (relative) | conv | 1 | {checkpoint['K']} | "
-                    f"{checkpoint['max_rel']:.1e} | {_met(checkpoint['ok_grad'])} |")
+        return [f"| checkpointed unroll peak ≤ 1/5 of plain, same gradient to 1e-6 | conv | 1 | "
+                f"{results['config']['checkpoint_k']} | not measured: {checkpoint['skipped']} | n/a |"]
+    return [f"| checkpointed unroll peak ≤ 1/5 of plain | conv | 1 | {checkpoint['K']} | "
+            f"{checkpoint['ratio']:.3f}× | {_met(checkpoint['ok_memory'])} |",
+            f"| checkpointed gradient = plain to 1e-6 (relative) | conv | 1 | {checkpoint['K']} | "
+            f"{checkpoint['max_rel']:.1e} | {_met(checkpoint['ok_grad'])} |"]
+
+
+def _seeds_target_rows(results: Dict[str, Any]) -> List[str]:
     seeds = results.get("seeds")
     if seeds is None:
         n = vmap_seeds.TARGET_SEEDS
-        rows.append(f"| N = {n} mixture seeds in one process (vmap) ≤ {vmap_seeds.TARGET}× {n} separate runs "
-                    "| mixture | 1 | 5 | not measured in this run | n/a |")
-    else:
-        c = seeds["config"]
-        rows.append(f"| N = {c['seeds']} mixture seeds in one process (vmap) ≤ {vmap_seeds.TARGET}× {c['seeds']} "
-                    f"separate runs | mixture | {c['threads']} | {c['K']} | {seeds['ratio']:.2f}× "
-                    f"| {_met(seeds['ok'])} |")
-    return rows
+        where = f"on {results['config'].get('device')} (CPU only)" if results.get("seeds_skipped") else "in this run"
+        return [f"| N = {n} mixture seeds in one process (vmap) ≤ {vmap_seeds.TARGET}× {n} separate runs "
+                f"| mixture | 1 | 5 | not measured {where} | n/a |"]
+    c = seeds["config"]
+    return [f"| N = {c['seeds']} mixture seeds in one process (vmap) ≤ {vmap_seeds.TARGET}× {c['seeds']} "
+            f"separate runs | mixture | {c['threads']} | {c['K']} | {seeds['ratio']:.2f}× | {_met(seeds['ok'])} |"]
 
 
 def _seeds_section(measurements: Sequence[Dict[str, Any]]) -> List[str]:
@@ -335,13 +480,15 @@ def _memory_table(results: Dict[str, Any], model: str, methods: Sequence[str]) -
     return lines
 
 
-def _check_table(results: Dict[str, Any]) -> List[str]:
+def _check_lines(checks: Sequence[Dict[str, Any]], tolerance: float, label: Callable[[str], str] = str
+                 ) -> List[str]:
+    """A table of gradient comparisons (rows of :func:`compare` with model, K, method, reference and ok)."""
     lines = ["| model | K | method | compared with | max abs diff | max rel diff | agrees to "
-             f"{results['config']['tolerance']:g} |", "|---|---|---|---|---|---|---|"]
-    for r in results["checks"]:
+             f"{tolerance:g} |", "|---|---|---|---|---|---|---|"]
+    for r in checks:
         verdict = "NaN (excluded)" if r["ok"] is None else ("yes" if r["ok"] else "**no**")
-        lines.append(f"| {r['model']} | {r['K']} | {r['method']} | {r['reference']} | {r['max_abs']:.2e} | "
-                     f"{r['max_rel']:.2e} | {verdict} |")
+        lines.append(f"| {r['model']} | {r['K']} | {label(r['method'])} | {label(r['reference'])} | "
+                     f"{r['max_abs']:.2e} | {r['max_rel']:.2e} | {verdict} |")
     return lines
 
 
@@ -402,6 +549,14 @@ unseen). tracemalloc cannot see torch's CPU tensors, and torch keeps no CPU allo
 Memory-bounded unroll (issue 6): on the conv model at K = 100 (K = 4 with `--quick`), the peak RSS growth
 of `surrogate_loss(..., checkpoint=True)` against the plain unroll (one subprocess each, as above), one timed
 call of each at 1 thread, and their gradients (must agree to 1e-6 relative).
+
+Truncated unrolls (issue 13): at K = {' and '.join(map(str, Config.truncation_ks))} \
+({' and '.join(map(str, QUICK.truncation_ks))} with `--quick`) on every model, `truncate` T ∈ {{1, K/2,
+K}}, `checkpoint=True`, and `checkpoint=True` with T = K/2, timed round-robin at 1 thread (as above, with fewer
+repetitions on the conv model, where one round at K = 100 takes about 15 s on a quiet CPU; the section says how
+many), peak memory as above (one subprocess per variant and K; a variant is warmed up at K = 2 with T = 1, which
+runs the same code: a constant step and a differentiated one). Checks, to 1e-6 relative: truncate = K against
+the plain unroll, `checkpoint=True` against truncate = K, and checkpoint + truncate = K/2 against truncate = K/2.
 
 Correctness: for each model and K, the first (warm-up) results of higher and torchopt are compared with
 unroll's, and first_order's with unroll's `stop_grad=True` gradient: max |a − b| over all generator
@@ -476,11 +631,17 @@ but on a quiet machine it stays above 3.2×: the conv model misses this target, 
 """
 
 
+def _peak_label(device: str) -> str:
+    return "peak CUDA memory growth" if device == "cuda" else "peak RSS growth"
+
+
 def render_markdown(results: Dict[str, Any], command: str) -> str:
     """The benchmarks page: command, run details, targets, timings, memory, correctness, method notes."""
     config, machine = results["config"], results["machine"]
+    sections, device = config.get("sections", SECTIONS), config.get("device", "cpu")
     methods = [m for m in config["methods"] if m not in results["skipped"]]
-    load = results.get("load_before")
+    load, load_after = results.get("load_before"), results.get("load_after_timing")
+    peak = _peak_label(device)
     out = [
         "# Benchmarks: one unrolled generator gradient",
         "",
@@ -491,70 +652,161 @@ def render_markdown(results: Dict[str, Any], command: str) -> str:
         "```",
         "",
         f"Run on {results['date']} in {results['total_seconds']:.0f} s: {machine['cpu']}, {machine['cpus']} "
-        f"CPUs, Python {machine['python']}, " + ", ".join(f"{k} {v}" for k, v in machine["versions"].items() if v)
-        + "." + (f" Load average before the run: {load[0]:.2f}; after the timings: "
-                 f"{results['load_after_timing'][0]:.2f}." if load else ""),
+        f"CPUs, " + (f"GPU {machine['gpu']}, " if machine.get("gpu") else "") + f"Python {machine['python']}, "
+        + ", ".join(f"{k} {v}" for k, v in machine["versions"].items() if v) + "."
+        + (f" Load average before the run: {load[0]:.2f}" if load else "")
+        + (f"; after the timings: {load_after[0]:.2f}." if load and load_after else "." if load else ""),
         "",
     ]
+    if device != "cpu":
+        out += [f"**Device: {device}.** Models, data and optimizer state live on the GPU; see "
+                "[On CUDA](#on-cuda) below.", ""]
     if results.get("note"):
         out += [f"**Note:** {results['note']}", ""]
     for method, reason in results["skipped"].items():
         out += [f"**{method} skipped:** {reason}", ""]
-    out += ["## Targets of issue 6", "",
-            "Ratios are unroll's median time divided by the other method's (smaller is better for unroll).", "",
-            "| target | model | threads | K | measured | verdict |", "|---|---|---|---|---|---|"]
     rows = _target_rows(results)
-    out += rows
+    if rows:
+        out += ["## Targets of issue 6", "",
+                "Ratios are unroll's median time divided by the other method's (smaller is better for unroll).", "",
+                "| target | model | threads | K | measured | verdict |", "|---|---|---|---|---|---|"] + rows
     why = [text for text, target in ((WHY_SPEED, "faster of higher/torchopt"), (WHY_FIRST_ORDER, "first-order"),
                                      (_why_seeds(results), "seeds in one process"))
            if any(target in row and "not met" in row for row in rows)]
     if why:
         out += ["", "### Why the targets marked not met are not met", ""] + why
-    for model in config["models"]:
-        out += ["", f"## {model}: median time per gradient", "", f"{results['models'][model]}.", ""]
-        out += _timing_table(results, model, methods)
-        if results["memory"]:
-            out += ["", f"Peak RSS growth during one gradient ({model}, 1 thread):", ""]
-            out += _memory_table(results, model, methods)
-    if results["memory_skipped"]:
-        out += ["", f"Peak memory not measured: {results['memory_skipped']}."]
+    if "comparison" in sections:
+        for model in config["models"]:
+            out += ["", f"## {model}: median time per gradient", "", f"{results['models'][model]}.", ""]
+            out += _timing_table(results, model, methods)
+            if results["memory"]:
+                out += ["", f"{peak.capitalize()} during one gradient ({model}, 1 thread):", ""]
+                out += _memory_table(results, model, methods)
+        if results["memory_skipped"]:
+            out += ["", f"Peak memory not measured: {results['memory_skipped']}."]
     checkpoint = results["checkpoint"] or {"skipped": "not run"}
     if "skipped" not in checkpoint:
         out += ["", f"## Memory-bounded unroll (`surrogate_loss(..., checkpoint=True)`), conv, K = {checkpoint['K']}",
-                "", "One call each, 1 thread; peak RSS growth as above.", "",
-                "| | peak RSS growth MiB | time s |", "|---|---|---|",
+                "", f"One call each, 1 thread; {peak} as above.", "",
+                f"| | {peak} MiB | time s |", "|---|---|---|",
                 f"| plain unroll | {checkpoint['plain_mib']:.1f} | {checkpoint['plain_s']:.2f} |",
                 f"| checkpoint=True | {checkpoint['checkpoint_mib']:.1f} | {checkpoint['checkpoint_s']:.2f} |",
                 "", f"Gradient difference: max abs {checkpoint['max_abs']:.2e}, max rel {checkpoint['max_rel']:.2e}."]
+    if results.get("truncation"):
+        out += _truncation_section(results)
     if results.get("seeds"):
         out += _seeds_section([r for r in (results["seeds"], results.get("seeds_small_batch")) if r])
-    out += ["", "## Correctness side-check", ""] + _check_table(results)
+    elif results.get("seeds_skipped"):
+        out += ["", "## N seeds in one process (`torch.func.vmap`) vs N separate runs, mixture", "",
+                f"Not measured on {device}: {results['seeds_skipped']}."]
+    if "comparison" in sections:
+        out += ["", "## Correctness side-check", ""] + _check_lines(results["checks"], config["tolerance"])
     out += ["", METHOD_NOTES]
+    if device == "cuda":
+        out += [CUDA_NOTES]
     return "\n".join(out)
+
+
+TRUNCATION_TEXT = """\
+`surrogate_loss(..., truncate=T)` differentiates only the last T of the K unrolled steps: θ_D^(K−T) enters them
+as a constant, so the backward pass and what it keeps grow with T instead of K, and the gradient is truncated (the
+last column: how far it is from the full gradient, truncate = K). `checkpoint=True` recomputes each
+differentiated step during the backward pass instead of keeping it; it combines with `truncate`. One
+generator gradient, 1 thread, median of {reps} repetitions interleaved round-robin in one process after
+{warmup} untimed call(s) each; {peak} during one gradient (see "What is measured"), one {where} per variant
+and K; "÷ full" divides by the truncate = K row."""
+
+
+def _truncation_section(results: Dict[str, Any]) -> List[str]:
+    """Issue 13's section: truncated unrolls side by side, per model and K, and their gradient checks."""
+    truncation, config = results["truncation"], results["config"]
+    device = config.get("device", "cpu")
+    title = "## Truncated unrolls (`surrogate_loss(..., truncate=T)`)"
+    if "skipped" in truncation:
+        return ["", title, "", f"Not measured: {truncation['skipped']}."]
+    peak = _peak_label(device)
+    reps = ", ".join(f"{n} ({model})" for model, n in config["truncation_reps"] if model in config["models"])
+    where = "subprocess" if device == "cpu" else "in-process measurement"
+    out = ["", title, "", TRUNCATION_TEXT.format(reps=reps, warmup=config["warmup"], peak=peak, where=where)]
+    if truncation["memory_skipped"]:
+        out += ["", f"Peak memory not measured: {truncation['memory_skipped']}."]
+    for model in config["models"]:
+        rows = [r for r in truncation["rows"] if r["model"] == model]
+        out += ["", f"### {model}", "",
+                f"| K | options | median ms | ÷ full | {peak} MiB | ÷ full | max rel diff from the full gradient |",
+                "|---|---|---|---|---|---|---|"]
+        for row in rows:
+            full = next(r for r in rows if (r["K"], r["method"]) == (row["K"], unroll_method(truncate=row["K"])))
+            mib = row.get("peak_growth_mib")
+            memory_cells = (f"{mib:.1f} | {mib / full['peak_growth_mib']:.2f}×" if mib is not None else "– | –")
+            label = row["options"] + (" (full gradient)" if row is full else "")
+            time_cells = f"{row['median_ms']:.1f} | {row['median_ms'] / full['median_ms']:.2f}×"
+            out.append(f"| {row['K']} | {label} | {time_cells} | {memory_cells} | {row['vs_full']['max_rel']:.2e} |")
+    out += ["", "Checks: truncate = K is the full gradient of the plain unroll, and checkpointing changes no "
+            "gradient.", ""] + _check_lines(truncation["checks"], config["checkpoint_tolerance"], describe)
+    return out
+
+
+CUDA_NOTES = """\
+## On CUDA
+
+`--device cuda`: models, data and the discriminator's Adam state are built on the CPU from the same seed and
+moved to the GPU (`benchmarks/models.py`, `to_device`; torch.optim keeps Adam's step count on the CPU, as it
+does for any non-fused Adam). Every timed call is bracketed by `torch.cuda.synchronize()`. Peak memory is
+measured in-process: after the same warm-up, `torch.cuda.reset_peak_memory_stats()`, then
+`max_memory_allocated()` during one gradient minus `memory_allocated()` just before it (what the call adds on
+top of models, data and state; the caching allocator's reserve is not counted). One CPU thread count: on the
+GPU the CPU threads only launch kernels, so the thread sweep says nothing. higher and torchopt run on the GPU
+when installed; one that fails there is skipped with its error on the page. The N-seeds comparison is not run:
+""" + SEEDS_ON_CUDA + ".\n"
 
 
 def _parse(argv: Optional[Sequence[str]]) -> Tuple[Config, argparse.Namespace]:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.unrolled_gradient", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smoke run: K in (1, 2), 1 thread, 2-3 repetitions")
+    parser.add_argument("--device", choices=DEVICES, default="cpu",
+                        help="where models, data and optimizer state live (cuda: one thread count, in-process "
+                             "peak memory, no vmap-seeds comparison)")
+    parser.add_argument("--only", nargs="+", choices=SECTIONS, help="run only these sections (default: all)")
     parser.add_argument("--out", type=Path, help="write the markdown page here (default: print it)")
     parser.add_argument("--json", type=Path, help="also write the raw results as JSON")
     parser.add_argument("--models", nargs="+", choices=MODELS)
     parser.add_argument("--methods", nargs="+", choices=METHODS)
     parser.add_argument("--ks", nargs="+", type=int)
     parser.add_argument("--threads", nargs="+", type=int)
-    parser.add_argument("--reps", type=int, help="timed repetitions for every model")
+    parser.add_argument("--reps", type=int, help="timed repetitions for every model (method comparison)")
+    parser.add_argument("--truncation-ks", nargs="+", type=int, help="K of the truncated unrolls (default 20 100)")
+    parser.add_argument("--truncation-reps", type=int,
+                        help="timed repetitions of the truncated unrolls for every model (default 10 mixture, 3 conv)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--no-vmap-seeds", action="store_true", help="skip N seeds vmapped vs separate runs")
     parser.add_argument("--note", help="a line printed at the top of the page (e.g. 'shared machine')")
     args = parser.parse_args(argv)
+    reason = device_unavailable(args.device)
+    if reason is not None:
+        parser.error(reason)
+    if args.device == "cuda" and args.threads and len(args.threads) > 1:
+        parser.error("--threads: give one thread count with --device cuda (CPU threads only launch its kernels)")
+    for name in ("truncation_ks", "threads"):
+        if any(n < 1 for n in getattr(args, name) or ()):
+            parser.error(f"--{name.replace('_', '-')} must be positive integers, got {getattr(args, name)}")
+    for name in ("reps", "truncation_reps"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
     config = QUICK if args.quick else Config()
-    overrides: Dict[str, Any] = {}
-    for name in ("models", "methods", "ks", "threads"):
+    overrides: Dict[str, Any] = {"device": args.device}
+    if args.device == "cuda":
+        overrides["threads"] = (1,)
+    for name in ("models", "methods", "ks", "threads", "truncation_ks"):
         if getattr(args, name):
             overrides[name] = tuple(getattr(args, name))
+    if args.only:
+        overrides["sections"] = tuple(s for s in SECTIONS if s in args.only)
     if args.reps:
         overrides["reps"] = tuple((m, args.reps) for m in MODELS)
+    if args.truncation_reps:
+        overrides["truncation_reps"] = tuple((m, args.truncation_reps) for m in MODELS)
     if args.no_memory:
         overrides["memory"] = False
     if args.no_vmap_seeds:

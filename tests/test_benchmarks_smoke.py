@@ -19,9 +19,11 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import memory, vmap_seeds  # noqa: E402
-from benchmarks.methods import CHECKPOINT_METHOD, checkpoint_unavailable, make, make_unroll  # noqa: E402
-from benchmarks.models import make_problem  # noqa: E402
-from benchmarks.unrolled_gradient import QUICK, compare, render_markdown, run_suite  # noqa: E402
+from benchmarks.methods import (CHECKPOINT_METHOD, checkpoint_unavailable, describe, make, make_unroll,  # noqa: E402
+                                parse_method, unavailable, unroll_method, warm_up)
+from benchmarks.models import make_problem, to_device  # noqa: E402
+from benchmarks.unrolled_gradient import (QUICK, SEEDS_ON_CUDA, compare, device_unavailable, main,  # noqa: E402
+                                          render_markdown, run_suite, truncation_methods)
 
 TOLERANCE = 1e-5
 
@@ -66,6 +68,85 @@ def test_page_shows_command_targets_and_checkpoint_row(quick_results: Dict[str, 
     assert "## N seeds in one process" in page and "mixture seeds in one process (vmap)" in page
     small_batch = QUICK.seeds_small_batch.batch
     assert f"| {small_batch} | vmap:" in page and f"| {QUICK.seeds.batch} | vmap:" in page
+
+
+def test_truncation_section_times_every_variant_and_checks_gradients(quick_results: Dict[str, Any]) -> None:
+    truncation = quick_results["truncation"]
+    reason = unavailable(unroll_method(truncate=1, checkpoint=True))
+    if reason is not None:
+        assert truncation == {"skipped": reason}
+        pytest.skip(reason)
+    expected = {(m, K, method) for m in QUICK.models for K in QUICK.truncation_ks for method in truncation_methods(K)}
+    assert {(r["model"], r["K"], r["method"]) for r in truncation["rows"]} == expected
+    reps = dict(QUICK.truncation_reps)
+    assert all(len(r["times_ms"]) == reps[r["model"]] and r["median_ms"] > 0 for r in truncation["rows"])
+    # truncate=K is the full gradient; checkpointing (alone or with truncate=K/2) changes no gradient.
+    assert len(truncation["checks"]) == 3 * len(QUICK.models) * len(QUICK.truncation_ks)
+    assert all(c["ok"] and c["max_rel"] <= QUICK.checkpoint_tolerance for c in truncation["checks"])
+    for row in truncation["rows"]:
+        if parse_method(row["method"])[1].get("truncate") == 1 < row["K"]:
+            # Guards the checks: truncating the unroll must change the gradient, or "equal" would be vacuous.
+            assert row["vs_full"]["max_rel"] > 100 * QUICK.checkpoint_tolerance, row
+
+
+def test_page_shows_the_truncation_section(quick_results: Dict[str, Any]) -> None:
+    page = render_markdown(quick_results, "python -m benchmarks.unrolled_gradient --quick")
+    K = max(QUICK.truncation_ks)
+    assert "## Truncated unrolls" in page and "### conv" in page
+    assert f"| {K} | truncate={K} (full gradient) | " in page
+    assert f"| {K} | truncate={K // 2}, checkpoint=True | " in page
+
+
+def test_method_names_carry_unroll_options() -> None:
+    name = unroll_method(truncate=10, checkpoint=True)
+    assert name == "unroll:truncate=10:checkpoint" and parse_method(name) == ("unroll", {"truncate": 10,
+                                                                                        "checkpoint": True})
+    assert parse_method("higher") == ("higher", {}) and describe(name) == "truncate=10, checkpoint=True"
+    assert warm_up(name) == ("unroll:truncate=1:checkpoint", 2) and warm_up("torchopt") == ("torchopt", 1)
+    for bad, message in [("unroll:checkpoint:truncate=3", "write it as 'unroll:truncate=3:checkpoint'"),
+                         ("unroll:truncate=x", "truncate needs an integer"), ("higher:checkpoint", "only unroll"),
+                         ("unroll:foo", "unknown option 'foo'"), ("unroll:checkpoint=1", "is a flag"),
+                         ("unroll:truncate=2:truncate=3", "given twice"), ("sgd", "unknown method")]:
+        with pytest.raises(ValueError, match=message):
+            parse_method(bad)
+
+
+def test_truncated_method_is_built_with_its_options() -> None:
+    problem = make_problem("mixture")
+    truncated = make(unroll_method(truncate=1), problem, 3)()
+    assert compare(truncated, make_unroll(problem, 3, truncate=1)())["max_abs"] == 0
+    assert compare(truncated, make_unroll(problem, 3)())["max_rel"] > 1e-4
+
+
+def test_cuda_without_a_gpu_is_a_clear_error() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    reason = device_unavailable("cuda")
+    assert reason is not None and "torch.cuda.is_available() is False" in reason
+    with pytest.raises(SystemExit):  # argparse's error, before any work
+        main(["--device", "cuda", "--quick"])
+    with pytest.raises(ValueError, match="--device cuda needs a GPU"):
+        run_suite(replace(QUICK, device="cuda"), log=lambda message: None)
+
+
+def test_page_of_a_cuda_run_says_how_it_measured(quick_results: Dict[str, Any]) -> None:
+    # Rendering is device-independent code; only its labels and notes change (CUDA itself cannot be run here).
+    cuda = {**quick_results, "config": {**quick_results["config"], "device": "cuda"}, "seeds": None,
+            "seeds_small_batch": None, "seeds_skipped": SEEDS_ON_CUDA,
+            "machine": {**quick_results["machine"], "gpu": "NVIDIA H100 (CUDA 12.4)"}}
+    page = render_markdown(cuda, "python -m benchmarks.unrolled_gradient --device cuda --quick")
+    assert "GPU NVIDIA H100 (CUDA 12.4)" in page and "## On CUDA" in page and "torch.cuda.synchronize()" in page
+    assert "peak CUDA memory growth MiB" in page and "RSS growth MiB" not in page
+    assert f"Not measured on cuda: {SEEDS_ON_CUDA}" in page and "not measured on cuda (CPU only)" in page
+
+
+def test_moving_a_problem_keeps_its_optimizer_state() -> None:
+    # to_device moves modules in place and the Adam state by torch.optim's rule; on the CPU it must change nothing.
+    problem = make_problem("mixture")
+    moved = to_device(make_problem("mixture"), "cpu")
+    assert set(moved.d_optimizer.state) == set(moved.discriminator.parameters())
+    assert compare(make("unroll", moved, 2)(), make("unroll", problem, 2)())["max_abs"] == 0
+    assert compare(make("first_order", moved, 2)(), make("first_order", problem, 2)())["max_abs"] == 0
 
 
 def test_vmap_seeds_trains_the_same_parameters_as_separate_runs(quick_results: Dict[str, Any]) -> None:
@@ -115,6 +196,10 @@ def test_memory_probe_subprocess_grows_with_k() -> None:
     peaks = memory.measure(["mixture"], "unroll", [1, 4], seed=0)["mixture"]
     # Each unrolled step keeps its activations and Adam intermediates for the backward pass.
     assert 0 < peaks[1] < peaks[4]
+    if unavailable(unroll_method(truncate=1)) is None:
+        # A method name with options reaches the subprocess intact: truncate=1 keeps one step, whatever K.
+        truncated = memory.measure(["mixture"], unroll_method(truncate=1), [1, 8], seed=0)["mixture"]
+        assert 0 < truncated[8] < 1.5 * truncated[1] < peaks[4]
 
 
 def test_checkpoint_method_matches_plain_unroll() -> None:
