@@ -47,7 +47,7 @@ CHECKPOINT_MEMORY_TARGET = 1 / 5
 # the checkpointed unroll at K = 100, truncated unrolls, N seeds with vmap.
 SECTIONS = ("comparison", "checkpoint", "truncation", "seeds")
 DEVICES = ("cpu", "cuda")
-SEEDS_ON_CUDA = ("examples/gan/training.py's Trainer builds its parameters and draws its batches on the CPU "
+SEEDS_ON_CUDA = ("examples/gan/lib/training.py's Trainer builds its parameters and draws its batches on the CPU "
                  "(it has no device option), so N seeds with vmap are compared on the CPU only")
 
 
@@ -430,8 +430,8 @@ def _seeds_section(measurements: Sequence[Dict[str, Any]]) -> List[str]:
     c = measurements[0]["config"]
     out = [
         "", "## N seeds in one process (`torch.func.vmap`) vs N separate runs, mixture", "",
-        f"{c['seeds']} seeds × {c['iterations']} training iterations of `examples/gan/training.py` (K = {c['K']}), "
-        f"{c['threads']} thread, median of {c['reps']} interleaved repetitions (`benchmarks/vmap_seeds.py`). "
+        f"{c['seeds']} seeds × {c['iterations']} training iterations of `examples/gan/lib/training.py` "
+        f"(K = {c['K']}), {c['threads']} thread, median of {c['reps']} interleaved repetitions (`benchmarks/vmap_seeds.py`). "
         "The target is at App. A's batch of 512; the smaller batch shows where vmap pays.", "",
         "| batch | way | median s | ÷ separate | max abs diff of G params vs vmap |", "|---|---|---|---|---|",
     ]
@@ -564,7 +564,7 @@ parameters, absolute and divided by the largest |entry| of the reference ("max r
 ≤ 1e-5). NaN results would be reported and excluded.
 
 N seeds in one process (`benchmarks/vmap_seeds.py`): the mixture experiment's training loop
-(`examples/gan/training.py`: one D Adam step, then one G step on the unrolled surrogate; batch 512) for N seeds,
+(`examples/gan/lib/training.py`: one D Adam step, then one G step on the unrolled surrogate; batch 512) for N seeds,
 timed over the training iterations only (drawing the batches included, evaluation excluded): one `Trainer` with
 all N seeds stacked and `torch.func.vmap`-ed, against the N seeds run one after the other with the same pure
 iteration without vmap (the target's baseline), and against N one-seed `Trainer`s (which vmap each seed next

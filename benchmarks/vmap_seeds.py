@@ -2,7 +2,7 @@
 
     python -m benchmarks.vmap_seeds                 # N = 10 seeds, 20 iterations of K = 5, 1 thread
 
-The training loop is the mixture experiment's (``examples/gan/training.py``, App. A: batch 512, Adam, K unrolled
+The training loop is the mixture experiment's (``examples/gan/lib/training.py``, App. A: batch 512, Adam, K unrolled
 discriminator steps). One repetition times ``iterations`` training iterations (``draw_batch`` + ``step_fn``, no
 evaluation) of
 
@@ -52,10 +52,10 @@ QUICK_SEEDS = SeedsConfig(seeds=2, iterations=2, K=1, batch=32, reps=1)
 
 
 def _training() -> ModuleType:
-    """``examples/gan/training.py`` (it imports its siblings as top-level modules, hence the sys.path entry)."""
+    """``examples/gan/lib/training.py`` (the scripts' folder holds the package ``lib``, hence the sys.path entry)."""
     if str(EXAMPLES) not in sys.path:
         sys.path.insert(0, str(EXAMPLES))
-    import training
+    from lib import training
 
     return training
 

@@ -17,8 +17,8 @@ sys.path.insert(0, str(ROOT / "examples" / "gan"))
 import unroll  # noqa: E402
 import historical_averaging as ha  # noqa: E402
 import second_gradient as sg  # noqa: E402
-from metrics import steps_to_stable_coverage  # noqa: E402
-from training import CHECKPOINT, TrainConfig, Trainer  # noqa: E402
+from lib.metrics import steps_to_stable_coverage  # noqa: E402
+from lib.training import CHECKPOINT, TrainConfig, Trainer  # noqa: E402
 
 TINY = ["--seeds", "0-1", "--eval-every", "2", "--eval-samples", "200", "--threads", "1", "--no-progress"]
 
@@ -149,8 +149,7 @@ def test_second_gradient_sweep_end_to_end(tmp_path: Path) -> None:
     g5 = json.loads(next((tmp_path / "runs" / "g5").glob("*K2*stopgrad_avg*/metrics.json")).read_text())
     assert g5["config"]["g_steps"] == 5 and g5["config"]["average_over_steps"] and g5["status"] == "done"
 
-    with pytest.raises(SystemExit):  # the runs exist: continuing them needs --resume
-        sg.main(argv)
+    assert sg.main(argv) == 2  # the runs exist: continuing them needs --resume
     before = page
     assert sg.main(argv + ["--resume"]) == 0  # everything is finished: nothing is retrained
     assert doc.read_text() == before
@@ -178,15 +177,25 @@ def test_historical_averaging_sweep_end_to_end(tmp_path: Path) -> None:
     # "5 every P=1" is "last N=5": one run folder serves both rows.
     assert len(list((tmp_path / "runs" / "ensembles").iterdir())) == 3
     ckpt = torch.load(next((tmp_path / "runs" / "ensembles").glob("*size5_every3*")) / CHECKPOINT,
-                      weights_only=False)
+                      weights_only=True)
     assert ckpt["state"]["extra"]["valid"].sum(dim=1).tolist() == [2.0, 2.0]  # snapshots after updates 1 and 4
     for name in ("last_n", "period", "unrolled"):
         assert (tmp_path / "historical_averaging" / f"historical_averaging_{name}.png").exists()
 
 
+def test_resume_needs_runs_to_continue(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """--resume on an empty folder is refused: it used to start the whole sweep."""
+    argv = TINY + ["--steps", "2", "--sizes", "1", "--periods", "1", "--unrolled-ks", "1", "--resume",
+                   "--out", str(tmp_path / "runs"), "--doc", str(tmp_path / "page.md")]
+    assert ha.main(argv) == 2
+    assert "holds no checkpoint to continue" in capsys.readouterr().err
+    assert not (tmp_path / "page.md").exists() and not list((tmp_path / "runs").rglob("metrics.json"))
+
+
 @pytest.mark.parametrize("script, bad", [
     (sg, ["--ks", "-1"]), (sg, ["--min-hq", "2"]), (sg, ["--seeds", "3-1"]), (sg, ["--regimes", "2"]),
     (ha, ["--sizes", "0"]), (ha, ["--combine", "median"]), (ha, ["--threads", "0"]),
+    (ha, ["--seeds", "0-99999999999"]),
 ])
 def test_bad_flags_are_argparse_errors(script: Any, bad: List[str], tmp_path: Path,
                                        capsys: pytest.CaptureFixture) -> None:

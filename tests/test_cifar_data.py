@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "gan"))
 
-import cifar_data as cd  # noqa: E402
+from lib import cifar_data as cd  # noqa: E402
 
 
 def write_batch(path: Path, n: int, seed: int) -> tuple:

@@ -26,17 +26,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "gan")
 
 import cifar10  # noqa: E402
 import colored_mnist  # noqa: E402
-import diversity as dv  # noqa: E402
-import image_models as M  # noqa: E402
-import image_training as it  # noqa: E402
-import mnist_data as md  # noqa: E402
+from lib import diversity as dv  # noqa: E402
+from lib import image_models as M  # noqa: E402
+from lib import image_experiment as ex  # noqa: E402
+from lib import image_training as it  # noqa: E402
+from lib import mnist_data as md  # noqa: E402
+from lib import runs  # noqa: E402
 import mnist_rnn  # noqa: E402
 import stacked_mnist  # noqa: E402
 
-REAL_MNIST = md.REPO_ROOT.parent / "shared" / "data" / "mnist"
-needs_real_mnist = pytest.mark.skipif(
-    not all((REAL_MNIST / name).is_file() for name in md.MNIST_FILES["test"]),
-    reason=f"the real MNIST test split (t10k-*.gz) is not in {REAL_MNIST}")
+needs_real_mnist = pytest.mark.skipif(not md.has_split("test"), reason=md.how_to_get("test"))
 # Timing fields differ between any two runs; everything else must match exactly.
 TIMING = {"train_seconds", "seconds_per_iteration", "eval_seconds", "wall_seconds", "environment"}
 
@@ -236,8 +235,8 @@ def test_nan_stops_naming_the_iteration_and_keeps_the_last_good_checkpoint(tmp_p
     message = str(info.value)
     assert info.value.step == 4 and info.value.checkpoint_step == 2
     assert "iteration 4" in message and "discriminator loss" in message
-    assert f"{tmp_path / it.CHECKPOINT} at iteration 2" in message
-    assert torch.load(tmp_path / it.CHECKPOINT, weights_only=False)["step"] == 2
+    assert f"{tmp_path / it.CHECKPOINT}, iteration 2" in message
+    assert torch.load(tmp_path / it.CHECKPOINT, weights_only=True)["step"] == 2
 
 
 def test_run_experiment_records_a_diverged_run_and_goes_on(tmp_path: Path) -> None:
@@ -249,7 +248,7 @@ def test_run_experiment_records_a_diverged_run_and_goes_on(tmp_path: Path) -> No
     records, trainers = it.run_experiment(specs, tmp_path, lambda t, s, d: {"m": 1.0}, log=lambda _: None)
     assert [r["status"] for r in records] == ["diverged", "done"] and records[0]["diverged_at"] == 1
     assert list(trainers) == [specs[1].folder]
-    rows = it.aggregate(records, ("K",), ("m",))
+    rows = ex.aggregate(records, ("K",), ("m",))
     assert rows[0]["runs"] == 0 and rows[0]["diverged"] == 1 and rows[1]["m"] == 1.0
 
 
@@ -275,7 +274,7 @@ def test_trainer_resume_equals_uninterrupted(tmp_path: Path) -> None:
     assert [s for s, _ in resumed.snapshots] == [0, 2, 4, 6]
 
 
-needs_fork = pytest.mark.skipif(not it.can_fork(), reason="parallel runs need the 'fork' start method")
+needs_fork = pytest.mark.skipif(not runs.can_fork(), reason="parallel runs need the 'fork' start method")
 
 
 def _evaluate_with_samples(trainer: it.GANTrainer, spec: it.RunSpec, run_dir: Path) -> Dict[str, Any]:
@@ -476,8 +475,8 @@ def test_colored_mnist_resume_equals_uninterrupted(tmp_path: Path, monkeypatch: 
     assert [_comparable(r) for r in got["runs"]] == [_comparable(r) for r in expected["runs"]]
     assert got["table"] == expected["table"]
     for run in ("X1_4-K0-seed0", "X1_4-K2-seed0"):
-        a = torch.load(whole / run / it.CHECKPOINT, weights_only=False)
-        b = torch.load(part / run / it.CHECKPOINT, weights_only=False)
+        a = torch.load(whole / run / it.CHECKPOINT, weights_only=True)
+        b = torch.load(part / run / it.CHECKPOINT, weights_only=True)
         assert all(torch.equal(a["G"][k], b["G"][k]) for k in a["G"])
         assert torch.equal(a["losses"], b["losses"])
         assert all(torch.equal(x[1], y[1]) for x, y in zip(a["snapshots"], b["snapshots"]))
@@ -516,12 +515,11 @@ def test_bad_flags_are_argparse_errors(script: Any, flags: List[str], message: s
 
 
 def test_existing_runs_need_resume_and_resume_needs_runs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Checked when the script takes the folder, before any data is loaded (none exists here)."""
     out = tmp_path / "out"
-    with pytest.raises(SystemExit):
-        cifar10.parse_args(["--resume", "--out", str(out)])
-    assert "holds no checkpoints to continue" in capsys.readouterr().err
+    assert cifar10.main(["--resume", "--out", str(out), "--data-dir", str(tmp_path / "none")]) == 2
+    assert "holds no checkpoint to continue" in capsys.readouterr().err
     (out / "K0-seed0").mkdir(parents=True)
     (out / "K0-seed0" / it.CHECKPOINT).write_bytes(b"")
-    with pytest.raises(SystemExit):
-        cifar10.parse_args(["--out", str(out)])
+    assert cifar10.main(["--out", str(out), "--data-dir", str(tmp_path / "none")]) == 2
     assert "pass --resume" in capsys.readouterr().err

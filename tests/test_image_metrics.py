@@ -14,8 +14,8 @@ from scipy import integrate, special
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "gan"))
 
-import image_metrics as im  # noqa: E402
-import mnist_data as md  # noqa: E402
+from lib import image_metrics as im  # noqa: E402
+from lib import mnist_data as md  # noqa: E402
 
 # ------------------------------------------------------------------------------------- modes and KL
 

@@ -17,8 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "gan")
 import unroll  # noqa: E402
 import mixture  # noqa: E402
 import sweep_mixture  # noqa: E402
-from models import d_loss_from_logits, discriminator_forward, generator_forward  # noqa: E402
-from training import (CHECKPOINT, Hooks, TrainConfig, Trainer, TrainingDiverged, index_state,  # noqa: E402
+from lib.models import d_loss_from_logits, discriminator_forward, generator_forward  # noqa: E402
+from lib.training import (CHECKPOINT, Hooks, TrainConfig, Trainer, TrainingDiverged, index_state,  # noqa: E402
                       init_state)
 
 SMALL = dict(batch=64, eval_samples=400, eval_every=2)
@@ -147,7 +147,10 @@ def test_resume_equals_uninterrupted(tmp_path: Path) -> None:
     killed.draw_batch = dying_draw
     with pytest.raises(Killed):
         killed.run()
-    assert torch.load(tmp_path / "b" / CHECKPOINT, weights_only=False)["step"] == 2
+    assert torch.load(tmp_path / "b" / CHECKPOINT, weights_only=True)["step"] == 2
+    # The figure and the metrics are written at every evaluation, not only at the end.
+    assert (tmp_path / "b" / "density.png").is_file()
+    assert {r["step"] for r in json.loads((tmp_path / "b" / "metrics.json").read_text())["records"]} == {0, 2}
     resumed = Trainer(cfg, [0, 1], out_dir=tmp_path / "b", resume=True)
     resumed.run()
     assert_trees_equal(resumed.state, uninterrupted.state)
@@ -155,10 +158,36 @@ def test_resume_equals_uninterrupted(tmp_path: Path) -> None:
     assert (tmp_path / "a" / "metrics.csv").read_text() == (tmp_path / "b" / "metrics.csv").read_text()
 
 
+def test_checkpoints_between_evaluations_lose_at_most_checkpoint_every_iterations(tmp_path: Path) -> None:
+    cfg = small(K=1, unroll_lr=1e-3, steps=6, eval_every=6)
+    uninterrupted = Trainer(cfg, [0, 1])
+    uninterrupted.run()
+    killed = Trainer(cfg, [0, 1], out_dir=tmp_path, checkpoint_every=2)
+    draw, calls = killed.draw_batch, [0]
+
+    def dying_draw():
+        calls[0] += 1
+        if calls[0] == 6:  # iteration 6 never ends; the checkpoint of iteration 4 was written
+            raise Killed
+        return draw()
+
+    killed.draw_batch = dying_draw
+    with pytest.raises(Killed):
+        killed.run()
+    assert torch.load(tmp_path / CHECKPOINT, weights_only=True)["step"] == 4
+    resumed = Trainer(cfg, [0, 1], out_dir=tmp_path, resume=True)
+    resumed.run()
+    assert_trees_equal(resumed.state, uninterrupted.state)
+    assert records_without_nan(resumed.records) == records_without_nan(uninterrupted.records)
+
+
 def test_resume_refuses_other_settings(tmp_path: Path) -> None:
     Trainer(small(K=1, steps=2), [0], out_dir=tmp_path).run()
-    with pytest.raises(ValueError, match="K"):
+    with pytest.raises(ValueError, match="K: 1 in the run, 2 now"):
         Trainer(small(K=2, steps=2), [0], out_dir=tmp_path, resume=True)
+    with pytest.raises(ValueError, match=r"seeds: \[0\] in the run, \[0, 1\] now"):
+        Trainer(small(K=1, steps=2), [0, 1], out_dir=tmp_path, resume=True)
+    Trainer(small(K=1, steps=3), [0], out_dir=tmp_path, resume=True).run()  # only the length may change
 
 
 def test_nan_loss_stops_with_step_and_seed_and_keeps_the_last_checkpoint(tmp_path: Path) -> None:
@@ -175,8 +204,26 @@ def test_nan_loss_stops_with_step_and_seed_and_keeps_the_last_checkpoint(tmp_pat
     assert meta["status"] == "diverged" and meta["diverged"]["step"] == 2 and meta["diverged"]["seed"] == 9
     # The checkpoint and the metrics stay at the last evaluation with finite losses (step 0; eval_every=2).
     assert {r["step"] for r in meta["records"]} == {0}
-    ckpt = torch.load(tmp_path / CHECKPOINT, weights_only=False)
+    ckpt = torch.load(tmp_path / CHECKPOINT, weights_only=True)
     assert ckpt["step"] == 0 and all(torch.isfinite(v).all() for v in ckpt["state"]["g"].values())
+    assert f"({tmp_path / CHECKPOINT}, iteration 0)" in str(error.value)
+
+
+def test_a_nonfinite_adam_state_with_finite_losses_is_named_with_its_iteration_and_seed(tmp_path: Path) -> None:
+    """Seed 9's generator loss is scaled by 1e30 at iteration 2: the loss stays finite, its squared gradients
+    overflow Adam's second moment to inf (and the update to 0, so the parameters stay finite too)."""
+    hooks = Hooks(init_extra=lambda d: {"count": torch.zeros(())},
+                  after_d_step=lambda extra, d, d_state: {"count": extra["count"] + 1},
+                  generator_loss=lambda extra, d, d_state, x, fake: fake.mean() * torch.where(
+                      extra["count"] == 3, 1e30, 1.0))
+    trainer = Trainer(small(steps=6, eval_every=3), [5, 9], out_dir=tmp_path, hooks=hooks)
+    trainer.state["extra"]["count"][1] = 1.0
+    with pytest.raises(TrainingDiverged, match=r"generator Adam state \(exp_avg_sq\..*\) \(inf\) at iteration 2 "
+                                               r"for seed 9") as error:
+        trainer.run()
+    assert (error.value.step, error.value.seed) == (2, 9)
+    meta = json.loads((tmp_path / "metrics.json").read_text())
+    assert meta["diverged"]["step"] == 2 and meta["diverged"]["seed"] == 9
 
 
 def test_end_to_end_script_writes_every_output(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -191,8 +238,14 @@ def test_end_to_end_script_writes_every_output(tmp_path: Path, capsys: pytest.Ca
         rows = list(csv.DictReader(f))
     assert len(rows) == 6 and {"hq", "modes", "modes_strict", "reverse_kl", "energy"} <= set(rows[0])
     assert (out / "density.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert (out / CHECKPOINT).exists() and not list(out.glob("*.tmp"))
-    assert "mean over 2 seeds" in capsys.readouterr().out
+    assert (out / CHECKPOINT).exists() and not list(out.glob("*.tmp")) and not list(out.glob(".*.tmp"))
+    printed = capsys.readouterr().out
+    # Strict modes and HQ lead: a diffuse cloud covers every mode by the lenient count.
+    assert printed.startswith("step 4, mean over 2 seeds: ") and printed.index("(strict)") < printed.index("lenient")
+    # Strict JSON: the step-0 losses (none yet) are null, never NaN.
+    text = (out / "metrics.json").read_text()
+    assert "NaN" not in text and meta["records"][0]["d_loss"] is None
+    json.loads(text, parse_constant=lambda name: pytest.fail(f"non-standard JSON constant {name}"))
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -203,7 +256,9 @@ def test_end_to_end_script_writes_every_output(tmp_path: Path, capsys: pytest.Ca
     (["--steps", "0"], "steps"),
     (["--control", "--stop-grad"], "control"),
     (["--dataset", "moons"], "invalid choice"),
-    (["--resume"], "no "),
+    (["--threads", "0"], "--threads must be >= 1"),
+    (["--checkpoint-every", "0"], "--checkpoint-every must be >= 1"),
+    (["--seeds", "0-1000000000"], "at most 1,000 are trained at once"),
 ])
 def test_bad_flags_are_argparse_errors(flags: List[str], message: str, tmp_path: Path,
                                        capsys: pytest.CaptureFixture) -> None:
@@ -214,11 +269,12 @@ def test_bad_flags_are_argparse_errors(flags: List[str], message: str, tmp_path:
     assert not (tmp_path / "x").exists()
 
 
-def test_existing_run_needs_resume(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_existing_run_needs_resume_and_resume_needs_a_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert mixture.main(["--resume", "--out", str(tmp_path / "empty")]) == 2
+    assert "holds no checkpoint to continue" in capsys.readouterr().err
     Trainer(small(steps=2), [0], out_dir=tmp_path).run()
-    with pytest.raises(SystemExit):
-        mixture.parse_args(["--out", str(tmp_path)])
-    assert "--resume" in capsys.readouterr().err
+    assert mixture.main(["--out", str(tmp_path)]) == 2
+    assert "pass --resume" in capsys.readouterr().err
 
 
 def test_sweep_summary_statistics() -> None:

@@ -17,8 +17,8 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "gan"))
 
-import mnist_classifier as mc  # noqa: E402
-import mnist_data as md  # noqa: E402
+from lib import digit_classifier as mc  # noqa: E402
+from lib import mnist_data as md  # noqa: E402
 
 REDUCED = mc.ClassifierConfig(n_train=3000, n_holdout=2000, epochs=2, width=16, augment=False, batch_size=32,
                               lr=3e-3)
@@ -30,7 +30,7 @@ def real_test_split() -> md.MNIST:
     try:
         return md.load_mnist("test", download=False)
     except md.MissingDataError as exc:
-        pytest.skip(f"the real MNIST test split is missing: {exc}")
+        pytest.skip(f"{md.how_to_get('test')} ({exc})")
 
 
 def heldout_accuracy(model: nn.Module, mnist: md.MNIST, config: mc.ClassifierConfig) -> float:

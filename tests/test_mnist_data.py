@@ -15,13 +15,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "gan"))
 
-import mnist_data as md  # noqa: E402
+from lib import mnist_data as md  # noqa: E402
 
-REAL_DIR = md.REPO_ROOT.parent / "shared" / "data" / "mnist"
+REAL_DIR = md.mnist_folder()  # $UNROLL_MNIST_DIR, else ../shared/data/mnist beside the repository, else data/mnist
 REAL_TEST_FILES = md.MNIST_FILES["test"]
-needs_real_mnist = pytest.mark.skipif(
-    not all((REAL_DIR / name).is_file() for name in REAL_TEST_FILES),
-    reason=f"the real MNIST test split (t10k-*.gz) is not in {REAL_DIR}")
+needs_real_mnist = pytest.mark.skipif(not md.has_split("test"), reason=md.how_to_get("test"))
 
 
 def write_idx_gz(path: Path, array: np.ndarray) -> str:
@@ -139,7 +137,7 @@ def test_folder_resolution_prefers_argument_then_env(tmp_path: Path, monkeypatch
     assert md.mnist_folder(tmp_path / "arg") == tmp_path / "arg"
     assert md.mnist_folder() == tmp_path / "env"
     monkeypatch.delenv(md.MNIST_ENV_VAR)
-    assert md.mnist_folder() in (REAL_DIR, md.REPO_ROOT / "data" / "mnist")
+    assert md.mnist_folder() in (md.REPO_ROOT.parent / "shared" / "data" / "mnist", md.REPO_ROOT / "data" / "mnist")
 
 
 @needs_real_mnist

@@ -19,17 +19,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
-from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence
 
-import torch
-
-import diversity as dv
-import image_models as models
-import image_training as it
-from cifar_data import load_cifar10
-from mnist_data import DatasetError
+from lib import diversity as dv
+from lib import image_experiment as ex
+from lib import image_models as models
+from lib import image_training as it
+from lib import runs
+from lib.cifar_data import load_cifar10
 
 # ------------------------------------------------------------------------------------------ configuration
 # App. D: G lr 1e-4, D lr 2e-4, 100k network updates (50k iterations); Sec. 3.4: K in {0, 1, 5, 10}, 5 seeds,
@@ -42,13 +39,13 @@ PAPER_EXTRAS: Dict[str, Any] = dict(lbfgs_iters=200, snapshot_every=2_500, check
 # here: no data). Colored MNIST's X = 1/4 runs measured 0.69 s per iteration of all four K at 1 thread; with
 # ~8 s per diversity evaluation that is about 23 minutes with 2 workers.
 REDUCED: Dict[str, Any] = dict(PAPER, size="1/4", seeds=[0, 1, 2], steps=1_200, batch=64, beta1=0.5,
-                               d_lr=it.REDUCED_LR, g_lr=it.REDUCED_LR, unroll_lr=None, g_loss="nonsaturating",
+                               d_lr=ex.REDUCED_LR, g_lr=ex.REDUCED_LR, unroll_lr=None, g_loss="nonsaturating",
                                targets=64, lbfgs_iters=50, pairs=5_000, snapshot_every=150, checkpoint_every=50,
                                no_checksum=False, out="runs/cifar10")
 NOTES = [
     "batch size: not stated in the paper; {batch} here",
     "Adam beta1 = 0.5 (stated in App. A/C, not in App. D)",
-    it.LR_NOTE,
+    ex.LR_NOTE,
     "generator loss: -log D(G(z)) (App. D's L_G, whose sign the text drops)",
     "unrolled steps reuse the iteration's minibatch and continue from D's current Adam state",
     "models: 3x3 kernels, padding 1, batch norm after every layer but the outputs, tanh output, Xavier init "
@@ -61,67 +58,48 @@ PAPER_TABLE3 = {"0": "0.0231 ± 0.0024, 0.63%", "1": "0.0195 ± 0.0021, 22.97%",
                 "10": "0.0181 ± 0.0018, 61.09%"}
 
 
+ALL_PAPER = {**PAPER, **PAPER_EXTRAS}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    it.add_common_flags(p, REDUCED)
-    p.add_argument("--size", type=it.size_arg, default=None,
-                   help=f"model size multiplier X of App. F (default {REDUCED['size']}; the paper's model is 1)")
-    p.add_argument("--targets", type=int, default=None,
-                   help=f"training images reconstructed by inference via optimisation (default {REDUCED['targets']})")
-    p.add_argument("--restarts", type=int, default=None, help="L-BFGS random restarts per target (default 3)")
-    p.add_argument("--lbfgs-iters", type=int, default=None, help="L-BFGS iterations per restart")
-    p.add_argument("--pairs", type=int, default=None, help="random pairs for the distance histograms")
+    p = ex.parser(__doc__, REDUCED, ALL_PAPER)
+    p.add_argument("--size", type=ex.size_arg, default=None,
+                   help=f"model size multiplier X of App. F {ex.default_text('size', REDUCED, ALL_PAPER)}")
+    ex.add_diversity_flags(p, REDUCED, ALL_PAPER, "training images")
     p.add_argument("--no-checksum", action="store_true", default=None,
                    help="skip the official md5 check of the batch files (for your own conversions)")
     return p
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[argparse.Namespace, Dict[str, Any], Path]:
-    """Parse and validate every flag: any problem is an argparse error before any work starts."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    settings = it.resolve(args, REDUCED, {**PAPER, **PAPER_EXTRAS})
-    out = it.check_common(parser, args, settings)
-    for name in ("targets", "restarts", "lbfgs_iters", "pairs"):
-        if settings[name] < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {settings[name]}")
-    return args, settings, out
+parse_args = ex.parse_args_for(build_parser, REDUCED, ALL_PAPER, ex.DIVERSITY_AT_LEAST)
 
 
+@runs.reports_errors
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args, settings, out = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    start = time.perf_counter()
-    try:
-        cifar = load_cifar10("train", args.data_dir, checksums=None) if settings["no_checksum"] \
-            else load_cifar10("train", args.data_dir)
-    except DatasetError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    images = cifar.images.float() / 127.5 - 1.0  # [N, 3, 32, 32] in [-1, 1]
-    notes = it.deviations(settings, PAPER, NOTES)
-    it.announce("CIFAR-10 (Sec. 3.4, Table 3)", settings, notes, print)
+    with ex.session(args, settings, out) as start:
+        checksums = {"checksums": None} if settings["no_checksum"] else {}
+        cifar = ex.load_data(load_cifar10, "train", args.data_dir, **checksums)
+        images = cifar.images.float() / 127.5 - 1.0  # [N, 3, 32, 32] in [-1, 1]
+        notes = ex.deviations(settings, PAPER, NOTES)
+        ex.announce("CIFAR-10 (Sec. 3.4, Table 3)", settings, notes, print)
 
-    def sample_data(n: int, gen: torch.Generator) -> torch.Tensor:
-        return images[torch.randint(images.shape[0], (n,), generator=gen)]
-
-    x = models.parse_size(settings["size"])
-    gan = it.ImageGAN(f"cifar10(X={settings['size']})", lambda: models.cifar_generator(x),
-                      lambda: models.cifar_discriminator(x), sample_data)
-    specs = [it.RunSpec(gan, it.make_config(settings, K, seed), {"K": K})
-             for K in settings["K"] for seed in settings["seeds"]]
-    probe = dv.DiversityProbe(images, n_targets=min(settings["targets"], images.shape[0]),
-                              restarts=settings["restarts"], max_iter=settings["lbfgs_iters"],
-                              n_pairs=settings["pairs"], n_samples=min(2000, images.shape[0]))
-    records, trainers = it.run_experiment(specs, out, dv.script_evaluator(probe), args.resume, args.device,
-                                          not args.no_progress, workers=args.workers)
-    diversity, table = dv.script_outputs(probe, records, specs, trainers, out, paper=PAPER_TABLE3)
-    rows = it.aggregate(records, ("K",), ("recon_mse", "mean_distance"))
-    table += (f"\n\nmean pair distance (data {probe.data_profile['mean_distance']:.3f}):\n\n"
-              + it.markdown_table(rows, [("mean_distance", "mean pair distance")], key_names=("K",)))
-    it.finish(out, "cifar10", argv, settings, notes, records, rows, table, trainers, specs, start,
-              extra={"data": cifar.description, "diversity_table": diversity, "paper_table3": PAPER_TABLE3,
-                     "data_distance_profile": probe.data_profile})
+        x = models.parse_size(settings["size"])
+        gan = it.ImageGAN(f"cifar10(X={settings['size']})", lambda: models.cifar_generator(x),
+                          lambda: models.cifar_discriminator(x), ex.uniform_sampler(images))
+        specs = ex.run_specs(gan, settings)
+        probe = dv.DiversityProbe(images, n_targets=min(settings["targets"], images.shape[0]),
+                                  restarts=settings["restarts"], max_iter=settings["lbfgs_iters"],
+                                  n_pairs=settings["pairs"], n_samples=min(2000, images.shape[0]))
+        records, trainers = ex.run(args, specs, out, dv.script_evaluator(probe),
+                                   ex.eval_settings(settings, ex.DIVERSITY_SETTINGS))
+        diversity, table = dv.script_outputs(probe, records, specs, trainers, out, paper=PAPER_TABLE3)
+        rows = ex.aggregate(records, ("K",), ("recon_mse", "mean_distance"))
+        table += (f"\n\nmean pair distance (data {probe.data_profile['mean_distance']:.3f}):\n\n"
+                  + ex.markdown_table(rows, [("mean_distance", "mean pair distance")], key_names=("K",)))
+        ex.finish(out, "cifar10", argv, settings, notes, records, rows, table, trainers, specs, start,
+                  extra={"data": cifar.description, "diversity_table": diversity, "paper_table3": PAPER_TABLE3,
+                         "data_distance_profile": probe.data_profile})
     return 3 if any(r["status"] != "done" for r in records) else 0
 
 

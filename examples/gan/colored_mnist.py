@@ -17,16 +17,18 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 
-import image_models as models
-import image_training as it
-from image_metrics import foreground_colors, js_divergence_kde
-from mnist_data import ColoredMNIST, DatasetError, load_mnist
+from lib import image_experiment as ex
+from lib import image_models as models
+from lib import image_training as it
+from lib import runs
+from lib.image_metrics import foreground_colors, js_divergence_kde
+from lib.mnist_data import ColoredMNIST, load_mnist
+from lib.plotting import pyplot, save_figure
 
 # ------------------------------------------------------------------------------------------ configuration
 PAPER: Dict[str, Any] = dict(K=[0, 1, 5, 10], sizes=["1/4", "1/2", "1"], seeds=[0, 1, 2, 3, 4], steps=50_000,
@@ -35,7 +37,7 @@ PAPER_EXTRAS: Dict[str, Any] = dict(eval_samples=10_000, snapshot_every=2_500, c
 # The reduced default: the smallest model only (X = 1 costs ~5x more per iteration), 3 seeds, short training at
 # a higher learning rate (measured 0.69 s per iteration of all four K at 1 thread: 21 minutes with 2 workers).
 REDUCED: Dict[str, Any] = dict(PAPER, sizes=["1/4"], seeds=[0, 1, 2], steps=1_200, eval_samples=2_000, batch=64,
-                               beta1=0.5, d_lr=it.REDUCED_LR, g_lr=it.REDUCED_LR, unroll_lr=None,
+                               beta1=0.5, d_lr=ex.REDUCED_LR, g_lr=ex.REDUCED_LR, unroll_lr=None,
                                g_loss="nonsaturating", js_samples=5_000, snapshot_every=150, checkpoint_every=50,
                                split="auto", out="runs/colored_mnist")
 NOTES = [
@@ -43,7 +45,7 @@ NOTES = [
     "(50k iterations of one D and one G update)",
     "batch size: not stated in the paper; {batch} here",
     "Adam beta1 = 0.5 (stated in App. A/C, not in App. D/F)",
-    it.LR_NOTE,
+    ex.LR_NOTE,
     "generator loss: -log D(G(z)) (App. D's L_G, whose sign the text drops)",
     "unrolled steps reuse the iteration's minibatch and continue from D's current Adam state",
     "models: 3x3 kernels, padding 1, batch norm after every layer but the outputs, tanh output, Xavier init "
@@ -67,34 +69,29 @@ PAPER_TABLE = {
 _DATA_EVAL_SEED = 123_457  # the data images whose colours every run is compared with
 
 
+ALL_PAPER = {**PAPER, **PAPER_EXTRAS}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    it.add_common_flags(p, REDUCED)
-    p.add_argument("--sizes", type=it.size_arg, nargs="+", default=None, metavar="X",
-                   help=f"model size multipliers X (default {' '.join(REDUCED['sizes'])}; paper 1/4 1/2 1)")
+    p = ex.parser(__doc__, REDUCED, ALL_PAPER)
+    d = lambda name: ex.default_text(name, REDUCED, ALL_PAPER)  # noqa: E731
+    p.add_argument("--sizes", type=ex.size_arg, nargs="+", default=None, metavar="X",
+                   help=f"model size multipliers X {d('sizes')}")
     p.add_argument("--eval-samples", type=int, default=None,
-                   help=f"samples (and data images) whose colours are compared (default {REDUCED['eval_samples']})")
-    p.add_argument("--js-samples", type=int, default=None, help="Monte Carlo draws per KDE for the JS divergence")
-    p.add_argument("--split", choices=("auto", "train", "test"), default=None,
-                   help="MNIST split to train on (auto: train if present or downloadable, else test)")
+                   help=f"samples (and data images) whose colours are compared {d('eval_samples')}")
+    p.add_argument("--js-samples", type=int, default=None,
+                   help=f"Monte Carlo draws per KDE for the JS divergence {d('js_samples')}")
+    ex.add_split_flag(p)
     return p
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[argparse.Namespace, Dict[str, Any], Path]:
-    """Parse and validate every flag: any problem is an argparse error before any work starts."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    settings = it.resolve(args, REDUCED, {**PAPER, **PAPER_EXTRAS})
-    out = it.check_common(parser, args, settings)
-    # A 3-D KDE needs more points than dimensions to have a non-singular covariance.
-    if settings["eval_samples"] < 10 or settings["js_samples"] < 10:
-        parser.error("--eval-samples and --js-samples must be >= 10")
-    return args, settings, out
+# A 3-D KDE needs more points than dimensions to have a non-singular covariance.
+parse_args = ex.parse_args_for(build_parser, REDUCED, ALL_PAPER, {"eval_samples": 10, "js_samples": 10})
 
 
 def plot_colors(data_colors: torch.Tensor, panels: Sequence, path: Path) -> None:
     """Red-green projection of the foreground colours: data, then each model's."""
-    plt = it.pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(panels) + 1, figsize=(2.4 * (len(panels) + 1), 2.6), squeeze=False)
     for ax, (label, colors) in zip(axes[0], [("data", data_colors), *panels]):
         c = colors[:2000].clamp(-1, 1)
@@ -107,24 +104,23 @@ def plot_colors(data_colors: torch.Tensor, panels: Sequence, path: Path) -> None
     axes[0][0].set_xlabel("red", fontsize=7)
     axes[0][0].set_ylabel("green", fontsize=7)
     fig.tight_layout()
-    it.save_figure(fig, path)
+    save_figure(fig, path)
 
 
+@runs.reports_errors
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args, settings, out = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    start = time.perf_counter()
-    try:
-        mnist = load_mnist(settings["split"], args.data_dir)
-    except DatasetError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    with ex.session(args, settings, out) as start:
+        return run(args, settings, out, start, argv)
+
+
+def run(args: argparse.Namespace, settings: Dict[str, Any], out: Path, start: float,
+        argv: Optional[Sequence[str]]) -> int:
+    """Every run, then the table and figures."""
+    mnist = ex.load_data(load_mnist, settings["split"], args.data_dir)
     data = ColoredMNIST(mnist)
-    notes = it.deviations(settings, PAPER, NOTES)
-    if mnist.split != "train":
-        notes.insert(0, f"data: the {mnist.description} (the training split is not available); the paper "
-                        f"trains on the training split")
-    it.announce("Colored MNIST (Sec. 3.3.2, Table 2)", settings, notes, print)
+    notes = ex.split_note(mnist) + ex.deviations(settings, PAPER, NOTES)
+    ex.announce("Colored MNIST (Sec. 3.3.2, Table 2)", settings, notes, print)
     data_images, _ = data.sample(settings["eval_samples"], torch.Generator().manual_seed(_DATA_EVAL_SEED))
     data_colors = foreground_colors(data_images)
 
@@ -136,9 +132,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         x = models.parse_size(size)
         gan = it.ImageGAN(f"colored_mnist(X={size})", lambda x=x: models.cifar_generator(x),
                           lambda x=x: models.cifar_discriminator(x), sample_data)
-        for K in settings["K"]:
-            for seed in settings["seeds"]:
-                specs.append(it.RunSpec(gan, it.make_config(settings, K, seed), {"X": size, "K": K}))
+        specs += ex.run_specs(gan, settings, X=size)
 
     model_colors: Dict[str, torch.Tensor] = {}
 
@@ -149,18 +143,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return {"js": js, "color_mean": [float(v) for v in colors.mean(0)],
                 "color_std": [float(v) for v in colors.std(0)]}
 
-    records, trainers = it.run_experiment(specs, out, evaluate, args.resume, args.device, not args.no_progress,
-                                          workers=args.workers)
-    rows = it.aggregate(records, ("X", "K"), ("js",))
-    table = it.markdown_table(rows, [("js", "JS divergence (nats)")], PAPER_TABLE, ("X", "K"))
-    first = it.first_finished(specs, trainers)
+    records, trainers = ex.run(args, specs, out, evaluate, ex.eval_settings(settings, ("eval_samples", "js_samples")))
+    rows = ex.aggregate(records, ("X", "K"), ("js",))
+    table = ex.markdown_table(rows, [("js", "JS divergence (nats)")], PAPER_TABLE, ("X", "K"))
+    first = ex.first_finished(specs, trainers)
     for label, (spec, trainer) in first.items():
         if spec.folder not in model_colors:  # evaluated in an earlier session (--resume)
             model_colors[spec.folder] = foreground_colors(trainer.samples(settings["eval_samples"]))
     if first:
         plot_colors(data_colors, [(f"{label}, seed {spec.cfg.seed}", model_colors[spec.folder])
                                   for label, (spec, _) in first.items()], out / "colors.png")
-    it.finish(out, "colored_mnist", argv, settings, notes, records, rows, table, trainers, specs, start,
+    ex.finish(out, "colored_mnist", argv, settings, notes, records, rows, table, trainers, specs, start,
               extra={"data": data.source, "data_color_std": [float(v) for v in data_colors.std(0)],
                      "paper_table": {f"X={x}, K={k}": v for (x, k), v in PAPER_TABLE.items()}})
     return 3 if any(r["status"] != "done" for r in records) else 0

@@ -33,10 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-import ablations as ab
-from models import discriminator_forward
-from sweep_mixture import Cell
-from training import LOSSES, Hooks, TrainConfig
+from lib import ablations as ab
+from lib.models import discriminator_forward
+from lib.sweeps import Cell
+from lib.training import LOSSES, Hooks, TrainConfig
 
 # ---- configuration ----
 SIZES = (1, 5, 20, 50)  # Fig. App.1: ensembles of the last N discriminators
@@ -109,7 +109,7 @@ def ensemble_log_probs(logits: Tensor, valid: Tensor, combine: str) -> Tuple[Ten
 
 # ---- the sweep ----
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ab.parser(__doc__)
     ab.add_common_flags(p, out="runs/historical_averaging", doc="docs/results/historical_averaging.md",
                         steps=3000)
     p.add_argument("--sizes", type=int, nargs="+", default=list(SIZES), help="ensembles of the last N")
@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unrolled-ks", type=int, nargs="+", default=list(UNROLLED_KS),
                    help="unrolled runs to compare with (full gradient)")
     p.add_argument("--combine", choices=COMBINES, default="probabilities",
-                   help="average the members' probabilities (default) or their logits")
+                   help="average the members' probabilities or their logits")
     p.add_argument("--loss", choices=LOSSES, default="saturating", help="the generator's loss")
     return p
 

@@ -3,7 +3,10 @@
     python examples/gan/mixture.py --K 10 --unroll-lr 1e-3 --seeds 0-4 --steps 5000
 
 writes ``metrics.json``, ``metrics.csv``, ``density.png`` (rows = seeds, columns = training steps, last column the
-data) and ``checkpoint.pt`` to ``--out``; ``--resume`` continues a killed run with identical results.
+data; all three at every evaluation) and ``checkpoint.pt`` (at every evaluation and every --checkpoint-every
+iterations) to ``--out``; ``--resume`` continues a killed run with identical results. One run writes to a folder
+at a time; a NaN or infinity in a loss, parameter or Adam state stops the run naming its iteration and seed
+(exit code 3).
 """
 
 from __future__ import annotations
@@ -16,8 +19,12 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from data import DATASETS
-from training import CHECKPOINT, LOSSES, UNROLL_BATCHES, TrainConfig, Trainer, TrainingDiverged
+from lib import runs
+from lib.cli import MAX_SEEDS, HelpFormatter, add_threads_flag, check_threads, parse_seeds
+from lib.data import DATASETS
+from lib.runs import CHECKPOINT
+from lib.training import (DEFAULT_CHECKPOINT_EVERY, LOSSES, UNROLL_BATCHES, TrainConfig, Trainer, TrainingDiverged,
+                          run_name)
 
 # ---- configuration: App. A unless a flag says otherwise ----
 DEFAULTS = TrainConfig()
@@ -25,28 +32,10 @@ DEFAULT_SEEDS = "0-4"
 DEFAULT_OUT = "runs/mixture"
 
 
-def parse_seeds(text: str) -> List[int]:
-    """``"0-9"``, ``"0,3,7"`` or a mix (``"0-2,7"``) -> sorted distinct non-negative seeds."""
-    seeds: List[int] = []
-    for part in text.split(","):
-        part = part.strip()
-        if "-" in part[1:]:
-            lo, hi = part.split("-", 1)
-            low, high = int(lo), int(hi)
-            if high < low:
-                raise ValueError(f"empty seed range {part!r}")
-            seeds.extend(range(low, high + 1))
-        else:
-            seeds.append(int(part))
-    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
-        raise ValueError(f"seeds must be distinct non-negative integers, got {text!r}")
-    return seeds
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     d = DEFAULTS
-    p.add_argument("--dataset", choices=DATASETS, default=d.dataset)
+    p.add_argument("--dataset", choices=DATASETS, default=d.dataset, help="the 2-D mixture")
     p.add_argument("--weight-std", type=float, default=d.weight_std,
                    help="std of the non-uniform mode weights (0 = uniform; the PyTorch port's prior_std)")
     p.add_argument("--weight-seed", type=int, default=d.weight_seed, help="seed of the mode-weight draw")
@@ -61,48 +50,33 @@ def build_parser() -> argparse.ArgumentParser:
                         "--unroll-lr), no unrolling")
     p.add_argument("--g-steps", type=int, default=d.g_steps, help="generator updates per discriminator update")
     p.add_argument("--steps", type=int, default=d.steps, help="training iterations (one D + g-steps G updates)")
-    p.add_argument("--seeds", default=DEFAULT_SEEDS, help="e.g. 0-9 or 0,3,7 (trained together, vmapped)")
-    p.add_argument("--d-lr", type=float, default=d.d_lr)
-    p.add_argument("--g-lr", type=float, default=d.g_lr)
+    p.add_argument("--seeds", default=DEFAULT_SEEDS,
+                   help=f"e.g. 0-9 or 0,3,7: trained together (vmapped), at most {MAX_SEEDS}")
+    p.add_argument("--d-lr", type=float, default=d.d_lr, help="discriminator Adam learning rate (App. A)")
+    p.add_argument("--g-lr", type=float, default=d.g_lr, help="generator Adam learning rate (App. A)")
     p.add_argument("--unroll-lr", type=float, default=None,
                    help="learning rate of the K look-ahead Adam steps (default: --d-lr)")
-    p.add_argument("--beta1", type=float, default=d.beta1)
+    p.add_argument("--beta1", type=float, default=d.beta1, help="Adam beta1 of both players (App. A)")
     p.add_argument("--activation", choices=("relu", "tanh"), default=d.activation, help="generator activation")
     p.add_argument("--loss", choices=LOSSES, default=d.loss,
                    help="saturating: G minimises -L_D (App. A); nonsaturating: -log D(G(z))")
-    p.add_argument("--batch", type=int, default=d.batch)
-    p.add_argument("--eval-every", type=int, default=d.eval_every)
-    p.add_argument("--eval-samples", type=int, default=d.eval_samples)
+    p.add_argument("--batch", type=int, default=d.batch, help="minibatch size (App. A)")
+    p.add_argument("--eval-every", type=int, default=d.eval_every,
+                   help="iterations between evaluations (metrics, density.png and a checkpoint)")
+    p.add_argument("--eval-samples", type=int, default=d.eval_samples, help="generator samples per evaluation")
+    p.add_argument("--checkpoint-every", type=int, default=DEFAULT_CHECKPOINT_EVERY,
+                   help="iterations between checkpoints besides those at evaluations (what a kill can lose)")
     p.add_argument("--out", default=None, help=f"output folder (default: {DEFAULT_OUT}/<settings>)")
-    p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from <out>/checkpoint.pt (the same settings; --steps may grow)")
+    add_threads_flag(p)
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     return p
 
 
-def run_name(cfg: TrainConfig) -> str:
-    """A folder name that tells the settings apart."""
-    kind = f"control{cfg.K}" if cfg.control else f"K{cfg.K}"
-    parts = [cfg.dataset, kind, f"ulr{cfg.lookahead_lr:g}", f"glr{cfg.g_lr:g}", cfg.activation, cfg.loss[:3]]
-    # Settings added after the first sweep are named only when they differ from the default, so that the
-    # folders of earlier runs keep their names.
-    if cfg.d_lr != DEFAULTS.d_lr:
-        parts.append(f"dlr{cfg.d_lr:g}")
-    if cfg.g_steps != DEFAULTS.g_steps:
-        parts.append(f"g{cfg.g_steps}")
-    if cfg.stop_grad:
-        parts.append("stopgrad")
-    if cfg.average_over_steps:
-        parts.append("avg")
-    if cfg.unroll_batches != "fixed":
-        parts.append(cfg.unroll_batches)
-    if cfg.weight_std:
-        parts.append(f"wstd{cfg.weight_std:g}")
-    return "_".join(parts)
-
-
 def parse_args(argv: Optional[Sequence[str]] = None):
-    """Parse and validate every flag; any problem is an argparse error before any work starts."""
+    """Parse and validate every flag; any problem is an argparse error before any work starts. Nothing is written:
+    the output folder is checked when :func:`main` takes it (:func:`runs.claim`)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -114,42 +88,45 @@ def parse_args(argv: Optional[Sequence[str]] = None):
                           beta1=args.beta1, activation=args.activation, loss=args.loss, batch=args.batch,
                           eval_every=args.eval_every, eval_samples=args.eval_samples)
         cfg.validate()
+        check_threads(args.threads)
+        if args.checkpoint_every < 1:
+            raise ValueError(f"--checkpoint-every must be >= 1, got {args.checkpoint_every}")
     except ValueError as error:
         parser.error(str(error))
-    if args.threads is not None and args.threads < 1:
-        parser.error(f"--threads must be >= 1, got {args.threads}")
     out = Path(args.out) if args.out else Path(DEFAULT_OUT) / run_name(cfg)
-    checkpoint = out / CHECKPOINT
-    if args.resume and not checkpoint.exists():
-        parser.error(f"--resume: there is no {checkpoint}")
-    if not args.resume and checkpoint.exists():
-        parser.error(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     return args, cfg, seeds, out
 
 
-def summarize(records: List[Dict], step: int) -> str:
+def summarize(records: List[Dict], step: int, n_modes: int) -> str:
+    """The last evaluation, strict modes and HQ first: a diffuse cloud covers every mode by the lenient count."""
     rows = [r for r in records if r["step"] == step]
-    lines = [f"step {step}: " + ", ".join(f"seed {r['seed']}: {r['modes']} modes, {100 * r['hq']:.1f}% HQ, "
-                                            f"rKL {r['reverse_kl']:.3f}" for r in rows)]
     mean = lambda k: sum(r[k] for r in rows) / len(rows)  # noqa: E731
-    lines.append(f"mean over {len(rows)} seeds: {mean('modes'):.2f} modes ({mean('modes_strict'):.2f} strict), "
-                 f"{100 * mean('hq'):.1f}% HQ, reverse KL {mean('reverse_kl'):.3f}, energy {mean('energy'):.4f}")
+    lines = [f"step {step}, mean over {len(rows)} seeds: {mean('modes_strict'):.2f} of {n_modes} modes (strict), "
+             f"{100 * mean('hq'):.1f}% high-quality samples, reverse KL {mean('reverse_kl'):.3f} (lenient modes "
+             f"{mean('modes'):.2f}, energy distance {mean('energy'):.4f})"]
+    lines += [f"  seed {r['seed']}: {r['modes_strict']} strict modes, {100 * r['hq']:.1f}% HQ, reverse KL "
+              f"{r['reverse_kl']:.3f} (lenient {r['modes']})" for r in rows]
+    lines.append("strict: a mode counts if it gets at least 1% of the high-quality samples its weight predicts; "
+                 "high-quality (HQ): within 3 std of a mode. A ring learned is all modes strict with many HQ "
+                 "samples; a diffuse cloud covers all modes leniently with almost no HQ samples.")
     return "\n".join(lines)
 
 
+@runs.reports_errors
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args, cfg, seeds, out = parse_args(argv)
-    if args.threads is not None:
+    with runs.claim(out, resume=args.resume, settings={**dataclasses.asdict(cfg), "seeds": seeds},
+                    may_change=("steps",)):
         torch.set_num_threads(args.threads)
-    trainer = Trainer(cfg, seeds, out_dir=out, resume=args.resume, progress=not args.no_progress)
-    print(f"{out}: {dataclasses.asdict(cfg)} seeds {seeds}", file=sys.stderr)
-    try:
-        records = trainer.run()
-    except TrainingDiverged as error:
-        print(f"error: {error} (see {out})", file=sys.stderr)
-        trainer.save_figure()
-        return 3
-    print(summarize(records, trainer.step))
+        trainer = Trainer(cfg, seeds, out_dir=out, resume=args.resume, progress=not args.no_progress,
+                          checkpoint_every=args.checkpoint_every)
+        print(f"{out}: {dataclasses.asdict(cfg)} seeds {seeds}", file=sys.stderr)
+        try:
+            records = trainer.run()
+        except TrainingDiverged as error:
+            print(f"error: {error} (see {out})", file=sys.stderr)
+            return 3
+    print(summarize(records, trainer.step, trainer.mixture.n_modes))
     print(f"outputs in {out}: metrics.json, metrics.csv, density.png, {CHECKPOINT}")
     return 0
 

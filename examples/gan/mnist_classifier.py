@@ -1,279 +1,88 @@
-"""The MNIST digit classifier that labels the three channels of Stacked MNIST samples (Sec. 3.3.1, Table 1).
+"""Train (or load from its cache) the MNIST digit classifier that labels Stacked MNIST samples, and report its
+held-out accuracy (the classifier itself: ``lib/digit_classifier.py``).
 
-Only the 10,000-digit test split is available on these machines, so by default the classifier trains on 8,000
-digits of the *test split* and reports its accuracy on the other 2,000 (a seeded permutation). It takes
-32x32 inputs in [-1, 1] (the App. E generator's output; 28x28 digits are padded with background) and is
-cached to ``$UNROLL_CACHE_DIR/mnist_classifier.pt`` (default ``<repo>/runs/cache/``) together with its
-configuration, a fingerprint of the digits it saw and its held-out accuracy; a cache whose configuration or
-data differ is retrained.
-
-    python examples/gan/mnist_classifier.py            # train (or load) and print the held-out accuracy
-    python examples/gan/mnist_classifier.py --retrain  # ignore the cache
+    python examples/gan/mnist_classifier.py                          # train (or load) and print the accuracy
+    python examples/gan/mnist_classifier.py --retrain                # ignore the cache
+    python examples/gan/mnist_classifier.py --stacked-baseline 25600 # what a perfect generator would score
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
-import math
-import os
 import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
-from mnist_data import (MNIST, REPO_ROOT, PathLike, StackedMNIST, load_mnist, pad_digits, stacked_label,
-                        to_symmetric)
-
-CACHE_ENV_VAR = "UNROLL_CACHE_DIR"
-CACHE_NAME = "mnist_classifier.pt"
-IMAGE_SIZE = 32
-TARGET_ACCURACY = 0.985
+from lib import digit_classifier as mc
+from lib.cli import HelpFormatter, add_threads_flag
+from lib.mnist_data import MNIST, PathLike, StackedMNIST, load_mnist
 
 
-@dataclass(frozen=True)
-class ClassifierConfig:
-    """Everything that determines the trained weights (stored in the cache and compared on load)."""
-
-    split: str = "test"  # the MNIST split the digits come from
-    n_train: int = 8000
-    n_holdout: int = 2000
-    epochs: int = 12
-    batch_size: int = 64
-    lr: float = 2e-3
-    weight_decay: float = 1e-4
-    augment: bool = True  # small random rotations / scalings / shifts: 8,000 digits are few for a CNN
-    width: int = 32  # channels of the first conv; the second has twice as many
-    seed: int = 0
-
-
-class DigitCNN(nn.Module):
-    """Two 5x5 conv + max-pool blocks and a 2-layer head; ~0.5M parameters, ~6M MACs per 32x32 digit."""
-
-    def __init__(self, width: int = 32) -> None:
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(1, width, 5), nn.ReLU(), nn.MaxPool2d(2),            # 32 -> 28 -> 14
-            nn.Conv2d(width, 2 * width, 5), nn.ReLU(), nn.MaxPool2d(2),    # 14 -> 10 -> 5
-        )
-        self.head = nn.Sequential(nn.Flatten(), nn.Dropout(0.3), nn.Linear(2 * width * 25, 256), nn.ReLU(),
-                                  nn.Dropout(0.3), nn.Linear(256, 10))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.features(prepare(x)))
-
-
-def prepare(images: Tensor) -> Tensor:
-    """[N, H, W] or [N, 1, H, W] images in [-1, 1] -> [N, 1, 32, 32], padding smaller images with -1."""
-    if images.ndim == 3:
-        images = images.unsqueeze(1)
-    if images.ndim != 4 or images.shape[1] != 1:
-        raise ValueError(f"expected [N, H, W] or [N, 1, H, W] digits, got shape {tuple(images.shape)}")
-    if images.shape[-1] != IMAGE_SIZE or images.shape[-2] != IMAGE_SIZE:
-        images = pad_digits(images.float() + 1.0, IMAGE_SIZE) - 1.0  # pad in [0, 2] so background stays -1
-    return images.float()
-
-
-def digits_as_input(images: Tensor) -> Tensor:
-    """uint8 MNIST digits [N, 28, 28] -> classifier input [N, 1, 32, 32] in [-1, 1), as Stacked MNIST channels."""
-    return to_symmetric(pad_digits(images, IMAGE_SIZE)).unsqueeze(1)
-
-
-def split_indices(n_total: int, n_train: int, n_holdout: int, seed: int) -> Tuple[Tensor, Tensor]:
-    """Disjoint seeded (train, held-out) index sets drawn from ``range(n_total)``."""
-    if n_train + n_holdout > n_total:
-        raise ValueError(f"n_train + n_holdout = {n_train + n_holdout} exceeds the {n_total} digits available")
-    perm = torch.randperm(n_total, generator=torch.Generator().manual_seed(seed))
-    return perm[:n_train], perm[n_train:n_train + n_holdout]
-
-
-def augment(x: Tensor, generator: torch.Generator) -> Tensor:
-    """Random rotation (+-10 deg), scale (0.9-1.1) and shift (+-2 px) per digit, background kept at -1."""
-    n = x.shape[0]
-    uniform = lambda lo, hi: lo + (hi - lo) * torch.rand(n, generator=generator)  # noqa: E731
-    angle, scale = uniform(-math.pi / 18, math.pi / 18), uniform(0.9, 1.1)
-    shift = uniform(-2.0, 2.0), uniform(-2.0, 2.0)
-    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    half = IMAGE_SIZE / 2  # affine_grid works in [-1, 1] coordinates: a pixel is 1/half
-    theta = torch.stack([torch.stack([cos, -sin, shift[0] / half], 1),
-                         torch.stack([sin, cos, shift[1] / half], 1)], 1)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x + 1.0, grid, align_corners=False, padding_mode="zeros") - 1.0
-
-
-@torch.no_grad()
-def predict_digits(model: nn.Module, images: Tensor, batch_size: int = 1024) -> Tensor:
-    """Predicted digit [N] for images [N, H, W] or [N, 1, H, W] in [-1, 1]."""
-    model.eval()
-    out = [model(images[i:i + batch_size]).argmax(dim=1) for i in range(0, images.shape[0], batch_size)]
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
-
-
-def label_stacked(model: nn.Module, images: Tensor, batch_size: int = 1024) -> Tuple[Tensor, Tensor]:
-    """Classify each channel of RGB images [N, 3, H, W]: ``(mode labels [N] in 0..999, digits [N, 3])``."""
-    if images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(f"expected [N, 3, H, W] images, got shape {tuple(images.shape)}")
-    n = images.shape[0]
-    digits = predict_digits(model, images.reshape(n * 3, 1, *images.shape[-2:]), batch_size).reshape(n, 3)
-    return stacked_label(digits), digits
-
-
-def accuracy(model: nn.Module, images: Tensor, labels: Tensor) -> float:
-    return float((predict_digits(model, images) == labels).float().mean())
-
-
-def fingerprint(mnist: MNIST) -> str:
-    """md5 of the digits and labels, so a cache made from other data is never reused."""
-    digest = hashlib.md5(mnist.images.numpy().tobytes())
-    digest.update(mnist.labels.numpy().tobytes())
-    return digest.hexdigest()
-
-
-def train_classifier(mnist: MNIST, config: ClassifierConfig = ClassifierConfig(),
-                     progress: bool = False) -> Tuple[DigitCNN, Dict[str, Any]]:
-    """Train on ``config.n_train`` seeded digits of ``mnist``; returns the model (eval mode) and a report with
-    the accuracy on the ``config.n_holdout`` held-out digits."""
-    start = time.perf_counter()
-    torch.manual_seed(config.seed)  # weight init and dropout
-    train_idx, hold_idx = split_indices(len(mnist), config.n_train, config.n_holdout, config.seed)
-    x_train, y_train = digits_as_input(mnist.images[train_idx]), mnist.labels[train_idx]
-    model = DigitCNN(config.width)
-    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    steps_per_epoch = math.ceil(config.n_train / config.batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, epochs=config.epochs,
-                                                steps_per_epoch=steps_per_epoch)
-    gen = torch.Generator().manual_seed(config.seed + 1)
-    for epoch in range(config.epochs):
-        model.train()
-        order = torch.randperm(config.n_train, generator=gen)
-        total = 0.0
-        for i in range(0, config.n_train, config.batch_size):
-            batch = order[i:i + config.batch_size]
-            x = augment(x_train[batch], gen) if config.augment else x_train[batch]
-            loss = F.cross_entropy(model(x), y_train[batch])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += float(loss.detach()) * len(batch)
-        if progress:
-            print(f"epoch {epoch + 1}/{config.epochs}: train loss {total / config.n_train:.4f} "
-                  f"({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
-    model.eval()
-    held = accuracy(model, digits_as_input(mnist.images[hold_idx]), mnist.labels[hold_idx])
-    report = {
-        "heldout_accuracy": held,
-        "n_heldout": int(len(hold_idx)),
-        "data": mnist.description,
-        "train_seconds": round(time.perf_counter() - start, 1),
-        "threads": torch.get_num_threads(),
-        "torch": str(torch.__version__),  # a plain str: weights_only loading rejects TorchVersion
-    }
-    return model, report
-
-
-def cache_path(path: Optional[PathLike] = None) -> Path:
-    if path is not None:
-        return Path(path)
-    folder = Path(os.environ[CACHE_ENV_VAR]) if os.environ.get(CACHE_ENV_VAR) else REPO_ROOT / "runs" / "cache"
-    return folder / CACHE_NAME
-
-
-def load_cached(path: Path, config: ClassifierConfig, data_fingerprint: str) -> Optional[Tuple[DigitCNN, Dict]]:
-    """The cached model if ``path`` holds one trained with ``config`` on the same data, else ``None``."""
-    if not path.is_file():
-        return None
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # an unreadable cache is simply rebuilt  # noqa: BLE001
-        return None
-    if blob.get("config") != dataclasses.asdict(config) or blob.get("fingerprint") != data_fingerprint:
-        return None
-    model = DigitCNN(config.width)
-    model.load_state_dict(blob["state_dict"])
-    model.eval()
-    return model, blob["report"]
-
-
-def load_or_train(config: ClassifierConfig = ClassifierConfig(), data_dir: Optional[PathLike] = None,
-                  cache: Optional[PathLike] = None, retrain: bool = False, progress: bool = False,
-                  mnist: Optional[MNIST] = None) -> Tuple[DigitCNN, Dict[str, Any]]:
-    """The classifier for ``config``: from the cache when it matches, else trained and cached.
-
-    The report holds ``heldout_accuracy``, ``data`` (which split), ``cached`` and ``cache_path``.
-    """
-    mnist = mnist if mnist is not None else load_mnist(config.split, data_dir)
-    if mnist.split != config.split:
-        raise ValueError(f"config.split is {config.split!r} but the digits are the {mnist.split} split")
-    path, print_ = cache_path(cache), fingerprint(mnist)
-    found = None if retrain else load_cached(path, config, print_)
-    if found is not None:
-        model, report = found
-        return model, {**report, "cached": True, "cache_path": str(path)}
-    model, report = train_classifier(mnist, config, progress)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"state_dict": model.state_dict(), "config": dataclasses.asdict(config), "fingerprint": print_,
-                "report": report}, tmp)
-    tmp.replace(path)  # atomic: a concurrent reader never sees half a file
-    return model, {**report, "cached": False, "cache_path": str(path)}
-
-
-def stacked_baseline(model: nn.Module, config: ClassifierConfig, data_dir: Optional[PathLike],
+def stacked_baseline(model: nn.Module, config: mc.ClassifierConfig, data_dir: Optional[PathLike],
                      n: int) -> Dict[str, Any]:
     """Table 1's numbers for ``n`` stacks of real held-out digits: the ceiling a generator can reach here, given
     finite samples and classifier errors; also the fraction of stacks whose mode label is right."""
-    from image_metrics import stacked_mode_stats  # only this report needs scipy
+    from lib.image_metrics import stacked_mode_stats  # only this report needs scipy
 
     mnist = load_mnist(config.split, data_dir)
-    _, hold = split_indices(len(mnist), config.n_train, config.n_holdout, config.seed)
+    _, hold = mc.split_indices(len(mnist), config.n_train, config.n_holdout, config.seed)
     held = MNIST(images=mnist.images[hold], labels=mnist.labels[hold], split=mnist.split, folder=mnist.folder)
     images, true_labels = StackedMNIST(held).sample(n, torch.Generator().manual_seed(config.seed))
-    labels, _ = label_stacked(model, images)
+    labels, _ = mc.label_stacked(model, images)
     stats = stacked_mode_stats(labels)
     return {"n": n, "modes": stats.modes, "kl": stats.kl,
             "label_accuracy": float((labels == true_labels).float().mean()),
             "digits": f"{len(hold)} held-out digits of the {mnist.description}"}
 
 
-def main(argv: Optional[list] = None) -> int:
-    defaults = ClassifierConfig()
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-dir", default=None, help="folder with the MNIST .gz files")
-    parser.add_argument("--split", default=defaults.split, choices=("train", "test"))
-    parser.add_argument("--n-train", type=int, default=defaults.n_train)
-    parser.add_argument("--n-holdout", type=int, default=defaults.n_holdout)
-    parser.add_argument("--epochs", type=int, default=defaults.epochs)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--no-augment", action="store_true")
-    parser.add_argument("--cache", default=None, help=f"cache file (default: {cache_path()})")
+def build_parser() -> argparse.ArgumentParser:
+    defaults = mc.ClassifierConfig()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--data-dir", default=None,
+                        help="folder with the MNIST .gz files (default: $UNROLL_MNIST_DIR, else "
+                             "../shared/data/mnist beside the repository, else data/mnist where downloads go)")
+    parser.add_argument("--split", default=defaults.split, choices=("train", "test"), help="MNIST split")
+    parser.add_argument("--n-train", type=int, default=defaults.n_train, help="digits the classifier trains on")
+    parser.add_argument("--n-holdout", type=int, default=defaults.n_holdout,
+                        help="digits its accuracy is measured on")
+    parser.add_argument("--epochs", type=int, default=defaults.epochs, help="training epochs")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of the split and the training")
+    parser.add_argument("--no-augment", action="store_true",
+                        help="train without the random rotations, scalings and shifts")
+    parser.add_argument("--cache", default=None, help=f"cache file (default: {mc.cache_path()})")
     parser.add_argument("--retrain", action="store_true", help="ignore a matching cache")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
-    parser.add_argument("--json", default=None, help="also write the report to this file")
+    add_threads_flag(parser)
+    parser.add_argument("--json", default=None, help="also write the report to this file (default: none)")
     parser.add_argument("--stacked-baseline", type=int, default=0, metavar="N",
                         help="also label N Stacked MNIST images built from the held-out digits and report modes "
                              "covered and KL to uniform (what a perfect generator would score)")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    defaults = mc.ClassifierConfig()
+    parser = build_parser()
     args = parser.parse_args(argv)
+    if args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
     torch.set_num_threads(args.threads)
     config = dataclasses.replace(defaults, split=args.split, n_train=args.n_train, n_holdout=args.n_holdout,
                                  epochs=args.epochs, seed=args.seed, augment=not args.no_augment)
-    model, report = load_or_train(config, args.data_dir, args.cache, args.retrain, progress=True)
+    model, report = mc.load_or_train(config, args.data_dir, args.cache, args.retrain, progress=True)
     report["config"] = dataclasses.asdict(config)
     if args.stacked_baseline:
         report["stacked_baseline"] = stacked_baseline(model, config, args.data_dir, args.stacked_baseline)
     print(json.dumps(report, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-    verdict = "meets" if report["heldout_accuracy"] >= TARGET_ACCURACY else "is BELOW"
+    verdict = "meets" if report["heldout_accuracy"] >= mc.TARGET_ACCURACY else "is BELOW"
     print(f"held-out accuracy {100 * report['heldout_accuracy']:.2f}% on {report['n_heldout']} digits of the "
-          f"{report['data']} {verdict} the {100 * TARGET_ACCURACY:.1f}% target", file=sys.stderr)
+          f"{report['data']} {verdict} the {100 * mc.TARGET_ACCURACY:.1f}% target", file=sys.stderr)
     return 0
 
 

@@ -18,16 +18,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
-from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence
 
-import torch
-
-import diversity as dv
-import image_models as models
-import image_training as it
-from mnist_data import DatasetError, load_mnist, to_symmetric
+from lib import diversity as dv
+from lib import image_experiment as ex
+from lib import image_models as models
+from lib import image_training as it
+from lib import runs
+from lib.mnist_data import load_mnist, to_symmetric
 
 # ------------------------------------------------------------------------------------------ configuration
 # App. C: 150k network updates = 75k iterations, Adam lr 1e-4 and beta1 0.5 for both; Fig. 3 shows K = 0, 20.
@@ -56,66 +54,45 @@ NOTES = [
 ]
 
 
+ALL_PAPER = {**PAPER, **PAPER_EXTRAS}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    it.add_common_flags(p, REDUCED)
-    p.add_argument("--targets", type=int, default=None,
-                   help=f"digits reconstructed by inference via optimisation (default {REDUCED['targets']})")
-    p.add_argument("--restarts", type=int, default=None, help="L-BFGS random restarts per target (default 3)")
-    p.add_argument("--lbfgs-iters", type=int, default=None, help="L-BFGS iterations per restart")
-    p.add_argument("--pairs", type=int, default=None, help="random pairs for the distance histograms")
-    p.add_argument("--split", choices=("auto", "train", "test"), default=None,
-                   help="MNIST split (auto: train if present or downloadable, else test)")
+    p = ex.parser(__doc__, REDUCED, ALL_PAPER)
+    ex.add_diversity_flags(p, REDUCED, ALL_PAPER, "digits")
+    ex.add_split_flag(p)
     return p
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[argparse.Namespace, Dict[str, Any], Path]:
-    """Parse and validate every flag: any problem is an argparse error before any work starts."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    settings = it.resolve(args, REDUCED, {**PAPER, **PAPER_EXTRAS})
-    out = it.check_common(parser, args, settings)
-    for name in ("targets", "restarts", "lbfgs_iters", "pairs"):
-        if settings[name] < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {settings[name]}")
-    return args, settings, out
+parse_args = ex.parse_args_for(build_parser, REDUCED, ALL_PAPER, ex.DIVERSITY_AT_LEAST)
 
 
+@runs.reports_errors
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args, settings, out = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    start = time.perf_counter()
-    try:
-        mnist = load_mnist(settings["split"], args.data_dir)
-    except DatasetError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    digits = to_symmetric(mnist.images).unsqueeze(1)  # [N, 1, 28, 28] in [-1, 1) (App. C)
-    notes = it.deviations(settings, PAPER, NOTES)
-    if mnist.split != "train":
-        notes.insert(0, f"data: the {mnist.description} (the training split is not available); the paper "
-                        f"trains on the training split, and the reconstruction targets come from the same digits")
-    it.announce("RNN generator on MNIST (Sec. 3.2, Fig. 3; diversity as Sec. 3.4)", settings, notes, print)
+    with ex.session(args, settings, out) as start:
+        mnist = ex.load_data(load_mnist, settings["split"], args.data_dir)
+        digits = to_symmetric(mnist.images).unsqueeze(1)  # [N, 1, 28, 28] in [-1, 1) (App. C)
+        notes = ex.split_note(mnist, ", and the reconstruction targets come from the same digits") \
+            + ex.deviations(settings, PAPER, NOTES)
+        ex.announce("RNN generator on MNIST (Sec. 3.2, Fig. 3; diversity as Sec. 3.4)", settings, notes, print)
 
-    def sample_data(n: int, gen: torch.Generator) -> torch.Tensor:
-        return digits[torch.randint(digits.shape[0], (n,), generator=gen)]
-
-    gan = it.ImageGAN("mnist_rnn", models.rnn_generator, models.rnn_discriminator, sample_data)
-    specs = [it.RunSpec(gan, it.make_config(settings, K, seed), {"K": K})
-             for K in settings["K"] for seed in settings["seeds"]]
-    probe = dv.DiversityProbe(digits, n_targets=settings["targets"], restarts=settings["restarts"],
-                              max_iter=settings["lbfgs_iters"], n_pairs=settings["pairs"])
-    records, trainers = it.run_experiment(specs, out, dv.script_evaluator(probe), args.resume, args.device,
-                                          not args.no_progress, workers=args.workers)
-    diversity, diversity_md = dv.script_outputs(probe, records, specs, trainers, out)
-    rows = it.aggregate(records, ("K",), ("recon_mse", "mean_distance"))
-    table = it.markdown_table(rows, [("recon_mse", "reconstruction MSE"), ("mean_distance", "mean pair distance")],
-                              key_names=("K",))
-    table += (f"\n\ndata: mean pair distance {probe.data_profile['mean_distance']:.3f}\n\n"
-              f"Table 3 layout (percent best rank: share of targets each K reconstructs best):\n\n{diversity_md}")
-    it.finish(out, "mnist_rnn", argv, settings, notes, records, rows, table, trainers, specs, start,
-              extra={"data": mnist.description, "diversity_table": diversity,
-                     "data_distance_profile": probe.data_profile})
+        gan = it.ImageGAN("mnist_rnn", models.rnn_generator, models.rnn_discriminator, ex.uniform_sampler(digits))
+        specs = ex.run_specs(gan, settings)
+        probe = dv.DiversityProbe(digits, n_targets=settings["targets"], restarts=settings["restarts"],
+                                  max_iter=settings["lbfgs_iters"], n_pairs=settings["pairs"])
+        records, trainers = ex.run(args, specs, out, dv.script_evaluator(probe),
+                                   ex.eval_settings(settings, ex.DIVERSITY_SETTINGS))
+        diversity, diversity_md = dv.script_outputs(probe, records, specs, trainers, out)
+        rows = ex.aggregate(records, ("K",), ("recon_mse", "mean_distance"))
+        table = ex.markdown_table(rows, [("recon_mse", "reconstruction MSE"),
+                                         ("mean_distance", "mean pair distance")], key_names=("K",))
+        table += (f"\n\ndata: mean pair distance {probe.data_profile['mean_distance']:.3f}\n\n"
+                  f"Table 3 layout (percent best rank: share of targets each K reconstructs best):\n\n"
+                  f"{diversity_md}")
+        ex.finish(out, "mnist_rnn", argv, settings, notes, records, rows, table, trainers, specs, start,
+                  extra={"data": mnist.description, "diversity_table": diversity,
+                         "data_distance_profile": probe.data_profile})
     return 3 if any(r["status"] != "done" for r in records) else 0
 
 

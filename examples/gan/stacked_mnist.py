@@ -19,17 +19,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-import time
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 
-import image_models as models
-import image_training as it
-import mnist_classifier as mc
-from image_metrics import stacked_mode_stats
-from mnist_data import DatasetError, StackedMNIST, load_mnist
+from lib import digit_classifier as mc
+from lib import image_experiment as ex
+from lib import image_models as models
+from lib import image_training as it
+from lib import runs
+from lib.image_metrics import stacked_mode_stats
+from lib.mnist_data import StackedMNIST, load_mnist
 
 # ------------------------------------------------------------------------------------------ configuration
 # The paper's stated settings (App. E gives the models; training follows App. D).
@@ -41,14 +42,14 @@ PAPER_EXTRAS: Dict[str, Any] = dict(snapshot_every=2_500, checkpoint_every=500)
 # evaluation samples (measured 0.59 s per iteration of all 8 cells at 1 thread, ~3 s per evaluation: 23
 # minutes with 2 workers).
 REDUCED: Dict[str, Any] = dict(PAPER, seeds=[0, 1, 2], steps=1_500, eval_samples=2_560, batch=64, beta1=0.5,
-                               d_lr=it.REDUCED_LR, g_lr=it.REDUCED_LR, unroll_lr=None, g_loss="nonsaturating",
+                               d_lr=ex.REDUCED_LR, g_lr=ex.REDUCED_LR, unroll_lr=None, g_loss="nonsaturating",
                                snapshot_every=150, checkpoint_every=50, split="auto", out="runs/stacked_mnist")
 NOTES = [
     "training length: App. E gives none; the paper's value above assumes App. D's 100k network updates "
     "(50k iterations of one D and one G update)",
     "batch size: not stated in the paper; {batch} here",
     "Adam beta1 = 0.5 (stated in App. A/C, not in App. D/E)",
-    it.LR_NOTE,
+    ex.LR_NOTE,
     "generator loss: -log D(G(z)) (App. D's L_G, whose sign the text drops)",
     "unrolled steps reuse the iteration's minibatch (Sec. 3: 'fixed minibatches') and continue from D's "
     "current Adam state",
@@ -66,33 +67,32 @@ PAPER_TABLE = {
 }
 
 
+ALL_PAPER = {**PAPER, **PAPER_EXTRAS}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    it.add_common_flags(p, REDUCED)
-    p.add_argument("--sizes", type=it.size_arg, nargs="+", default=None, metavar="X",
-                   help="discriminator size multipliers, e.g. 1/4 1/2 (default: both)")
+    p = ex.parser(__doc__, REDUCED, ALL_PAPER)
+    p.add_argument("--sizes", type=ex.size_arg, nargs="+", default=None, metavar="X",
+                   help=f"discriminator size multipliers {ex.default_text('sizes', REDUCED, ALL_PAPER)}")
     p.add_argument("--eval-samples", type=int, default=None,
-                   help=f"generator samples labelled per run (default {REDUCED['eval_samples']}; paper 25,600)")
-    p.add_argument("--split", choices=("auto", "train", "test"), default=None,
-                   help="MNIST split to train on (auto: train if present or downloadable, else test)")
-    p.add_argument("--classifier-cache", default=None, help="digit classifier cache file")
+                   help=f"generator samples labelled per run {ex.default_text('eval_samples', REDUCED, ALL_PAPER)}")
+    ex.add_split_flag(p)
+    p.add_argument("--classifier-cache", default=None,
+                   help=f"digit classifier cache file (default {mc.cache_path()})")
     p.add_argument("--classifier-train", type=int, default=None,
-                   help="digits the classifier trains on (default: mnist_classifier.py's)")
-    p.add_argument("--classifier-epochs", type=int, default=None, help="classifier epochs (default: its own)")
+                   help=f"digits the classifier trains on (default {mc.ClassifierConfig().n_train})")
+    p.add_argument("--classifier-epochs", type=int, default=None,
+                   help=f"classifier epochs (default {mc.ClassifierConfig().epochs})")
     return p
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[argparse.Namespace, Dict[str, Any], Path]:
     """Parse and validate every flag: any problem is an argparse error before any work starts."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    settings = it.resolve(args, REDUCED, {**PAPER, **PAPER_EXTRAS})
-    out = it.check_common(parser, args, settings)
-    if settings["eval_samples"] < 1:
-        parser.error(f"--eval-samples must be >= 1, got {settings['eval_samples']}")
+    p = build_parser()
+    args, settings, out = ex.parse(p, argv, REDUCED, ALL_PAPER, at_least={"eval_samples": 1})
     for flag in ("classifier_train", "classifier_epochs"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be >= 1")
+            p.error(f"--{flag.replace('_', '-')} must be >= 1")
     return args, settings, out
 
 
@@ -105,24 +105,24 @@ def classifier_config(args: argparse.Namespace) -> mc.ClassifierConfig:
     return config
 
 
+@runs.reports_errors
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args, settings, out = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    start = time.perf_counter()
-    try:
-        mnist = load_mnist(settings["split"], args.data_dir)
-    except DatasetError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    data = StackedMNIST(mnist)
-    notes = it.deviations(settings, PAPER, NOTES)
-    if mnist.split != "train":
-        notes.insert(0, f"data: the {mnist.description} (the training split is not available); the paper "
-                        f"trains on the training split")
-    it.announce("Stacked MNIST (Sec. 3.3.1, Table 1)", settings, notes, print)
+    config = classifier_config(args)
+    # The classifier labels every sample: its settings are the evaluation's.
+    with ex.session(args, settings, out, extra={"classifier": dataclasses.asdict(config)}) as start:
+        return run(args, settings, out, config, start, argv)
 
-    classifier, report = mc.load_or_train(classifier_config(args), args.data_dir, args.classifier_cache,
-                                          progress=not args.no_progress)
+
+def run(args: argparse.Namespace, settings: Dict[str, Any], out: Path, config: mc.ClassifierConfig,
+        start: float, argv: Optional[Sequence[str]]) -> int:
+    """Train the classifier (or load it), every run, then the table and figures."""
+    mnist = ex.load_data(load_mnist, settings["split"], args.data_dir)
+    data = StackedMNIST(mnist)
+    notes = ex.split_note(mnist) + ex.deviations(settings, PAPER, NOTES)
+    ex.announce("Stacked MNIST (Sec. 3.3.1, Table 1)", settings, notes, print)
+
+    classifier, report = mc.load_or_train(config, args.data_dir, args.classifier_cache, progress=not args.no_progress)
     print(f"digit classifier: {100 * report['heldout_accuracy']:.2f}% on {report['n_heldout']} held-out digits "
           f"of the {report['data']} ({'cached' if report['cached'] else 'trained now'}: {report['cache_path']})")
     if report["heldout_accuracy"] < mc.TARGET_ACCURACY:
@@ -136,21 +136,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for size in settings["sizes"]:
         gan = it.ImageGAN(f"stacked_mnist(X={size})", models.stacked_generator,
                           lambda size=size: models.stacked_discriminator(models.parse_size(size)), sample_data)
-        for K in settings["K"]:
-            for seed in settings["seeds"]:
-                specs.append(it.RunSpec(gan, it.make_config(settings, K, seed), {"X": size, "K": K}))
+        specs += ex.run_specs(gan, settings, X=size)
 
     def evaluate(trainer: it.GANTrainer, spec: it.RunSpec, run_dir: Path) -> Dict[str, Any]:
         labels, _ = mc.label_stacked(classifier, trainer.samples(settings["eval_samples"]))
         stats = stacked_mode_stats(labels)
         return {"modes": stats.modes, "kl": stats.kl, "n_samples": stats.n_samples}
 
-    records, trainers = it.run_experiment(specs, out, evaluate, args.resume, args.device, not args.no_progress,
-                                          workers=args.workers)
-    rows = it.aggregate(records, ("X", "K"), ("modes", "kl"))
-    table = it.markdown_table(rows, [("modes", "modes covered"), ("kl", "KL(model || uniform)")],
+    records, trainers = ex.run(args, specs, out, evaluate, ex.eval_settings(
+        settings, ("eval_samples",), classifier=dataclasses.asdict(config)))
+    rows = ex.aggregate(records, ("X", "K"), ("modes", "kl"))
+    table = ex.markdown_table(rows, [("modes", "modes covered"), ("kl", "KL(model || uniform)")],
                               {(x, k): v for (x, k), v in PAPER_TABLE.items()}, ("X", "K"))
-    it.finish(out, "stacked_mnist", argv, settings, notes, records, rows, table, trainers, specs, start,
+    ex.finish(out, "stacked_mnist", argv, settings, notes, records, rows, table, trainers, specs, start,
               extra={"data": data.source, "classifier": report, "paper_table": {f"X={x}, K={k}": v for (x, k), v
                                                                                   in PAPER_TABLE.items()}})
     return 3 if any(r["status"] != "done" for r in records) else 0

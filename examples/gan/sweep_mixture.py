@@ -13,25 +13,22 @@ report is rewritten after every cell (marked partial until the last one is done)
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import shlex
 import statistics
 import sys
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from data import make_mixture
-from mixture import parse_seeds, run_name
-from training import (CHECKPOINT, Hooks, TrainConfig, Trainer, TrainingDiverged, atomic_write_bytes,
-                      density_histogram, histogram_extent, plot_density_grid)
-
-ROOT = Path(__file__).resolve().parents[2]
-NOTES_BEGIN, NOTES_END = "<!-- notes -->", "<!-- /notes -->"
+from lib import REPO_ROOT, runs
+from lib.cli import HelpFormatter, add_threads_flag, parse_seeds
+from lib.data import make_mixture
+from lib.plotting import histogram_extent
+from lib.runs import CHECKPOINT
+from lib.sweeps import (NOTES_BEGIN, NOTES_END, Cell, CellMeta, checked_cells, figure_for, final_records,
+                        finite_records, fmt, kept_notes, load_run, page_status, run_cells, summary_stats, table)
+from lib.training import TrainConfig
 
 # Published numbers (issue 3): VEEGAN Table 1 and PacGAN Table 1 (their GAN baselines and VEEGAN's "Unrolled").
 PUBLISHED = {
@@ -45,23 +42,6 @@ PUBLISHED = {
 DATASET_TITLES = {"ring": "Paper ring (8 modes, radius 2, std 0.02)",
                   "ring-veegan": "VEEGAN/PacGAN ring (8 modes, radius 1, std 0.01)",
                   "grid": "VEEGAN/PacGAN grid (25 modes, 5x5 on {-4..4}², std 0.05)"}
-
-
-@dataclass(frozen=True)
-class Cell:
-    """One row of a sweep: a configuration trained for all its seeds at once, in its own run folder."""
-
-    group: str  # e.g. "main" or "sensitivity"
-    label: str
-    cfg: TrainConfig
-    seeds: Tuple[int, ...]
-    tag: str = ""  # tells apart cells whose TrainConfig is the same (e.g. different hooks)
-    hooks: Optional[Hooks] = field(default=None, compare=False)
-
-    @property
-    def folder(self) -> str:
-        tag = f"_{self.tag}" if self.tag else ""
-        return f"{self.group}/{run_name(self.cfg)}{tag}_s{len(self.seeds)}_n{self.cfg.steps}"
 
 
 def build_cells(args: argparse.Namespace) -> List[Cell]:
@@ -96,73 +76,10 @@ def build_cells(args: argparse.Namespace) -> List[Cell]:
     return cells
 
 
-def summary_stats(values: Sequence[float]) -> Dict[str, float]:
-    """Mean, standard error of the mean (n - 1 in the std) and median."""
-    values = [float(v) for v in values]
-    n = len(values)
-    se = statistics.stdev(values) / math.sqrt(n) if n > 1 else float("nan")
-    return {"mean": statistics.fmean(values), "se": se, "median": statistics.median(values), "n": n}
-
-
-def load_run(folder: Path) -> Optional[Dict[str, Any]]:
-    path = folder / "metrics.json"
-    return json.loads(path.read_text()) if path.exists() else None
-
-
-def run_cell(cell: Cell, folder: Path, progress: bool, log: List[Dict[str, Any]]) -> Dict[str, Any]:
-    meta = load_run(folder)
-    if meta is not None and meta["status"] in ("done", "diverged"):
-        return meta
-    resume = (folder / CHECKPOINT).exists()
-    start = time.time()
-    trainer = Trainer(cell.cfg, cell.seeds, out_dir=folder, hooks=cell.hooks, resume=resume, progress=progress)
-    start_step = trainer.step
-    try:
-        trainer.run()
-    except TrainingDiverged as error:
-        print(f"{cell.folder}: {error}", file=sys.stderr)
-        trainer.save_figure()
-    log.append({"cell": cell.folder, "seconds": time.time() - start, "from_step": start_step,
-                "to_step": trainer.step, "seeds": len(cell.seeds), "finished": time.strftime("%H:%M:%S")})
-    return load_run(folder)
-
-
-def run_cells(cells: Sequence[Cell], out_root: Path, progress: bool, report_only: bool,
-              report: Callable[[List[Dict[str, Any]]], None]) -> List[Dict[str, Any]]:
-    """Train every unfinished cell (resuming from checkpoints), calling ``report(log)`` after each one.
-
-    Returns the cost log (``sweep_log.json`` under ``out_root``), which survives restarts, so a resumed sweep
-    still reports what every cell took. With ``report_only`` nothing is trained.
-    """
-    log_path = out_root / "sweep_log.json"
-    log: List[Dict[str, Any]] = json.loads(log_path.read_text()) if log_path.exists() else []
-    if not report_only:
-        for i, cell in enumerate(cells):
-            print(f"[{i + 1}/{len(cells)}] {cell.folder}", file=sys.stderr, flush=True)
-            before = len(log)
-            run_cell(cell, out_root / cell.folder, progress, log)
-            if len(log) > before:
-                atomic_write_bytes(log_path, json.dumps(log, indent=1).encode())
-            report(log)
-    return log
-
-
-def final_records(meta: Dict[str, Any]) -> List[Dict[str, Any]]:
-    last = max(r["step"] for r in meta["records"])
-    return [r for r in meta["records"] if r["step"] == last]
-
-
-def fmt(stats: Dict[str, float], scale: float = 1.0, digits: int = 2) -> str:
-    if stats["n"] == 0 or math.isnan(stats["mean"]):
-        return "n/a"
-    se = "" if math.isnan(stats["se"]) else f" ± {scale * stats['se']:.{digits}f}"
-    return f"{scale * stats['mean']:.{digits}f}{se}"
-
-
 def row_for(label: str, meta: Optional[Dict[str, Any]], n_modes: int) -> List[str]:
     if meta is None:
         return [label, "not run"] + [""] * 7
-    recs = [r for r in final_records(meta) if not math.isnan(r["reverse_kl"])]
+    recs = finite_records(final_records(meta))
     step = max(r["step"] for r in meta["records"])
     if not recs:
         return [label, str(step), "diverged"] + [""] * 6
@@ -180,13 +97,7 @@ HEADER = ["run", "iterations", "modes: mean ± s.e. (median)", "strict modes (me
           "HQ % (median)", "reverse KL (median)", "energy dist.", "seeds"]
 
 
-def table(rows: List[List[str]], header: Sequence[str]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-def modes_over_time(cells: List[Tuple[Cell, Optional[Dict[str, Any]]]]) -> str:
+def modes_over_time(cells: List[CellMeta]) -> str:
     steps = sorted({r["step"] for _, m in cells if m for r in m["records"]})
     shown = [s for i, s in enumerate(steps) if i % max(1, len(steps) // 8) == 0 or s == steps[-1]]
     rows = []
@@ -200,13 +111,13 @@ def modes_over_time(cells: List[Tuple[Cell, Optional[Dict[str, Any]]]]) -> str:
     return table(rows, ["run"] + [str(s) for s in shown])
 
 
-def observations(dataset: str, cells: List[Tuple[Cell, Optional[Dict[str, Any]]]], n_modes: int) -> List[str]:
+def observations(dataset: str, cells: List[CellMeta], n_modes: int) -> List[str]:
     """Plain statements computed from the numbers (no judgement calls)."""
     out = []
     for cell, meta in cells:
         if meta is None:
             continue
-        recs = [r for r in final_records(meta) if not math.isnan(r["reverse_kl"])]
+        recs = finite_records(final_records(meta))
         if not recs:
             out.append(f"- {cell.label}: diverged ({meta.get('diverged')}).")
             continue
@@ -234,14 +145,14 @@ def dominant_modes(snapshots: List[Tuple[int, torch.Tensor]], dataset: str) -> L
     return [list(seed_modes) for seed_modes in zip(*out)]
 
 
-def rotation_table(cells: List[Tuple[Cell, Optional[Dict[str, Any]]]], out_root: Path, dataset: str) -> str:
+def rotation_table(cells: List[CellMeta], out_root: Path, dataset: str) -> str:
     """How often the densest mode changes between evaluations: rotation through the modes shows here."""
     rows = []
     for cell, meta in cells:
         ckpt_path = out_root / cell.folder / CHECKPOINT
         if meta is None or not ckpt_path.exists():
             continue
-        per_seed = dominant_modes(torch.load(ckpt_path, weights_only=False)["snapshots"], dataset)
+        per_seed = dominant_modes(runs.load_checkpoint(ckpt_path, ("snapshots",))["snapshots"], dataset)
         if not per_seed or len(per_seed[0]) < 2:
             continue
         changes = [sum(a != b for a, b in zip(m[:-1], m[1:])) for m in per_seed]
@@ -252,36 +163,12 @@ def rotation_table(cells: List[Tuple[Cell, Optional[Dict[str, Any]]]], out_root:
                         f"densest mode per evaluation, seed {cells[0][0].seeds[0]}"])
 
 
-def figure_for(dataset: str, cells: List[Tuple[Cell, Optional[Dict[str, Any]]]], out_root: Path,
-               path: Path, title: Optional[str] = None) -> bool:
-    """Fig. 2-style: rows = K / control (first seed), columns = evaluation steps, last column the data."""
-    rows = []
-    for cell, meta in cells:
-        ckpt_path = out_root / cell.folder / CHECKPOINT
-        if meta is None or not ckpt_path.exists():
-            continue
-        snapshots = torch.load(ckpt_path, weights_only=False)["snapshots"]
-        rows.append((f"{cell.label} (seed {cell.seeds[0]})", [(step, hist[0]) for step, hist in snapshots]))
-    if not rows:
-        return False
-    mixture = make_mixture(dataset)
-    extent = histogram_extent(mixture)
-    data = density_histogram(mixture.sample(10_000, torch.Generator().manual_seed(0)), extent)
-    plot_density_grid(rows, data, extent, path, title=title or DATASET_TITLES[dataset])
-    return True
-
-
 def write_report(args: argparse.Namespace, cells: List[Cell], out_root: Path, log: List[Dict[str, Any]],
                  command: str, complete: bool) -> None:
     doc = Path(args.doc)
-    notes = ""
-    if doc.exists():
-        text = doc.read_text()
-        if NOTES_BEGIN in text and NOTES_END in text:
-            notes = text[text.index(NOTES_BEGIN) + len(NOTES_BEGIN):text.index(NOTES_END)]
+    notes = kept_notes(doc)
     metas = [(c, load_run(out_root / c.folder)) for c in cells]
-    done = sum(1 for _, m in metas if m is not None and m["status"] in ("done", "diverged"))
-    status = "complete" if complete and done == len(cells) else f"PARTIAL: {done} of {len(cells)} cells finished"
+    status = page_status(metas, complete)
     main_cfg = next(c.cfg for c in cells if c.group == "main")
     lines = [
         "# Unrolled GAN on 2-D mixtures of Gaussians (Metz et al. 2017, Sec. 3.1): measured over seeds",
@@ -319,7 +206,7 @@ def write_report(args: argparse.Namespace, cells: List[Cell], out_root: Path, lo
                   rotation_table(dcells, out_root, dataset), ""]
         lines += observations(dataset, dcells, n_modes) + [""]
         fig = Path(args.fig_dir) / f"mixture_{dataset}.png"
-        if figure_for(dataset, dcells, out_root, fig):
+        if figure_for(dataset, dcells, out_root, fig, DATASET_TITLES[dataset]):
             rel = fig.resolve().relative_to(Path(args.doc).resolve().parent) if fig.resolve().is_relative_to(
                 Path(args.doc).resolve().parent) else fig
             lines += [f"![{dataset}]({rel})", ""]
@@ -337,52 +224,49 @@ def write_report(args: argparse.Namespace, cells: List[Cell], out_root: Path, lo
         lines += [table([[e["cell"], f"{e['from_step']}→{e['to_step']}", str(e["seeds"]), f"{e['seconds']:.0f}",
                           e.get("finished", "")] for e in log],
                         ["cell", "iterations", "seeds", "seconds", "finished at"]), ""]
-    atomic_write_bytes(doc, "\n".join(lines).encode())
+    runs.atomic_write_bytes(doc, "\n".join(lines).encode())
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--out", default="runs/mixture_sweep", help="run folders (checkpoints, metrics)")
-    p.add_argument("--doc", default=str(ROOT / "docs/results/mixture.md"))
-    p.add_argument("--fig-dir", default=str(ROOT / "docs/results/mixture"))
+    p.add_argument("--doc", default=str(REPO_ROOT / "docs/results/mixture.md"), help="the results page to write")
+    p.add_argument("--fig-dir", default=str(REPO_ROOT / "docs/results/mixture"), help="the page's figures")
     p.add_argument("--datasets", nargs="+", default=["ring", "ring-veegan", "grid"],
-                   choices=["ring", "ring-veegan", "grid"])
-    p.add_argument("--ks", type=int, nargs="+", default=[0, 1, 5, 10])
+                   choices=["ring", "ring-veegan", "grid"], help="the main tables' datasets")
+    p.add_argument("--ks", type=int, nargs="+", default=[0, 1, 5, 10], help="unrolled steps of the main tables")
     p.add_argument("--control-k", type=int, default=10, help="the control takes control-k + 1 D steps per G step")
-    p.add_argument("--seeds", default="0-9")
+    p.add_argument("--seeds", default="0-9", help="paired seeds of the main tables (e.g. 0-9 or 0,3,7)")
     p.add_argument("--steps", type=int, default=2000, help="iterations per run on the rings")
     p.add_argument("--steps-grid", type=int, default=2000, help="iterations per run on the grid")
     p.add_argument("--unroll-lr", type=float, default=1e-3, help="look-ahead lr of the main table")
-    p.add_argument("--sens-seeds", default="0-3")
-    p.add_argument("--sens-steps", type=int, default=2000)
-    p.add_argument("--eval-every", type=int, default=250)
-    p.add_argument("--eval-samples", type=int, default=10_000)
-    p.add_argument("--batch", type=int, default=512)
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--sens-seeds", default="0-3", help="paired seeds of the sensitivity table")
+    p.add_argument("--sens-steps", type=int, default=2000, help="iterations per sensitivity run")
+    p.add_argument("--eval-every", type=int, default=250, help="iterations between evaluations (and checkpoints)")
+    p.add_argument("--eval-samples", type=int, default=10_000, help="generator samples per evaluation")
+    p.add_argument("--batch", type=int, default=512, help="minibatch size")
+    add_threads_flag(p)
     p.add_argument("--quick", action="store_true", help="one sensitivity cell only (smoke tests)")
     p.add_argument("--report-only", action="store_true", help="rewrite the report from finished cells")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
 
+@runs.reports_errors
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        cells = build_cells(args)
-        for cell in cells:
-            cell.cfg.validate()
-    except ValueError as error:
-        parser.error(str(error))
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    cells = checked_cells(parser, args, build_cells)
     # The page names the command that trains the runs; --report-only only re-renders them.
     flags = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--report-only"]
     command = "python examples/gan/sweep_mixture.py " + " ".join(shlex.quote(a) for a in flags)
     out_root = Path(args.out)
-    log = run_cells(cells, out_root, not args.no_progress, args.report_only,
-                    lambda log: write_report(args, cells, out_root, log, command, complete=False))
-    write_report(args, cells, out_root, log, command, complete=True)
+    # Cells continue from their checkpoints without --resume: a sweep is rerun with the same command.
+    with runs.claim(out_root, resume=None):
+        torch.set_num_threads(args.threads)
+        log = run_cells(cells, out_root, not args.no_progress, args.report_only,
+                        lambda log: write_report(args, cells, out_root, log, command, complete=False))
+        write_report(args, cells, out_root, log, command, complete=True)
     print(f"wrote {args.doc}")
     return 0
 

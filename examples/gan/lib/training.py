@@ -6,7 +6,7 @@ Everything a seed needs lives in a stacked pytree (parameters and Adam states of
 (paired seeds: the init and the main data stream do not depend on K or on the other flags).
 
 Reusable pieces: :class:`TrainConfig`, :func:`make_iteration` (the pure step, with :class:`Hooks` for the App. B
-ablations), :class:`Trainer` (streams, evaluation, checkpoints, outputs), :func:`plot_density_grid`.
+ablations), :class:`Trainer` (streams, evaluation, checkpoints and outputs through :mod:`runs`), :func:`run_name`.
 Only names in ``unroll.__all__`` are used.
 """
 
@@ -15,9 +15,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
-import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -26,10 +24,15 @@ import torch
 from torch import Tensor
 
 import unroll
-from data import Mixture, make_mixture
-from metrics import METRIC_NAMES, all_metrics
-from models import (LATENT_DIM, d_loss_from_logits, discriminator_forward, generator_forward, init_discriminator,
-                    init_generator, nonsaturating_g_loss)
+
+from . import runs
+from .cli import MAX_SEEDS
+from .data import make_mixture
+from .metrics import METRIC_NAMES, all_metrics
+from .models import (LATENT_DIM, d_loss_from_logits, discriminator_forward, generator_forward, init_discriminator,
+                     init_generator, nonsaturating_g_loss)
+from .plotting import FigureBudget, density_histogram, histogram_extent, plot_density_grid
+from .runs import CHECKPOINT
 
 TrainState = Dict[str, Any]
 """``{"g", "d": params, "g_opt", "d_opt": Adam states, "extra": dict}``; stacked over seeds in :class:`Trainer`."""
@@ -38,7 +41,6 @@ Batch = Dict[str, Tensor]
 
 LOSSES = ("saturating", "nonsaturating")
 UNROLL_BATCHES = ("fixed", "resampled")
-CHECKPOINT = "checkpoint.pt"
 # Streams of per-seed generators; the seed of stream j for run seed s is s * _STREAMS + j.
 _STREAMS = 16
 _INIT, _MAIN, _EXTRA, _EVAL = 0, 1, 2, 3
@@ -237,134 +239,75 @@ def index_state(tree: Any, i: int) -> Any:
     return tree[i]
 
 
-def _all_finite(tree: Any) -> bool:
-    if isinstance(tree, dict):
-        return all(_all_finite(v) for v in tree.values())
-    return bool(torch.isfinite(tree).all())
+TrainingDiverged = runs.Diverged
+"""A loss, parameter or Adam state became NaN or infinite (the name the scripts and tests import)."""
 
-
-class TrainingDiverged(FloatingPointError):
-    """A loss became NaN or infinite; ``step`` is the 1-based iteration, ``seed`` the run seed."""
-
-    def __init__(self, step: int, seed: int, which: str, value: float) -> None:
-        super().__init__(f"training diverged: non-finite {which} ({value}) at iteration {step} for seed {seed}; "
-                         f"the last good checkpoint and metrics are kept")
-        self.step, self.seed, self.which, self.value = step, seed, which, value
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file and ``os.replace``, so a kill never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
+# What each part of a TrainState is, for divergence messages.
+STATE_PARTS = {"g": "generator parameters", "d": "discriminator parameters", "g_opt": "generator Adam state",
+               "d_opt": "discriminator Adam state", "extra": "hook state"}
+LOSS_NAMES = {"d_loss": "discriminator loss", "g_loss": "generator loss"}
+CHECKPOINT_KEYS = ("config", "seeds", "step", "state", "rng", "records", "snapshots", "last_losses")
+DEFAULT_CHECKPOINT_EVERY = 100
 
 
 def write_records(records: List[Dict[str, Any]], meta: Dict[str, Any], out_dir: Path) -> None:
-    """``metrics.json`` (meta + records) and ``metrics.csv`` (one row per eval step and seed)."""
-    atomic_write_bytes(out_dir / "metrics.json", json.dumps({**meta, "records": records}, indent=1).encode())
+    """``metrics.json`` (meta + records; strict JSON, ``null`` for a missing value) and ``metrics.csv`` (one row
+    per evaluation step and seed)."""
+    runs.write_json(out_dir / "metrics.json", {**meta, "records": records})
     text = io.StringIO()
     if records:
         writer = csv.DictWriter(text, fieldnames=list(records[0]))
         writer.writeheader()
         writer.writerows(records)
-    atomic_write_bytes(out_dir / "metrics.csv", text.getvalue().encode())
+    runs.atomic_write_bytes(out_dir / "metrics.csv", text.getvalue().encode())
 
 
-def histogram_extent(mixture: Mixture) -> float:
-    """Half-width of the square the density figures show."""
-    return float(mixture.centers.abs().max()) + 1.0
-
-
-def density_histogram(samples: Tensor, extent: float, bins: int = 100) -> Tensor:
-    """2-D histogram counts [bins, bins] (x along rows) of ``samples`` inside [-extent, extent]^2."""
-    finite = samples[torch.isfinite(samples).all(dim=1)].float()
-    hist, _ = torch.histogramdd(finite, bins=[bins, bins], range=[-extent, extent, -extent, extent])
-    return hist.to(torch.int32)
-
-
-def _smooth(hist: Tensor, sigma_bins: float = 1.0) -> Tensor:
-    radius = int(3 * sigma_bins)
-    offsets = torch.arange(-radius, radius + 1, dtype=torch.float64)
-    kernel = torch.exp(-0.5 * (offsets / sigma_bins) ** 2)
-    kernel = kernel / kernel.sum()
-    image = hist.double()[None, None]
-    image = torch.nn.functional.conv2d(image, kernel.view(1, 1, -1, 1), padding=(radius, 0))
-    image = torch.nn.functional.conv2d(image, kernel.view(1, 1, 1, -1), padding=(0, radius))
-    return image[0, 0]
-
-
-def plot_density_grid(rows: Sequence[Tuple[str, Sequence[Tuple[int, Tensor]]]], data_hist: Tensor, extent: float,
-                      path: Path, max_cols: int = 8, title: str = "") -> None:
-    """Fig. 2-style grid: one row per run (label, [(step, hist), ...]); the last column is the data."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n_cols = min(max_cols, max(len(snaps) for _, snaps in rows)) + 1
-    fig, axes = plt.subplots(len(rows), n_cols, figsize=(1.6 * n_cols, 1.6 * len(rows) + 0.4), squeeze=False)
-    for r, (label, snaps) in enumerate(rows):
-        # Evenly spaced snapshots, always including the last one.
-        picks = sorted({round(i * (len(snaps) - 1) / max(n_cols - 2, 1)) for i in range(n_cols - 1)})
-        panels = [(f"{snaps[i][0]}", snaps[i][1]) for i in picks] + [("data", data_hist)]
-        for c in range(n_cols):
-            ax = axes[r][c]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if c >= len(panels) - 1 and c != n_cols - 1:
-                ax.axis("off")
-                continue
-            name, hist = panels[-1] if c == n_cols - 1 else panels[c]
-            # A light blur (a KDE on the histogram grid, as the paper's heatmaps) and sqrt scaling keep narrow,
-            # low-mass modes visible; transpose so x runs left to right.
-            ax.imshow(_smooth(hist).sqrt().t().numpy(), origin="lower", cmap="viridis",
-                      extent=(-extent, extent, -extent, extent), interpolation="bilinear")
-            if r == 0:
-                ax.set_title(name, fontsize=7)
-            if c == 0:
-                ax.set_ylabel(label, fontsize=6)
-    if title:
-        fig.suptitle(title, fontsize=8)
-    # Leave the title its own strip above the column labels.
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / fig.get_figheight()) if title else None)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=80)
-    plt.close(fig)
-    # A 64-colour palette shrinks the noisy heatmaps about five-fold, with no visible change.
-    from PIL import Image
-    buffer.seek(0)
-    small = io.BytesIO()
-    Image.open(buffer).convert("RGB").quantize(colors=64).save(small, format="PNG", optimize=True)
-    atomic_write_bytes(Path(path), small.getvalue())
+def run_name(cfg: TrainConfig) -> str:
+    """A folder name that tells the settings apart."""
+    default = TrainConfig()
+    kind = f"control{cfg.K}" if cfg.control else f"K{cfg.K}"
+    parts = [cfg.dataset, kind, f"ulr{cfg.lookahead_lr:g}", f"glr{cfg.g_lr:g}", cfg.activation, cfg.loss[:3]]
+    # Settings added after the first sweep are named only when they differ from the default, so that the
+    # folders of earlier runs keep their names.
+    if cfg.d_lr != default.d_lr:
+        parts.append(f"dlr{cfg.d_lr:g}")
+    if cfg.g_steps != default.g_steps:
+        parts.append(f"g{cfg.g_steps}")
+    if cfg.stop_grad:
+        parts.append("stopgrad")
+    if cfg.average_over_steps:
+        parts.append("avg")
+    if cfg.unroll_batches != "fixed":
+        parts.append(cfg.unroll_batches)
+    if cfg.weight_std:
+        parts.append(f"wstd{cfg.weight_std:g}")
+    return "_".join(parts)
 
 
 class Trainer:
     """Trains ``cfg`` for every seed in ``seeds`` at once; evaluates, checkpoints and writes outputs.
 
-    ``out_dir=None`` keeps everything in memory (tests, benchmarks). ``resume=True`` continues from
-    ``out_dir/checkpoint.pt`` and ends with exactly the numbers of an uninterrupted run.
+    ``out_dir=None`` keeps everything in memory (tests, benchmarks). Otherwise ``out_dir`` gets ``metrics.json``
+    and ``metrics.csv`` at every evaluation, ``density.png`` at every evaluation too (but for those that come
+    sooner than drawing it is worth: :class:`plotting.FigureBudget`; always at the end) and ``checkpoint.pt`` at
+    every evaluation and every ``checkpoint_every`` iterations; ``resume=True`` continues from that checkpoint
+    (refusing other settings) and ends with exactly the numbers of an uninterrupted run. Every iteration checks the losses, parameters and Adam
+    states of every seed: the first NaN or infinity raises :class:`TrainingDiverged`, naming it, its iteration
+    and its seed. (The caller holds ``out_dir`` with :func:`runs.claim`.)
     """
 
     def __init__(self, cfg: TrainConfig, seeds: Sequence[int], out_dir: Optional[Path] = None,
                  hooks: Optional[Hooks] = None, resume: bool = False, progress: bool = False,
-                 figure_seeds: int = 4) -> None:
+                 figure_seeds: int = 4, checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY) -> None:
         cfg.validate()
         seeds = [int(s) for s in seeds]
-        if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
-            raise ValueError(f"seeds must be distinct non-negative integers, got {seeds}")
+        if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0 or len(seeds) > MAX_SEEDS:
+            raise ValueError(f"seeds must be at most {MAX_SEEDS} distinct non-negative integers, got {seeds}")
+        if checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
         self.cfg, self.seeds, self.hooks = cfg, seeds, hooks
         self.out_dir = None if out_dir is None else Path(out_dir)
-        self.progress, self.figure_seeds = progress, figure_seeds
+        self.progress, self.figure_seeds, self.checkpoint_every = progress, figure_seeds, checkpoint_every
         self.mixture = make_mixture(cfg.dataset, cfg.weight_std, cfg.weight_seed)
         self.extent = histogram_extent(self.mixture)
         self.reference = self.mixture.sample(max(cfg.eval_samples, 2000),
@@ -381,6 +324,8 @@ class Trainer:
         self.snapshots: List[Tuple[int, Tensor]] = []  # (step, int32 histograms [S, bins, bins])
         self.last_losses: Optional[Dict[str, Tensor]] = None
         self.diverged: Optional[Dict[str, Any]] = None
+        self.checkpoint_step: Optional[int] = None  # the iteration of the last checkpoint written or read
+        self.figure_budget = FigureBudget()
         if resume:
             self._load_checkpoint()
 
@@ -434,34 +379,44 @@ class Trainer:
         return records
 
     # ----- checkpoints and outputs -----
+    def settings(self) -> Dict[str, Any]:
+        """What defines the run's numbers: the configuration and the seeds."""
+        return {**dataclasses.asdict(self.cfg), "seeds": self.seeds}
+
     def _meta(self, status: str) -> Dict[str, Any]:
         return {"status": status, "config": dataclasses.asdict(self.cfg), "seeds": self.seeds,
                 "step": self.step, "diverged": self.diverged, "metric_names": list(METRIC_NAMES)}
 
+    @property
+    def checkpoint_path(self) -> Optional[Path]:
+        return None if self.out_dir is None else self.out_dir / CHECKPOINT
+
     def _save_checkpoint(self) -> None:
-        assert self.out_dir is not None
-        atomic_torch_save({
+        assert self.checkpoint_path is not None
+        runs.save_checkpoint({
             "config": dataclasses.asdict(self.cfg), "seeds": self.seeds, "step": self.step, "state": self.state,
             "rng": {name: [g.get_state() for g in gens] for name, gens in self.streams.items()},
             "records": self.records, "snapshots": self.snapshots, "last_losses": self.last_losses,
-        }, self.out_dir / CHECKPOINT)
+        }, self.checkpoint_path)
+        self.checkpoint_step = self.step
 
     def _load_checkpoint(self) -> None:
-        if self.out_dir is None or not (self.out_dir / CHECKPOINT).exists():
-            raise FileNotFoundError(f"--resume: no {CHECKPOINT} in {self.out_dir}")
-        ckpt = torch.load(self.out_dir / CHECKPOINT, weights_only=False)
-        saved = dict(ckpt["config"])
-        now = dataclasses.asdict(self.cfg)
+        path = self.checkpoint_path
         # Only the length of training may change on resume; anything else would silently mix two runs.
-        different = sorted(k for k in now if k != "steps" and saved.get(k) != now[k])
-        if different or ckpt["seeds"] != self.seeds:
-            raise ValueError(f"--resume: the checkpoint in {self.out_dir} was made with other settings "
-                             f"({', '.join(different) or 'seeds'}); use the same flags or another output folder")
-        self.state, self.step, self.records = ckpt["state"], ckpt["step"], ckpt["records"]
-        self.snapshots, self.last_losses = ckpt["snapshots"], ckpt["last_losses"]
-        for name, gens in self.streams.items():
-            for g, rng_state in zip(gens, ckpt["rng"][name]):
-                g.set_state(rng_state)
+        ckpt = runs.checkpoint_to_resume(path, CHECKPOINT_KEYS, self.settings(),
+                                         lambda ckpt: {**ckpt["config"], "seeds": ckpt["seeds"]}, ("steps",))
+        difference = runs.layout_difference(self.state, ckpt["state"])
+        if difference:
+            raise runs.CheckpointError(f"{path} does not fit this run ({difference})")
+        with runs.reading(path):
+            for name, gens in self.streams.items():
+                if len(ckpt["rng"][name]) != len(gens):
+                    raise ValueError(f"{len(ckpt['rng'][name])} {name} random streams for {len(gens)}")
+                for g, rng_state in zip(gens, ckpt["rng"][name]):
+                    g.set_state(rng_state)
+            self.state, self.step, self.records = ckpt["state"], int(ckpt["step"]), list(ckpt["records"])
+            self.snapshots, self.last_losses = list(ckpt["snapshots"]), ckpt["last_losses"]
+        self.checkpoint_step = self.step
 
     def write_outputs(self, status: str) -> None:
         if self.out_dir is None:
@@ -483,19 +438,28 @@ class Trainer:
 
     # ----- the loop -----
     def _check_finite(self, losses: Dict[str, Tensor]) -> None:
-        for which, values in losses.items():
-            bad = ~torch.isfinite(values[:len(self.seeds)])
-            if bool(bad.any()):
-                i = int(bad.nonzero()[0, 0])
-                self.diverged = {"step": self.step + 1, "seed": self.seeds[i], "which": which,
-                                 "value": float(values[i])}
-                raise TrainingDiverged(self.step + 1, self.seeds[i], which, float(values[i]))
+        """Stop at the first NaN or infinity in this iteration's losses, parameters or Adam states: outputs stay
+        at the last evaluation, the checkpoint at the last good one."""
+        n = len(self.seeds)
+        found = runs.first_nonfinite({LOSS_NAMES[k]: v[:n] for k, v in losses.items()}, batched=True) \
+            or runs.first_nonfinite({STATE_PARTS[k]: v for k, v in self.state.items()}, batched=True)
+        if found is None:
+            return
+        index, which, value = found
+        step, seed = self.step + 1, self.seeds[index % n]
+        self.diverged = {"step": step, "seed": seed, "which": which, "value": value}
+        if self.out_dir is not None:
+            self.write_outputs("diverged")
+            self.save_figure()
+        raise TrainingDiverged(step, seed, which, value, self.checkpoint_path, self.checkpoint_step)
 
     def _postfix(self) -> Dict[str, str]:
         latest = [r for r in self.records if r["step"] == self.step] or self.records[-len(self.seeds):]
         mean = lambda k: sum(r[k] for r in latest) / len(latest)  # noqa: E731
-        return {"step@eval": str(latest[0]["step"]), "modes": f"{mean('modes'):.2f}",
-                "hq": f"{100 * mean('hq'):.1f}%", "rkl": f"{mean('reverse_kl'):.3f}"}
+        # Strict modes and HQ first: they tell a learned ring from a diffuse cloud, which covers every mode.
+        return {"step@eval": str(latest[0]["step"]),
+                "strict modes": f"{mean('modes_strict'):.1f}/{self.mixture.n_modes}",
+                "hq": f"{100 * mean('hq'):.1f}%", "rkl": f"{mean('reverse_kl'):.3f}", "modes": f"{mean('modes'):.1f}"}
 
     def run(self) -> List[Dict[str, Any]]:
         """Train to ``cfg.steps`` iterations; returns the metric records. Raises :class:`TrainingDiverged`."""
@@ -504,37 +468,31 @@ class Trainer:
         cfg = self.cfg
         if self.step == 0 and not self.records:
             self.evaluate()
-            self._checkpoint_and_write("running")
+            self._checkpoint_and_write("running", figure=True)
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.progress, dynamic_ncols=True,
                    desc=f"{cfg.dataset} {'control' if cfg.control else 'K'}={cfg.K}", mininterval=1.0)
         bar.set_postfix(self._postfix())
         try:
             while self.step < cfg.steps:
                 self.state, losses = self.step_fn(self.state, self.draw_batch())
-                try:
-                    self._check_finite(losses)
-                except TrainingDiverged:
-                    self.write_outputs("diverged")  # metrics so far; the checkpoint stays the last good one
-                    raise
+                self._check_finite(losses)
                 self.step += 1
                 self.last_losses = losses
                 bar.update(1)
-                if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
-                    if not _all_finite(self.state):
-                        self.diverged = {"step": self.step, "seed": None, "which": "parameters", "value": None}
-                        self.write_outputs("diverged")
-                        raise TrainingDiverged(self.step, -1, "parameters", float("nan"))
+                evaluation = self.step % cfg.eval_every == 0 or self.step == cfg.steps
+                if evaluation:
                     self.evaluate()
-                    self._checkpoint_and_write("running" if self.step < cfg.steps else "done")
                     bar.set_postfix(self._postfix())
+                if evaluation or self.step % self.checkpoint_every == 0:
+                    self._checkpoint_and_write("running" if self.step < cfg.steps else "done", figure=evaluation)
         finally:
             bar.close()
         return self.records
 
-    def _checkpoint_and_write(self, status: str) -> None:
+    def _checkpoint_and_write(self, status: str, figure: bool) -> None:
         if self.out_dir is None:
             return
         self._save_checkpoint()
-        self.write_outputs(status)
-        if status == "done":
-            self.save_figure()
+        if figure:
+            self.write_outputs(status)
+            self.figure_budget.draw(self.save_figure, force=status == "done")

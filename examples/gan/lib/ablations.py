@@ -1,8 +1,8 @@
 """What the App. B ablation sweeps (``second_gradient.py``, ``historical_averaging.py``) share: the common
 settings and flags, running the cells (``--resume``), steps to stable coverage, cost, tables and figures.
 
-A sweep is a list of :class:`sweep_mixture.Cell`: each is an ordinary run folder under ``--out`` with all its
-seeds trained together (``torch.func.vmap``), evaluated along the way and checkpointed.
+A sweep is a list of :class:`sweeps.Cell`: each is an ordinary run folder under ``--out`` with all its seeds
+trained together (``torch.func.vmap``), evaluated along the way and checkpointed.
 """
 
 from __future__ import annotations
@@ -17,14 +17,12 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from data import DATASETS, make_mixture
-from metrics import steps_to_stable_coverage
-from mixture import parse_seeds
-from sweep_mixture import (NOTES_BEGIN, NOTES_END, ROOT, Cell, figure_for, final_records, fmt, load_run, run_cells,
-                           summary_stats, table)
-from training import CHECKPOINT, atomic_write_bytes
-
-CellMeta = Tuple[Cell, Optional[Dict[str, Any]]]
+from . import REPO_ROOT, runs
+from .cli import HelpFormatter, add_threads_flag, parse_seeds
+from .data import DATASETS, make_mixture
+from .metrics import steps_to_stable_coverage
+from .sweeps import (NOTES_BEGIN, NOTES_END, Cell, CellMeta, checked_cells, figure_for, final_records,
+                     finite_records, fmt, kept_notes, load_run, page_status, run_cells, summary_stats, table)
 
 # The ablations need runs that converge within a CPU budget. With App. A's learning rates (1e-4) nothing settles
 # in a few thousand iterations (docs/results/mixture.md); with 1e-3 for D, G and the look-ahead steps, K = 5 keeps
@@ -35,23 +33,30 @@ MIN_HQ = 0.05
 
 def add_common_flags(p: argparse.ArgumentParser, *, out: str, doc: str, steps: int, seeds: str = "0-4") -> None:
     """Flags every ablation sweep has; defaults are :data:`COMMON`."""
-    p.add_argument("--dataset", choices=DATASETS, default=COMMON["dataset"])
+    p.add_argument("--dataset", choices=DATASETS, default=COMMON["dataset"], help="the 2-D mixture")
     p.add_argument("--seeds", default=seeds, help="paired seeds, trained together (e.g. 0-4)")
     p.add_argument("--steps", type=int, default=steps, help="training iterations per run")
-    p.add_argument("--d-lr", type=float, default=COMMON["d_lr"])
-    p.add_argument("--g-lr", type=float, default=COMMON["g_lr"])
+    p.add_argument("--d-lr", type=float, default=COMMON["d_lr"], help="discriminator Adam learning rate")
+    p.add_argument("--g-lr", type=float, default=COMMON["g_lr"], help="generator Adam learning rate")
     p.add_argument("--unroll-lr", type=float, default=COMMON["unroll_lr"], help="look-ahead Adam lr")
-    p.add_argument("--eval-every", type=int, default=COMMON["eval_every"])
-    p.add_argument("--eval-samples", type=int, default=COMMON["eval_samples"])
+    p.add_argument("--eval-every", type=int, default=COMMON["eval_every"],
+                   help="iterations between evaluations (and checkpoints)")
+    p.add_argument("--eval-samples", type=int, default=COMMON["eval_samples"],
+                   help="generator samples per evaluation")
     p.add_argument("--min-hq", type=float, default=MIN_HQ,
                    help="share of high-quality samples that 'stable coverage' requires besides all modes")
     p.add_argument("--out", default=out, help="run folders (checkpoints, metrics)")
-    p.add_argument("--doc", default=str(ROOT / doc), help="the results page to write")
+    p.add_argument("--doc", default=str(REPO_ROOT / doc), help="the results page to write")
     p.add_argument("--fig-dir", default=None, help="figures (default: a folder named like --doc, beside it)")
     p.add_argument("--resume", action="store_true", help="continue the runs already in --out")
     p.add_argument("--report-only", action="store_true", help="rewrite the page from the runs in --out")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    add_threads_flag(p)
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    """An ablation script's argument parser (every default shown by ``--help``)."""
+    return argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
 
 
 def base_settings(args: argparse.Namespace) -> Dict[str, Any]:
@@ -64,22 +69,14 @@ def parse_and_check(parser: argparse.ArgumentParser, build_cells, argv: Optional
                     ) -> Tuple[argparse.Namespace, List[Cell]]:
     """Parse flags and build the cells; every problem is an argparse error before any training starts."""
     args = parser.parse_args(argv)
-    try:
+
+    def cells_of(args: argparse.Namespace) -> List[Cell]:
         args.seed_list = tuple(parse_seeds(args.seeds))
         if not 0 <= args.min_hq <= 1:
             raise ValueError(f"--min-hq must be in [0, 1], got {args.min_hq}")
-        if args.threads is not None and args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
-        cells = build_cells(args)
-        for cell in cells:
-            cell.cfg.validate()
-    except ValueError as error:
-        parser.error(str(error))
-    out = Path(args.out)
-    started = [c.folder for c in cells if (out / c.folder / CHECKPOINT).exists()]
-    if started and not (args.resume or args.report_only):
-        parser.error(f"{out} already holds runs of this sweep ({started[0]}, ...); pass --resume to continue "
-                     f"them or choose another --out")
+        return build_cells(args)
+
+    cells = checked_cells(parser, args, cells_of)
     if args.fig_dir is None:
         args.fig_dir = str(Path(args.doc).with_suffix(""))
     return args, cells
@@ -93,17 +90,26 @@ def command_line(script: str, argv: Optional[Sequence[str]]) -> str:
 
 def main_for(script: str, parser: argparse.ArgumentParser, build_cells: Callable[[argparse.Namespace], List[Cell]],
              write_report: Callable[..., None], argv: Optional[Sequence[str]]) -> int:
-    """The whole sweep: check the flags, train every unfinished cell, rewrite the page after each and at the end.
+    """The whole sweep: check the flags, hold ``--out`` (:func:`runs.claim`: runs already there need
+    ``--resume``, which needs runs), train every unfinished cell, rewrite the page after each and at the end.
 
-    ``write_report(args, cells, log, command, complete)`` renders the page.
+    ``write_report(args, cells, log, command, complete)`` renders the page. Problems with the folder or a
+    checkpoint are one line on stderr and exit code 2.
     """
+    return runs.reports_errors(_main_for)(script, parser, build_cells, write_report, argv)
+
+
+def _main_for(script: str, parser: argparse.ArgumentParser,
+              build_cells: Callable[[argparse.Namespace], List[Cell]], write_report: Callable[..., None],
+              argv: Optional[Sequence[str]]) -> int:
     args, cells = parse_and_check(parser, build_cells, argv)
     command = command_line(script, argv)
-    if args.threads is not None:
+    resume = None if args.report_only else args.resume
+    with runs.claim(Path(args.out), resume=resume):
         torch.set_num_threads(args.threads)
-    log = run_cells(cells, Path(args.out), not args.no_progress, args.report_only,
-                    lambda log: write_report(args, cells, log, command, complete=False))
-    write_report(args, cells, log, command, complete=True)
+        log = run_cells(cells, Path(args.out), not args.no_progress, args.report_only,
+                        lambda log: write_report(args, cells, log, command, complete=False))
+        write_report(args, cells, log, command, complete=True)
     print(f"wrote {args.doc}")
     return 0
 
@@ -145,7 +151,7 @@ def result_row(label: str, cell: Cell, meta: Optional[Dict[str, Any]], n_modes: 
         return [label, "not run"] + [""] * (len(RESULT_HEADER) - 2)
     step = max(r["step"] for r in meta["records"])
     status = "" if meta["status"] == "done" else f" ({meta['status']})"
-    recs = [r for r in final_records(meta) if not math.isnan(r["reverse_kl"])]
+    recs = finite_records(final_records(meta))
     cost = seconds_per_iteration(cell, log)
     cost_text = "" if cost is None else f"{cost:.3f}"
     if not recs:
@@ -178,8 +184,7 @@ def start_page(title: str, intro: str, args: argparse.Namespace, cells: Sequence
     every table shares, ``intro`` and the hand-written notes kept from the existing page."""
     metas = load_all(cells, Path(args.out))
     n_modes = n_modes_of(args.dataset)
-    done = sum(1 for _, m in metas if m is not None and m["status"] in ("done", "diverged"))
-    status = "complete" if complete and done == len(cells) else f"PARTIAL: {done} of {len(cells)} cells finished"
+    status = page_status(metas, complete)
     return metas, n_modes, [
         f"# {title}", "",
         f"Status: **{status}**. Made by:", "", "```", command, "```", "",
@@ -205,22 +210,13 @@ def results_table(rows: Sequence[CellMeta], args: argparse.Namespace, n_modes: i
     return table([result_row(c.label, c, m, n_modes, args.min_hq, log) for c, m in rows], RESULT_HEADER)
 
 
-def kept_notes(doc: str) -> str:
-    """The hand-written text between the notes markers of an existing page (kept when the page is rewritten)."""
-    path = Path(doc)
-    text = path.read_text() if path.exists() else ""
-    if NOTES_BEGIN in text and NOTES_END in text:
-        return text[text.index(NOTES_BEGIN) + len(NOTES_BEGIN):text.index(NOTES_END)]
-    return ""
-
-
 def write_page(doc: Path, lines: Sequence[str], log: Sequence[Dict[str, Any]]) -> None:
     """Write the page, ending with the total training time of the sweep."""
     total = sum(e["seconds"] for e in log)
     lines = list(lines) + [f"Training time of all cells: {total / 60:.1f} min, summed over cells (each cell on one "
                            f"thread, all its seeds together with torch.func.vmap). The 2-core machine was shared "
                            f"with other jobs, so s / iteration is noisy.", ""]
-    atomic_write_bytes(Path(doc), "\n".join(lines).encode())
+    runs.atomic_write_bytes(Path(doc), "\n".join(lines).encode())
 
 
 def n_modes_of(dataset: str) -> int:

@@ -25,15 +25,16 @@ import urllib.request
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Callable, ClassVar, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from . import REPO_ROOT  # re-exported: the tests read md.REPO_ROOT
+
 PathLike = Union[str, os.PathLike]
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 MNIST_ENV_VAR = "UNROLL_MNIST_DIR"
 MNIST_SPLITS = ("train", "test")
 
@@ -201,26 +202,48 @@ def read_idx_gz(path: PathLike) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class MNIST:
-    """One MNIST split: ``images`` uint8 [N, 28, 28] (0 = background), ``labels`` int64 [N]."""
+class LabelledImages:
+    """One split of a labelled image dataset: ``images`` uint8 [N, ...], ``labels`` int64 [N], and where they
+    came from. Subclasses name the dataset (``NAME``) and what an item is (``ITEMS``)."""
 
     images: Tensor
     labels: Tensor
     split: str
     folder: Path
+    NAME: ClassVar[str] = "images"
+    ITEMS: ClassVar[str] = "images"
 
     @property
     def description(self) -> str:
         """A phrase for results, e.g. ``"MNIST test split (10,000 digits)"``."""
-        return f"MNIST {self.split} split ({len(self.labels):,} digits)"
+        return f"{self.NAME} {self.split} split ({len(self.labels):,} {self.ITEMS})"
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
 
+class MNIST(LabelledImages):
+    """One MNIST split: ``images`` uint8 [N, 28, 28] (0 = background), ``labels`` int64 [N]."""
+
+    NAME, ITEMS = "MNIST", "digits"
+
+
 def mnist_folder(root: Optional[PathLike] = None) -> Path:
     """The folder :func:`load_mnist` uses (see the module docstring for the order)."""
     return default_folder(MNIST_ENV_VAR, "mnist", root)
+
+
+def has_split(split: str = "test", root: Optional[PathLike] = None) -> bool:
+    """Whether :func:`mnist_folder` holds both files of ``split`` (nothing is downloaded or checked)."""
+    folder = mnist_folder(root)
+    return all((folder / name).is_file() for name in MNIST_FILES[split])
+
+
+def how_to_get(split: str = "test") -> str:
+    """What to do when ``split``'s files are missing (for messages and skipped tests)."""
+    return (f"the MNIST {split} split ({' and '.join(MNIST_FILES[split])}) is not in {mnist_folder()}: download "
+            f"both files from {MNIST_MIRRORS[0]} into {REPO_ROOT / 'data' / 'mnist'} (the experiment scripts do "
+            f"so themselves when the network allows), or set ${MNIST_ENV_VAR} to a folder that holds them")
 
 
 def load_mnist(split: str = "test", root: Optional[PathLike] = None, *, download: bool = True,

@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import pickle
 import tarfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from torch import Tensor
 
-from mnist_data import (DatasetError, FormatError, MissingDataError, PathLike, default_folder, download_file,
-                        ensure_files)
+from .mnist_data import (DatasetError, FormatError, LabelledImages, MissingDataError, PathLike, default_folder,
+                         download_file, ensure_files)
 
 CIFAR10_ENV_VAR = "UNROLL_CIFAR10_DIR"
 CIFAR10_SUBDIR = "cifar-10-batches-py"
@@ -45,21 +43,10 @@ CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 IMAGE_BYTES = 3 * 32 * 32
 
 
-@dataclass(frozen=True)
-class CIFAR10:
+class CIFAR10(LabelledImages):
     """One CIFAR-10 split: ``images`` uint8 [N, 3, 32, 32] (RGB), ``labels`` int64 [N]."""
 
-    images: Tensor
-    labels: Tensor
-    split: str
-    folder: Path
-
-    @property
-    def description(self) -> str:
-        return f"CIFAR-10 {self.split} split ({len(self.labels):,} images)"
-
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
+    NAME, ITEMS = "CIFAR-10", "images"
 
 
 def cifar10_folder(root: Optional[PathLike] = None) -> Path:

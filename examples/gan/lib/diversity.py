@@ -22,7 +22,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-import image_metrics as im
+from . import image_metrics as im
+from . import runs
+from .image_experiment import first_finished
+from .plotting import from_uint8, image_grid, pyplot, save_figure, to_uint8
 
 Generator = Callable[[Tensor], Tensor]
 """``G(z) -> images``; must treat every latent independently (e.g. batch norm in evaluation mode)."""
@@ -105,8 +108,10 @@ def reconstruction_table(mse: Mapping[str, Sequence[Tensor]]) -> Dict[str, Dict[
     for run index i, the models' i-th runs compete per target (as App. G groups runs by index), averaged over i
     (only indices every model has are compared).
     """
+    if not mse:  # every run diverged: no model to compare
+        return {}
     names = list(mse)
-    n_runs = min(len(runs) for runs in mse.values())
+    n_runs = min(len(model_runs) for model_runs in mse.values())
     best = torch.zeros(len(names), dtype=torch.float64)
     for i in range(n_runs):
         best += percent_best_rank(torch.stack([torch.as_tensor(mse[name][i]) for name in names]))
@@ -182,19 +187,18 @@ class DiversityProbe:
     @staticmethod
     def table(records: Sequence[Mapping[str, Any]], model_key: str) -> Dict[str, Dict[str, float]]:
         """Table 3 over finished ``records`` grouped by ``record[model_key]`` (runs ordered by seed)."""
-        runs: Dict[str, List[Tuple[int, Tensor]]] = {}
+        by_model: Dict[str, List[Tuple[int, Tensor]]] = {}
         for r in records:
             if r.get("status") == "done" and "recon_mse_per_target" in r:
-                runs.setdefault(str(r[model_key]), []).append((r["seed"], torch.tensor(r["recon_mse_per_target"])))
+                by_model.setdefault(str(r[model_key]), []).append((r["seed"],
+                                                                   torch.tensor(r["recon_mse_per_target"])))
         return reconstruction_table({name: [m for _, m in sorted(v, key=lambda t: t[0])]
-                                     for name, v in runs.items()})
+                                     for name, v in by_model.items()})
 
 
 def plot_distance_histograms(data_profile: Mapping[str, Any], profiles: Sequence[Tuple[str, Mapping[str, Any]]],
                              path: Path, title: str = "") -> None:
     """Fig. 6: density of pairwise l2 distances for the data (black) and each model."""
-    from image_training import pyplot, save_figure
-
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.4))
     edges = np.asarray(data_profile["edges"])
@@ -216,8 +220,6 @@ def plot_reconstructions(targets: Tensor, models: Sequence[Tuple[str, Tensor, Te
     """Fig. 5: targets (first column) and each model's reconstruction with its MSE; ``models`` are
     ``(label, images [M, ...], mse [M])``. Shows the ``n`` targets with the largest fractional MSE difference
     between the first and the last model."""
-    from image_training import image_grid, pyplot, save_figure
-
     plt = pyplot()
     order = torch.argsort(fractional_difference(models[0][2], models[-1][2]), descending=True)[:n]
     fig, axes = plt.subplots(len(order), len(models) + 1, figsize=(1.2 * (len(models) + 1), 1.3 * len(order) + 0.4),
@@ -248,14 +250,11 @@ def script_evaluator(probe: DiversityProbe, extra: Optional[Callable[..., Dict[s
                      ) -> Callable[..., Dict[str, Any]]:
     """An ``evaluate(trainer, spec, run_dir)`` for :func:`image_training.run_experiment`: the probe's metrics
     (plus ``extra(trainer, spec, run_dir)``'s), the reconstructions saved to ``run_dir`` for the figure."""
-    from image_training import to_uint8
-    from training import atomic_torch_save
-
     def evaluate(trainer: Any, spec: Any, run_dir: Path) -> Dict[str, Any]:
         samples = trainer.samples(probe.n_samples)
         # Targets stay on the CPU; the generator may run on another device.
         metrics, images = probe.evaluate(lambda z: trainer.forward_eval(z).cpu(), samples, trainer.gan.latent_dim)
-        atomic_torch_save(to_uint8(images), Path(run_dir) / RECONSTRUCTIONS)
+        runs.save_checkpoint({"images": to_uint8(images)}, Path(run_dir) / RECONSTRUCTIONS)
         return {**metrics, **(extra(trainer, spec, run_dir) if extra is not None else {})}
 
     return evaluate
@@ -266,8 +265,6 @@ def script_outputs(probe: DiversityProbe, records: Sequence[Mapping[str, Any]], 
                    paper: Optional[Mapping[str, str]] = None) -> Tuple[Dict[str, Dict[str, float]], str]:
     """Table 3 (returned, with its markdown) and the figures ``pairwise_distances.png`` (Fig. 6) and
     ``reconstructions.png`` (Fig. 5) from the first finished seed of every model."""
-    from image_training import first_finished, from_uint8
-
     table = DiversityProbe.table(records, model_key)
     lines = [f"| {model_key} | reconstruction MSE | percent best rank | runs |" + (" paper |" if paper else ""),
              "|---|---|---|---|" + ("---|" if paper else "")]
@@ -285,7 +282,7 @@ def script_outputs(probe: DiversityProbe, records: Sequence[Mapping[str, Any]], 
     for label, (spec, _) in first.items():
         path = Path(out) / spec.folder / RECONSTRUCTIONS
         if spec.folder in by_run and path.is_file():
-            images = from_uint8(torch.load(path, weights_only=True))
+            images = from_uint8(runs.load_checkpoint(path, ("images",))["images"])
             recons.append((label, images, torch.tensor(by_run[spec.folder]["recon_mse_per_target"])))
     if recons:
         plot_reconstructions(probe.targets, recons, out / "reconstructions.png",

@@ -1,0 +1,384 @@
+"""What the image experiment scripts (``mnist_rnn.py``, ``stacked_mnist.py``, ``colored_mnist.py``,
+``cifar10.py``) share around :mod:`image_training`: their flags (a reduced default, ``--paper`` for the paper's
+settings, explicit flags over both; ``--help`` shows each default), validation before any work, the run folder
+(:func:`session`: lock, ``--resume`` and the stored settings, through :mod:`runs`), the deviations from the paper,
+tables, and the outputs every script writes."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, TypeVar
+
+import numpy as np
+import torch
+
+from . import runs
+from .cli import HelpFormatter, add_threads_flag, check_threads
+from .image_models import parse_size, size_label
+from .image_training import (G_LOSSES, MAY_CHANGE, RESULT, Evaluate, GANConfig, GANTrainer, ImageGAN, RunSpec,
+                             run_experiment)
+from .mnist_data import DatasetError
+from .plotting import plot_loss_curves, plot_sample_panels, plot_samples_over_training
+from .runs import CHECKPOINT
+
+T = TypeVar("T")
+
+# The reduced defaults of the conv experiments (Stacked MNIST, colored MNIST, CIFAR-10) train D and G at this rate:
+# at App. D's 2e-4 / 1e-4 their generators still output noise at the end of a CPU-sized budget (1,200-1,500
+# iterations), while at 1e-3 they draw digits within it (docs/results/stacked_mnist.md, colored_mnist.md).
+REDUCED_LR = 1e-3
+LR_NOTE = ("learning rates: D {d_lr}, G {g_lr}; App. D's are 2e-4 and 1e-4, and the reduced default uses 1e-3 "
+           "for both because at App. D's rates these generators still output noise after 1,200-1,500 iterations")
+# Settings that do not change the numbers: never compared on --resume.
+NOT_COMPARED = ("out",)
+
+
+# ------------------------------------------------------------------------------------ tables
+
+
+def mean_and_se(values: Sequence[float]) -> Tuple[float, float]:
+    """Mean and standard error of the mean (0 for a single value; NaN for none)."""
+    x = np.asarray([v for v in values if v is not None], dtype=np.float64)
+    if x.size == 0:
+        return math.nan, math.nan
+    return float(x.mean()), float(x.std(ddof=1) / math.sqrt(x.size)) if x.size > 1 else 0.0
+
+
+def aggregate(records: Sequence[Mapping[str, Any]], key_names: Sequence[str], metrics: Sequence[str]
+              ) -> List[Dict[str, Any]]:
+    """One row per table cell (the values of ``key_names``, in first-seen order): mean and s.e. over seeds of
+    each metric of the finished runs, and how many runs finished or diverged."""
+    cells: Dict[Tuple, List[Mapping[str, Any]]] = {}
+    for record in records:
+        cells.setdefault(tuple(record[k] for k in key_names), []).append(record)
+    rows = []
+    for key, group in cells.items():
+        done = [r for r in group if r.get("status") == "done"]
+        row: Dict[str, Any] = {**dict(zip(key_names, key)), "runs": len(done),
+                               "diverged": len(group) - len(done)}
+        for metric in metrics:
+            row[metric], row[f"{metric}_se"] = mean_and_se([r[metric] for r in done if metric in r])
+        rows.append(row)
+    return rows
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[Tuple[str, str]],
+                   paper: Optional[Mapping[Tuple, str]] = None, key_names: Sequence[str] = ()) -> str:
+    """``columns`` are ``(metric, header)``; cells show ``mean ± s.e.``. ``paper`` maps a row's key tuple to the
+    published entry, shown in a last column."""
+    headers = list(key_names) + [h for _, h in columns] + ["runs"] + (["paper"] if paper is not None else [])
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    for row in rows:
+        cells = [str(row[k]) for k in key_names]
+        for metric, _ in columns:
+            mean, se = row[metric], row[f"{metric}_se"]
+            cells.append("—" if math.isnan(mean) else f"{mean:.4g} ± {se:.2g}")
+        cells.append(f"{row['runs']}" + (f" (+{row['diverged']} diverged)" if row["diverged"] else ""))
+        if paper is not None:
+            cells.append(paper.get(tuple(row[k] for k in key_names), "—"))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ shared flags and config
+
+
+def default_text(name: str, reduced: Mapping[str, Any], paper: Mapping[str, Any]) -> str:
+    """``"default X"``, and ``"; --paper: Y"`` where the paper's configuration differs, for a flag's help."""
+    show = lambda v: " ".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)  # noqa: E731
+    text = f"default {show(reduced[name])}"
+    if name in paper and show(paper[name]) != show(reduced[name]):
+        text += f"; --paper: {show(paper[name])}"
+    return f"({text})"
+
+
+def parser(description: str, reduced: Mapping[str, Any], paper: Mapping[str, Any]) -> argparse.ArgumentParser:
+    """An argument parser with the flags every image script has. Settings that ``--paper`` switches default to
+    ``None`` here (their help names both values) and are resolved by :func:`resolve`."""
+    p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
+    d = lambda name: default_text(name, reduced, paper)  # noqa: E731
+    p.add_argument("--paper", action="store_true",
+                   help="the paper's full configuration (explicit flags still override it)")
+    p.add_argument("--K", type=int, nargs="+", default=None, metavar="K",
+                   help=f"unrolled discriminator steps {d('K')}")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, metavar="S", help=f"seeds {d('seeds')}")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"training iterations, one D and one G update each {d('steps')}")
+    p.add_argument("--batch", type=int, default=None, help=f"minibatch size {d('batch')}")
+    p.add_argument("--d-lr", type=float, default=None, help=f"discriminator Adam learning rate {d('d_lr')}")
+    p.add_argument("--g-lr", type=float, default=None, help=f"generator Adam learning rate {d('g_lr')}")
+    p.add_argument("--unroll-lr", type=float, default=None,
+                   help="learning rate of the K look-ahead Adam steps (default: the discriminator's, as the paper)")
+    p.add_argument("--beta1", type=float, default=None, help=f"Adam beta1 of both players {d('beta1')}")
+    p.add_argument("--g-loss", choices=G_LOSSES, default=None,
+                   help=f"nonsaturating: -log D(G(z)); minimax: G maximises L_D {d('g_loss')}")
+    p.add_argument("--snapshot-every", type=int, default=None,
+                   help=f"iterations between sample-grid snapshots {d('snapshot_every')}")
+    p.add_argument("--checkpoint-every", type=int, default=None,
+                   help=f"iterations between checkpoints {d('checkpoint_every')}")
+    p.add_argument("--data-dir", default=None,
+                   help="folder with the dataset files (default: $UNROLL_MNIST_DIR / $UNROLL_CIFAR10_DIR, else "
+                        "../shared/data/<name> beside the repository, else data/<name> where downloads go)")
+    p.add_argument("--out", default=None, help=f"output folder (default {reduced['out']})")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the runs in --out from their checkpoints (the same settings; --steps may grow)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    add_threads_flag(p)
+    p.add_argument("--workers", type=int, default=None,
+                   help="runs trained at once, each in its own process with --threads threads (default: one per CPU "
+                        "core for --device cpu where processes can fork, else 1); the numbers do not depend on it")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def add_diversity_flags(p: argparse.ArgumentParser, reduced: Mapping[str, Any], paper: Mapping[str, Any],
+                        what: str) -> None:
+    """The flags of the Sec. 3.4 diversity analyses (:class:`diversity.DiversityProbe`); ``what`` names the
+    targets (e.g. ``"digits"``)."""
+    d = lambda name: default_text(name, reduced, paper)  # noqa: E731
+    p.add_argument("--targets", type=int, default=None,
+                   help=f"{what} reconstructed by inference via optimisation {d('targets')}")
+    p.add_argument("--restarts", type=int, default=None, help=f"L-BFGS random restarts per target {d('restarts')}")
+    p.add_argument("--lbfgs-iters", type=int, default=None,
+                   help=f"L-BFGS iterations per restart {d('lbfgs_iters')}")
+    p.add_argument("--pairs", type=int, default=None,
+                   help=f"random pairs for the distance histograms {d('pairs')}")
+
+
+DIVERSITY_SETTINGS = ("targets", "restarts", "lbfgs_iters", "pairs")
+DIVERSITY_AT_LEAST = {name: 1 for name in DIVERSITY_SETTINGS}
+
+
+def add_split_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--split", choices=("auto", "train", "test"), default=None,
+                   help="MNIST split to train on (default auto: train if present or downloadable, else test)")
+
+
+def size_arg(text: str) -> str:
+    """argparse type for a size multiplier: ``"0.25"`` or ``"1/4"`` -> ``"1/4"``."""
+    try:
+        return size_label(parse_size(text))
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from error
+
+
+def resolve(args: argparse.Namespace, reduced: Mapping[str, Any], paper: Mapping[str, Any]) -> Dict[str, Any]:
+    """Every setting: the flag if given, else the paper's value with ``--paper``, else the reduced default."""
+    base = {**reduced, **paper} if args.paper else dict(reduced)
+    out = {}
+    for name, default in base.items():
+        value = getattr(args, name, None)
+        out[name] = default if value is None else value
+    return out
+
+
+def make_config(settings: Mapping[str, Any], K: int, seed: int) -> GANConfig:
+    """The :class:`GANConfig` of one run from a script's resolved settings."""
+    return GANConfig(K=K, steps=settings["steps"], batch=settings["batch"], d_lr=settings["d_lr"],
+                     g_lr=settings["g_lr"], unroll_lr=settings["unroll_lr"], beta1=settings["beta1"],
+                     g_loss=settings["g_loss"], seed=seed, snapshot_every=settings["snapshot_every"],
+                     checkpoint_every=settings["checkpoint_every"])
+
+
+def parse(p: argparse.ArgumentParser, argv: Optional[Sequence[str]], reduced: Mapping[str, Any],
+          paper: Mapping[str, Any], at_least: Mapping[str, int] = {}) -> Tuple[argparse.Namespace, Dict[str, Any],
+                                                                            Path]:
+    """Parse and validate every flag (``at_least``: minimum values of script settings): any problem is an
+    argparse error before any work starts. Returns ``(args, settings, out)``; nothing is written."""
+    args = p.parse_args(argv)
+    settings = resolve(args, reduced, paper)
+    for name in ("K", "seeds"):
+        values = list(settings[name])
+        if len(set(values)) != len(values):
+            p.error(f"--{name} values must be distinct, got {values}")
+    for name, minimum in at_least.items():
+        if settings[name] < minimum:
+            p.error(f"--{name.replace('_', '-')} must be >= {minimum}, got {settings[name]}")
+    try:
+        check_threads(args.threads)
+        for K in settings["K"]:
+            for seed in settings["seeds"]:
+                make_config(settings, K, seed).validate()
+        device = torch.device(args.device)
+    except (ValueError, RuntimeError) as error:
+        p.error(str(error))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: CUDA is not available here")
+    if args.workers is None:
+        args.workers = default_workers(device)
+    elif args.workers < 1:
+        p.error(f"--workers must be >= 1, got {args.workers}")
+    elif args.workers > 1 and not can_run_in_workers(device):
+        p.error(f"--workers {args.workers}: parallel runs need --device cpu and a platform that can fork "
+                f"processes (Linux); use --workers 1")
+    return args, settings, Path(args.out or settings["out"])
+
+
+Parsed = Tuple[argparse.Namespace, Dict[str, Any], Path]
+
+
+def parse_args_for(build_parser: Callable[[], argparse.ArgumentParser], reduced: Mapping[str, Any],
+                   paper: Mapping[str, Any], at_least: Mapping[str, int] = {}
+                   ) -> Callable[[Optional[Sequence[str]]], Parsed]:
+    """A script's ``parse_args(argv) -> (args, settings, out)``: :func:`parse` with its parser and defaults."""
+    def parse_args(argv: Optional[Sequence[str]] = None) -> Parsed:
+        """Parse and validate every flag: any problem is an argparse error before any work starts."""
+        return parse(build_parser(), argv, reduced, paper, at_least)
+
+    return parse_args
+
+
+@contextlib.contextmanager
+def session(args: argparse.Namespace, settings: Mapping[str, Any], out: Path,
+            extra: Optional[Mapping[str, Any]] = None) -> Iterator[float]:
+    """The script's hold on ``out`` (:func:`runs.claim`): the settings that make the numbers (``settings`` and
+    ``extra``, e.g. the classifier's) are stored, and on ``--resume`` must match, but for ``--steps`` and
+    ``--checkpoint-every``; sets the thread count; yields the start time."""
+    stored = {**{k: v for k, v in settings.items() if k not in NOT_COMPARED}, **(extra or {})}
+    with runs.claim(out, resume=args.resume, settings=stored, may_change=MAY_CHANGE):
+        torch.set_num_threads(args.threads)
+        yield time.perf_counter()
+
+
+def run_specs(gan: ImageGAN, settings: Mapping[str, Any], **key: Any) -> List[RunSpec]:
+    """One run per K and seed of ``settings``, in its table cell ``{**key, "K": K}``."""
+    return [RunSpec(gan, make_config(settings, K, seed), {**key, "K": K})
+            for K in settings["K"] for seed in settings["seeds"]]
+
+
+def uniform_sampler(images: torch.Tensor) -> Callable[[int, torch.Generator], torch.Tensor]:
+    """``sample(n, generator)``: ``n`` rows of ``images`` drawn uniformly with replacement."""
+    def sample(n: int, gen: torch.Generator) -> torch.Tensor:
+        return images[torch.randint(images.shape[0], (n,), generator=gen)]
+
+    return sample
+
+
+def run(args: argparse.Namespace, specs: Sequence[RunSpec], out: Path, evaluate: Evaluate,
+        eval_settings: Mapping[str, Any]) -> Tuple[List[Dict[str, Any]], Dict[str, GANTrainer]]:
+    """:func:`image_training.run_experiment` with the script's flags (resume, device, progress, workers)."""
+    return run_experiment(specs, out, evaluate, args.resume, args.device, not args.no_progress,
+                          workers=args.workers, eval_settings=eval_settings)
+
+
+def load_data(loader: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``loader(*args, **kwargs)``, its dataset errors (files missing and not downloadable, bad checksums) turned
+    into a :class:`runs.RunError`: one line, exit code 2."""
+    try:
+        return loader(*args, **kwargs)
+    except DatasetError as error:
+        raise runs.RunError(str(error)) from None
+
+
+def eval_settings(settings: Mapping[str, Any], names: Sequence[str], **extra: Any) -> Dict[str, Any]:
+    """What a run's evaluation depends on besides its training: ``names`` from ``settings`` and ``extra``."""
+    return {**{name: settings[name] for name in names}, **extra}
+
+
+def can_run_in_workers(device: torch.device) -> bool:
+    """Whether runs on ``device`` can be trained in forked worker processes: CPU runs where processes can fork."""
+    return device.type == "cpu" and runs.can_fork()
+
+
+def default_workers(device: torch.device) -> int:
+    """One worker per CPU core available to this process where :func:`can_run_in_workers`, else 1."""
+    if not can_run_in_workers(device):
+        return 1
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def deviations(settings: Mapping[str, Any], paper: Mapping[str, Any], notes: Iterable[str]) -> List[str]:
+    """Every setting that differs from the paper, then the fixed ``notes`` (unstated or changed details), in
+    which ``{name}`` is replaced by the setting's value."""
+    lines = [f"{name}: {settings[name]} (paper: {paper[name]})" for name in paper
+             if _normalise(settings.get(name)) != _normalise(paper[name])]
+    return lines + [note.format(**settings) for note in notes]
+
+
+def _normalise(value: Any) -> Any:
+    return [str(v) for v in value] if isinstance(value, (list, tuple)) else str(value)
+
+
+def environment() -> Dict[str, Any]:
+    return {"torch": str(torch.__version__), "threads": torch.get_num_threads(), "python": platform.python_version(),
+            "machine": platform.machine()}
+
+
+def announce(title: str, settings: Mapping[str, Any], notes: Sequence[str], log: Callable[[str], None]) -> None:
+    log(f"{title}")
+    log("settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()))
+    log("deviations from the paper (and details it leaves open):")
+    for line in notes:
+        log(f"  - {line}")
+
+
+# ------------------------------------------------------------------------------------------- outputs
+
+
+def first_finished(specs: Sequence[RunSpec], trainers: Mapping[str, GANTrainer]
+                   ) -> Dict[str, Tuple[RunSpec, GANTrainer]]:
+    """The first finished run (lowest listed seed) of every table cell, keyed by its label; for figures."""
+    first: Dict[str, Tuple[RunSpec, GANTrainer]] = {}
+    for spec in specs:
+        if spec.folder in trainers and spec.label not in first:
+            first[spec.label] = (spec, trainers[spec.folder])
+    return first
+
+
+def finish(out: Path, name: str, argv: Optional[Sequence[str]], settings: Mapping[str, Any], notes: Sequence[str],
+           records: Sequence[Mapping[str, Any]], rows: Sequence[Mapping[str, Any]], table: str,
+           trainers: Mapping[str, GANTrainer], specs: Sequence[RunSpec], start: float,
+           extra: Optional[Mapping[str, Any]] = None, log: Callable[[str], None] = print) -> Dict[str, Any]:
+    """Write ``results.json`` and the figures every script has, and print the table and the deviations.
+
+    Figures: ``samples.png`` (final samples of each table cell's first finished seed), ``samples_over_training.png``
+    (Fig. 3-style rows per cell) and ``losses.png``.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    first = first_finished(specs, trainers)
+    if first:
+        rows_over_time = [(f"{label}, seed {spec.cfg.seed}", trainer.snapshots)
+                          for label, (spec, trainer) in first.items()]
+        plot_samples_over_training(rows_over_time, out / "samples_over_training.png",
+                                   title=f"{name}: samples of fixed latents over training (iterations)")
+        plot_sample_panels([(f"{label} (seed {spec.cfg.seed})", trainer.snapshots[-1][1])
+                            for label, (spec, trainer) in first.items()], out / "samples.png",
+                           title=f"{name}: samples after {settings['steps']} iterations")
+    plot_loss_curves(records, out / "losses.png", title=name)
+    payload = {
+        "experiment": name, "command": " ".join([f"python examples/gan/{name}.py", *argv]),
+        "status": "done" if all(r["status"] == "done" for r in records)
+        else "all runs diverged" if not any(r["status"] == "done" for r in records) else "some runs diverged",
+        "settings": dict(settings), "deviations": list(notes), **(extra or {}), "table": list(rows),
+        "table_markdown": table, "runs": list(records), "environment": environment(),
+        "wall_seconds": round(time.perf_counter() - start, 1),
+    }
+    runs.write_json(out / "results.json", payload)
+    log("")
+    log(table)
+    log("")
+    log("deviations from the paper:")
+    for line in notes:
+        log(f"  - {line}")
+    diverged = [r["run"] for r in records if r["status"] != "done"]
+    if diverged:
+        log(f"diverged runs (last good checkpoints kept): {', '.join(diverged)}")
+    figures = ", ".join(sorted(path.name for path in Path(out).glob("*.png")))
+    log(f"outputs in {out}: results.json, {figures}; per run: <run>/{CHECKPOINT}, <run>/{RESULT}")
+    log(f"wall time {payload['wall_seconds']:.0f} s")
+    return payload
+
+
+def split_note(mnist: Any, also: str = "") -> List[str]:
+    """A first deviation when the digits are not MNIST's training split, which the paper trains on."""
+    if mnist.split == "train":
+        return []
+    return [f"data: the {mnist.description} (the training split is not available); the paper trains on the "
+            f"training split{also}"]

@@ -1,0 +1,458 @@
+"""One training loop for the image GANs of Metz et al. (2017), Sec. 3.2-3.4, and what their scripts share.
+
+An *iteration* is one discriminator update then one generator update (the paper counts each network update as
+a step, so App. C's 150k steps are 75k iterations here). Per iteration:
+
+1. ``fake = G(z)`` once, for both players;
+2. D takes a ``torch.optim.Adam`` step on ``L_D = -log D(x) - log(1 - D(fake))``;
+3. G takes an Adam step on ``unroll.surrogate_loss``: K Adam steps of D unrolled from D's *current* Adam state
+   (``unroll.from_torch``), on the same minibatch, BatchNorm buffers passed with ``buffers=``; the generator's
+   loss is evaluated at the unrolled discriminator and differentiated through the K steps (Eq. 12).
+
+Only names in ``unroll.__all__`` are used. Seeds are paired across K: the initial weights and the data and
+latent streams of seed ``s`` do not depend on K. :class:`GANTrainer` checkpoints through :mod:`runs` (atomic,
+read back with ``weights_only=True``, other settings refused), resumes to exactly the numbers of an uninterrupted
+run, and stops with :class:`ImageTrainingDiverged` (naming the iteration, the seed and the last good checkpoint,
+which it keeps) when a loss, a parameter, a buffer or an Adam state becomes NaN or infinite. :func:`run_experiment`
+trains a list of runs, one after another or in forked worker processes, and collects their evaluations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+import unroll
+
+from . import runs
+from .image_models import LATENT_DIM
+from .models import d_loss_from_logits, nonsaturating_g_loss
+from .plotting import FigureBudget, plot_samples_over_training, to_uint8
+from .runs import CHECKPOINT
+
+G_LOSSES = ("nonsaturating", "minimax")
+RESULT = "result.json"
+CHECKPOINT_KEYS = ("config", "gan", "step", "G", "D", "g_opt", "d_opt", "rng", "losses", "snapshots",
+                   "train_seconds")
+# What may change when a run is resumed: its length and how often it is checkpointed.
+MAY_CHANGE = ("steps", "checkpoint_every")
+# Per-seed random streams: stream j of seed s is seeded with s * _STREAMS + j.
+_STREAMS = 16
+_INIT, _DATA, _LATENT, _FIXED, _EVAL = 0, 1, 2, 3, 4
+
+
+# ------------------------------------------------------------------------------------------ configuration
+
+
+@dataclass(frozen=True)
+class GANConfig:
+    """One training run. Defaults: App. D (G lr 1e-4, D lr 2e-4) with Adam beta1 = 0.5 (App. A/C)."""
+
+    K: int = 0
+    steps: int = 1000
+    batch: int = 64
+    d_lr: float = 2e-4
+    g_lr: float = 1e-4
+    unroll_lr: Optional[float] = None  # None: the discriminator's own learning rate, as in the paper
+    beta1: float = 0.5
+    beta2: float = 0.999
+    g_loss: str = "nonsaturating"
+    seed: int = 0
+    snapshot_every: int = 100  # sample grids over training (Fig. 3)
+    snapshot_samples: int = 36
+    checkpoint_every: int = 100
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first bad field."""
+        checks = [
+            (self.K >= 0, f"K must be >= 0, got {self.K}"),
+            (self.steps >= 1, f"steps must be >= 1, got {self.steps}"),
+            (self.batch >= 2, f"batch must be >= 2 (batch normalization needs 2 samples), got {self.batch}"),
+            (all(lr > 0 for lr in (self.d_lr, self.g_lr, 1.0 if self.unroll_lr is None else self.unroll_lr)),
+             "learning rates must be > 0"),
+            (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, f"betas must lie in [0, 1), got {self.beta1}, "
+                                                          f"{self.beta2}"),
+            (self.g_loss in G_LOSSES, f"g_loss must be one of {G_LOSSES}, got {self.g_loss!r}"),
+            (self.seed >= 0, f"seed must be >= 0, got {self.seed}"),
+            (self.snapshot_every >= 1, f"snapshot_every must be >= 1, got {self.snapshot_every}"),
+            (self.snapshot_samples >= 1, f"snapshot_samples must be >= 1, got {self.snapshot_samples}"),
+            (self.checkpoint_every >= 1, f"checkpoint_every must be >= 1, got {self.checkpoint_every}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+
+@dataclass(frozen=True)
+class ImageGAN:
+    """What the loop needs from an experiment: fresh models and a sampler of real images in [-1, 1]."""
+
+    name: str
+    make_generator: Callable[[], nn.Module]
+    make_discriminator: Callable[[], nn.Module]
+    sample_data: Callable[[int, torch.Generator], Tensor]
+    latent_dim: int = LATENT_DIM
+
+
+ImageTrainingDiverged = runs.Diverged
+"""A loss, parameter, buffer or Adam state became NaN or infinite (the name the scripts and tests import)."""
+
+
+# ----------------------------------------------------------------------------------------------- trainer
+
+
+class GANTrainer:
+    """Trains one :class:`ImageGAN` with :class:`GANConfig`; ``out_dir=None`` keeps everything in memory."""
+
+    def __init__(self, gan: ImageGAN, cfg: GANConfig, out_dir: Optional[Path] = None, resume: bool = False,
+                 device: str = "cpu", progress: bool = False, desc: str = "") -> None:
+        cfg.validate()
+        self.gan, self.cfg, self.device = gan, cfg, torch.device(device)
+        self.out_dir = None if out_dir is None else Path(out_dir)
+        self.progress, self.desc = progress, desc or f"{gan.name} K={cfg.K} seed={cfg.seed}"
+        stream = lambda j: torch.Generator().manual_seed(cfg.seed * _STREAMS + j)  # noqa: E731
+        with torch.random.fork_rng(devices=[]):
+            # Module initialisers draw from the global generator; fork it so the caller's stream is untouched.
+            torch.manual_seed(cfg.seed * _STREAMS + _INIT)
+            self.G = gan.make_generator().to(self.device)
+            self.D = gan.make_discriminator().to(self.device)
+        betas = (cfg.beta1, cfg.beta2)
+        self.g_opt = torch.optim.Adam(self.G.parameters(), lr=cfg.g_lr, betas=betas)
+        self.d_opt = torch.optim.Adam(self.D.parameters(), lr=cfg.d_lr, betas=betas)
+        # With a separate unroll learning rate the look-ahead optimizer differs; the state still comes from D's.
+        self.unroll_opt = None if cfg.unroll_lr is None else unroll.adam(cfg.unroll_lr, betas=betas)
+        self.data_gen, self.latent_gen = stream(_DATA), stream(_LATENT)
+        self.fixed_z = torch.randn(cfg.snapshot_samples, gan.latent_dim, generator=stream(_FIXED))
+        self.step = 0
+        self.losses: List[Tuple[float, float]] = []  # (d_loss, g_loss) of every iteration
+        self.snapshots: List[Tuple[int, Tensor]] = []  # (iteration, uint8 samples of fixed_z)
+        self.train_seconds = 0.0
+        self.checkpoint_step: Optional[int] = None
+        # <run>/samples_over_training.png while a long run trains (the script draws every run's at the end).
+        self.figure_budget = FigureBudget(assumed_cost=1.0)
+        if resume:
+            self.load_checkpoint()
+
+    # ----- the losses -----
+    def _logits(self, params: Mapping[str, Tensor], images: Tensor) -> Tensor:
+        return functional_call(self.D, dict(params), (images,))
+
+    def d_loss(self, params: Mapping[str, Tensor], x: Tensor, fake: Tensor) -> Tensor:
+        """L_D with real and generated images in separate batches (separate batch-norm statistics, as DCGAN)."""
+        return d_loss_from_logits(self._logits(params, x), self._logits(params, fake))
+
+    def g_loss_at(self, params: Mapping[str, Tensor], x: Tensor, fake: Tensor) -> Tensor:
+        """-log D(G(z)) at the (unrolled) discriminator ``params`` (App. C/D's L_G, read as non-saturating)."""
+        return nonsaturating_g_loss(self._logits(params, fake))
+
+    def unrolled_g_loss(self, x: Tensor, fake: Tensor) -> Tensor:
+        """The generator's loss f_K (Eq. 9): K Adam steps of D from its current parameters and Adam state
+        (``unroll.from_torch``), then G's loss at the unrolled D; differentiable in ``fake`` through all K steps."""
+        inner_opt, d_state = unroll.from_torch(self.d_opt, self.D)
+        surrogate = unroll.surrogate_loss(self.d_loss, self.cfg.K, optimizer=self.unroll_opt or inner_opt,
+                                          outer_fn=self.g_loss_at if self.cfg.g_loss == "nonsaturating" else None)
+        d_params = {name: p.detach() for name, p in self.D.named_parameters()}
+        try:
+            return surrogate(d_params, d_state, x, fake, buffers=dict(self.D.named_buffers()))
+        except unroll.NonFiniteLossError as error:
+            raise self._diverged(f"unrolled discriminator loss (unrolled step {error.step})", error.value) from error
+
+    # ----- one iteration -----
+    def draw(self) -> Tuple[Tensor, Tensor]:
+        """This iteration's real images and latents (CPU streams: the same numbers on every device)."""
+        x = self.gan.sample_data(self.cfg.batch, self.data_gen)
+        z = torch.randn(self.cfg.batch, self.gan.latent_dim, generator=self.latent_gen)
+        return x.to(self.device), z.to(self.device)
+
+    def train_step(self) -> Tuple[float, float]:
+        """One D update then one G update; raises :class:`ImageTrainingDiverged` before stepping on a NaN/inf."""
+        x, z = self.draw()
+        fake = self.G(z)  # one forward pass serves both players
+        d_loss = self.d_loss(dict(self.D.named_parameters()), x, fake.detach())
+        self._check("discriminator loss", d_loss)
+        self.d_opt.zero_grad(set_to_none=True)
+        d_loss.backward()
+        self.d_opt.step()
+
+        g_loss = self.unrolled_g_loss(x, fake)
+        self._check("generator loss", g_loss)
+        self.g_opt.zero_grad(set_to_none=True)
+        g_loss.backward()
+        self.g_opt.step()
+        # Finite losses do not prove a finite state: an Adam moment can overflow while the losses stay finite.
+        found = runs.first_nonfinite({
+            "generator parameters": dict(self.G.named_parameters()), "generator buffers": dict(self.G.named_buffers()),
+            "discriminator parameters": dict(self.D.named_parameters()),
+            "discriminator buffers": dict(self.D.named_buffers()),
+            "generator Adam state": list(self.g_opt.state.values()),
+            "discriminator Adam state": list(self.d_opt.state.values())})
+        if found is not None:
+            raise self._diverged(found[1], found[2])
+        return float(d_loss.detach()), float(g_loss.detach())
+
+    def _check(self, which: str, value: Tensor) -> None:
+        if not bool(torch.isfinite(value)):
+            raise self._diverged(which, float(value.detach()))
+
+    @property
+    def checkpoint_path(self) -> Optional[Path]:
+        return None if self.out_dir is None else self.out_dir / CHECKPOINT
+
+    def _diverged(self, which: str, value: float) -> ImageTrainingDiverged:
+        return ImageTrainingDiverged(self.step + 1, self.cfg.seed, which, value, self.checkpoint_path,
+                                     self.checkpoint_step)
+
+    # ----- sampling -----
+    def forward_eval(self, z: Tensor) -> Tensor:
+        """G(z) in evaluation mode (batch norm from running statistics: each sample depends on its z alone),
+        differentiable in ``z`` (inference via optimisation)."""
+        was_training = self.G.training
+        self.G.eval()
+        try:
+            return self.G(z.to(self.device))
+        finally:
+            self.G.train(was_training)
+
+    @torch.no_grad()
+    def generate(self, z: Tensor, chunk: int = 500) -> Tensor:
+        """:meth:`forward_eval` on the CPU-side latents ``z``, ``chunk`` at a time; returns CPU images."""
+        return torch.cat([self.forward_eval(z[i:i + chunk]).cpu() for i in range(0, z.shape[0], chunk)])
+
+    def eval_latents(self, n: int) -> Tensor:
+        """``n`` latents from the seed's evaluation stream (fixed per seed, independent of K)."""
+        gen = torch.Generator().manual_seed(self.cfg.seed * _STREAMS + _EVAL)
+        return torch.randn(n, self.gan.latent_dim, generator=gen)
+
+    def samples(self, n: int) -> Tensor:
+        return self.generate(self.eval_latents(n))
+
+    def snapshot(self) -> None:
+        if not self.snapshots or self.snapshots[-1][0] != self.step:
+            self.snapshots.append((self.step, to_uint8(self.generate(self.fixed_z))))
+
+    # ----- checkpoints -----
+    def settings(self) -> Dict[str, Any]:
+        """What defines the run's numbers: the configuration and the experiment's models."""
+        return {**dataclasses.asdict(self.cfg), "model": self.gan.name}
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {
+            "config": dataclasses.asdict(self.cfg), "gan": self.gan.name, "step": self.step,
+            "G": self.G.state_dict(), "D": self.D.state_dict(),
+            "g_opt": self.g_opt.state_dict(), "d_opt": self.d_opt.state_dict(),
+            "rng": {"data": self.data_gen.get_state(), "latent": self.latent_gen.get_state()},
+            "losses": torch.tensor(self.losses, dtype=torch.float64).reshape(-1, 2),
+            "snapshots": self.snapshots, "train_seconds": self.train_seconds,
+        }
+
+    def save_checkpoint(self) -> None:
+        if self.checkpoint_path is None:
+            return
+        runs.save_checkpoint(self.state_dict(), self.checkpoint_path)
+        self.checkpoint_step = self.step
+
+    def load_checkpoint(self) -> None:
+        path = self.checkpoint_path
+        # Read onto the CPU (the RNG states must stay CPU tensors; load_state_dict copies the rest onto the
+        # device). Only the length of training and the checkpoint interval may change: anything else would mix
+        # two runs.
+        ckpt = runs.checkpoint_to_resume(path, CHECKPOINT_KEYS, self.settings(),
+                                         lambda ckpt: {**ckpt["config"], "model": ckpt["gan"]}, MAY_CHANGE)
+        with runs.reading(path):
+            self.G.load_state_dict(ckpt["G"])
+            self.D.load_state_dict(ckpt["D"])
+            self.g_opt.load_state_dict(ckpt["g_opt"])
+            self.d_opt.load_state_dict(ckpt["d_opt"])
+            self.data_gen.set_state(ckpt["rng"]["data"])
+            self.latent_gen.set_state(ckpt["rng"]["latent"])
+            self.step = self.checkpoint_step = int(ckpt["step"])
+            self.losses = [(float(d), float(g)) for d, g in ckpt["losses"].tolist()]
+            self.snapshots = [(int(step), images) for step, images in ckpt["snapshots"]]
+            self.train_seconds = float(ckpt["train_seconds"])
+
+    # ----- the loop -----
+    def run(self) -> None:
+        """Train to ``cfg.steps`` iterations (from where a resumed run stands)."""
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        if self.step == 0:
+            self.snapshot()
+        bar = tqdm(total=cfg.steps, initial=min(self.step, cfg.steps), disable=not self.progress,
+                   dynamic_ncols=True, desc=self.desc, mininterval=1.0)
+        try:
+            while self.step < cfg.steps:
+                start = time.perf_counter()
+                losses = self.train_step()
+                self.train_seconds += time.perf_counter() - start
+                self.losses.append(losses)
+                self.step += 1
+                bar.update(1)
+                if self.step % 10 == 0:
+                    bar.set_postfix(d_loss=f"{losses[0]:.3f}", g_loss=f"{losses[1]:.3f}")
+                if self.step % cfg.snapshot_every == 0 or self.step == cfg.steps:
+                    self.snapshot()
+                    if self.out_dir is not None:
+                        self.figure_budget.draw(self.save_figure)
+                if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+                    self.save_checkpoint()
+        finally:
+            bar.close()
+
+    def save_figure(self) -> None:
+        """``<run>/samples_over_training.png``: the snapshots so far (Fig. 3-style, one row)."""
+        assert self.out_dir is not None
+        plot_samples_over_training([(f"seed {self.cfg.seed}", self.snapshots)],
+                                   self.out_dir / "samples_over_training.png",
+                                   title=f"{self.gan.name}, K={self.cfg.K}: samples of fixed latents (iterations)")
+
+    def summary(self, max_points: int = 200) -> Dict[str, Any]:
+        """Configuration, progress and the loss curves (averaged into at most ``max_points`` windows)."""
+        losses = np.asarray(self.losses, dtype=np.float64).reshape(-1, 2)
+        window = max(1, math.ceil(len(losses) / max_points))
+        curve = [{"step": int(min(i + window, len(losses))), "d_loss": float(chunk[:, 0].mean()),
+                  "g_loss": float(chunk[:, 1].mean())}
+                 for i in range(0, len(losses), window) for chunk in [losses[i:i + window]]]
+        return {"config": dataclasses.asdict(self.cfg), "step": self.step, "losses": curve,
+                "train_seconds": round(self.train_seconds, 2),
+                "seconds_per_iteration": round(self.train_seconds / max(self.step, 1), 4)}
+
+
+# ------------------------------------------------------------------------------------ several runs
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run of an experiment: ``key`` names its table cell (e.g. ``{"X": "1/4", "K": 5}``)."""
+
+    gan: ImageGAN
+    cfg: GANConfig
+    key: Mapping[str, Any]
+
+    @property
+    def folder(self) -> str:
+        parts = [f"{k}{str(v).replace('/', '_')}" for k, v in self.key.items()]
+        return "-".join(parts + [f"seed{self.cfg.seed}"])
+
+    @property
+    def label(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.key.items())
+
+
+Evaluate = Callable[[GANTrainer, RunSpec, Path], Dict[str, Any]]
+"""``evaluate(trainer, spec, run_dir) -> metrics`` (JSON-serialisable), called once a run has finished."""
+
+
+# What the forked workers of run_experiment read: set just before the fork, inherited by the children.
+_WORK: Dict[str, Any] = {}
+
+
+def _train_one(index: int) -> List[str]:
+    """Worker: train and evaluate run ``index`` of the job in ``_WORK``; returns its log lines."""
+    job = _WORK
+    torch.set_num_threads(job["threads"])
+    lines: List[str] = []
+    run_experiment([job["specs"][index]], job["out_dir"], job["evaluate"], job["resume"], job["device"],
+                   progress=False, log=lines.append, eval_settings=job["eval_settings"])
+    return lines
+
+
+def _train_in_workers(specs: Sequence[RunSpec], out_dir: Path, evaluate: Evaluate, resume: bool, device: str,
+                      workers: int, progress: bool, log: Callable[[str], None],
+                      eval_settings: Mapping[str, Any]) -> None:
+    """Train and evaluate every run in ``workers`` forked processes (:func:`runs.run_in_workers`, each with the
+    caller's torch thread count), costliest (largest K) first; each run writes its checkpoint and ``result.json``
+    as in the sequential loop. The first error (or Ctrl-C) stops the other workers at once, and the workers stop
+    if this process dies; their checkpoints are written atomically, so ``--resume`` goes on."""
+    from tqdm import tqdm
+
+    order = sorted(range(len(specs)), key=lambda i: -specs[i].cfg.K)
+    workers = min(workers, len(specs))
+    _WORK.update(specs=list(specs), out_dir=Path(out_dir), evaluate=evaluate, resume=resume, device=device,
+                 threads=torch.get_num_threads(), eval_settings=dict(eval_settings))
+    try:
+        with tqdm(total=len(specs), disable=not progress, desc=f"runs ({workers} workers)") as bar:
+            def report(lines: List[str]) -> None:
+                bar.update(1)
+                for line in lines:
+                    bar.write(line) if progress else log(line)
+
+            runs.run_in_workers(_train_one, order, workers, report)
+    finally:
+        _WORK.clear()
+
+
+def _reusable(cached: Optional[Mapping[str, Any]], status: str, cfg: GANConfig, eval_settings: Mapping[str, Any],
+              step: Optional[int] = None) -> bool:
+    """Whether a run's stored ``result.json`` was made by exactly these settings (and, if given, at ``step``)."""
+    return cached is not None and cached.get("status") == status \
+        and not runs.setting_differences(cached.get("config", {}), dataclasses.asdict(cfg)) \
+        and not runs.setting_differences(cached.get("eval_settings", {}), eval_settings) \
+        and (step is None or cached.get("step") == step)
+
+
+def run_experiment(specs: Sequence[RunSpec], out_dir: Path, evaluate: Evaluate, resume: bool = False,
+                   device: str = "cpu", progress: bool = False, log: Callable[[str], None] = print,
+                   workers: int = 1, eval_settings: Optional[Mapping[str, Any]] = None
+                   ) -> Tuple[List[Dict[str, Any]], Dict[str, GANTrainer]]:
+    """Train and evaluate every run; returns ``(records, trainers)``, the trainers of the first finished run of
+    every table cell (by folder; the others are dropped to bound memory).
+
+    Each run lives in ``out_dir/<spec.folder>/`` (``checkpoint.pt``, ``result.json``). With ``resume``, finished
+    runs are reloaded and an interrupted one continues from its checkpoint; a stored evaluation is reused only when
+    the run's configuration, its iteration and every one of ``eval_settings`` (what else the evaluation depends on:
+    sample counts, targets, ...) match. A run that diverges is recorded with ``status: "diverged"`` (its last good
+    checkpoint kept) and the others go on. ``workers > 1`` trains the runs in that many forked CPU processes (with
+    this process's thread count) and then reloads them here; every run's numbers are the same as with one worker.
+    The caller holds ``out_dir`` (:func:`runs.claim`).
+    """
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    eval_settings = dict(eval_settings or {})
+    if workers > 1 and len(specs) > 1:
+        _train_in_workers(specs, out_dir, evaluate, resume, device, workers, progress, log, eval_settings)
+        resume, progress, log = True, False, lambda line: None  # the runs are done: reload them quietly
+    records: List[Dict[str, Any]] = []
+    trainers: Dict[str, GANTrainer] = {}
+    for i, spec in enumerate(specs):
+        run_dir = Path(out_dir) / spec.folder
+        cached = runs.read_json(run_dir / RESULT) if resume else None
+        if _reusable(cached, "diverged", spec.cfg, eval_settings):
+            records.append(cached)  # training is deterministic: it would diverge at the same iteration again
+            continue
+        trainer = GANTrainer(spec.gan, spec.cfg, run_dir, resume=resume and (run_dir / CHECKPOINT).is_file(),
+                             device=device, progress=progress, desc=f"[{i + 1}/{len(specs)}] {spec.label} "
+                                                                    f"seed={spec.cfg.seed}")
+        base = {"run": spec.folder, **dict(spec.key), "seed": spec.cfg.seed, "eval_settings": eval_settings}
+        try:
+            trainer.run()
+        except ImageTrainingDiverged as error:
+            log(f"{spec.folder}: {error}")
+            record = {**base, "status": "diverged", "diverged_at": error.step, "error": str(error),
+                      **trainer.summary()}
+            runs.write_json(run_dir / RESULT, record)
+            records.append(record)
+            continue
+        if not any(other.label == spec.label for other in specs if other.folder in trainers):
+            trainers[spec.folder] = trainer  # only the first finished run of each cell, for the figures
+        if _reusable(cached, "done", spec.cfg, eval_settings, trainer.step):
+            records.append(cached)
+            continue
+        start = time.perf_counter()
+        metrics = evaluate(trainer, spec, run_dir)
+        record = {**base, "status": "done", **metrics, **trainer.summary(),
+                  "eval_seconds": round(time.perf_counter() - start, 2)}
+        runs.write_json(run_dir / RESULT, record)
+        records.append(record)
+        log(f"{spec.folder}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                            for k, v in metrics.items() if isinstance(v, (int, float))))
+    return records, trainers

@@ -1,0 +1,428 @@
+"""Run management shared by every experiment script: one writer per output folder, files that a kill never leaves
+half written, checkpoints that hold only tensors and plain data, a resume that refuses other settings, divergence
+named by its iteration and seed, and worker processes that die with their parent.
+
+A script's life::
+
+    @runs.reports_errors                     # a RunError becomes one line on stderr and exit code 2
+    def main(argv=None):
+        args = parse_args(argv)              # flags only: argparse errors, nothing written
+        with runs.claim(out, resume=args.resume, settings=settings, may_change=("steps",)):
+            ...                              # train: runs.save_checkpoint / runs.load_checkpoint, runs.write_json
+
+:func:`claim` creates ``out``, takes its lock (a second writer is refused, the message names the holder's pid; the
+lock is an ``flock`` that the kernel drops when its process dies, so a killed run never leaves a stale lock),
+checks ``--resume`` against the checkpoints the folder holds, and compares the settings stored in
+``settings.json`` with the new ones (a difference is refused, naming the settings). :func:`load_checkpoint` reads
+with ``torch.load(weights_only=True)``: a file that asks for anything but tensors and plain containers is refused
+unread, and a truncated, empty or garbage file is named in a clear error. :func:`first_nonfinite` finds the first
+NaN or infinity in losses, parameters or optimizer states, for :class:`Diverged`. :func:`run_in_workers` runs
+tasks in forked processes that exit as soon as their parent is gone.
+
+Only the standard library and torch are used, so examples other than the GANs can use it as well.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import json
+import math
+import multiprocessing
+import os
+import pickle
+import secrets
+import sys
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, TypeVar
+
+import torch
+from torch import Tensor
+
+try:  # POSIX (Linux, macOS): the platforms whose processes can fork, which the workers need anyway
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: runs are not locked there
+    fcntl = None  # type: ignore[assignment]
+
+CHECKPOINT = "checkpoint.pt"
+SETTINGS = "settings.json"
+LOCK = ".lock"
+_TMP_SUFFIX = ".tmp"
+
+T = TypeVar("T")
+
+
+# ------------------------------------------------------------------------------------------------- errors
+
+
+class RunError(Exception):
+    """A problem with an output folder or a checkpoint: reported as one line (exit code 2), never a traceback."""
+
+
+class CheckpointError(RunError):
+    """A checkpoint that cannot be read: missing, truncated, empty, corrupt, or holding more than data."""
+
+
+class SettingsMismatch(RunError, ValueError):
+    """``--resume`` with settings other than the run's (a ``ValueError`` too, as before run management)."""
+
+
+class FolderLocked(RunError):
+    """Another process writes to the same output folder."""
+
+
+class Diverged(FloatingPointError):
+    """A loss, parameter or optimizer state became NaN or infinite at iteration ``step`` (1-based) of seed
+    ``seed``. ``checkpoint`` / ``checkpoint_step``: the last good checkpoint, kept untouched (``checkpoint`` is None
+    for a run kept in memory; ``checkpoint_step`` is None when none was written yet)."""
+
+    def __init__(self, step: int, seed: int, which: str, value: float, checkpoint: Optional[Path] = None,
+                 checkpoint_step: Optional[int] = None) -> None:
+        if checkpoint is None:
+            kept = "nothing was written"
+        elif checkpoint_step is None:
+            kept = "no checkpoint was written yet"
+        else:
+            kept = f"the last good checkpoint ({checkpoint}, iteration {checkpoint_step}) and outputs are kept"
+        super().__init__(f"training diverged: non-finite {which} ({value}) at iteration {step} for seed {seed}; "
+                         f"{kept}")
+        self.step, self.seed, self.which, self.value = step, seed, which, value
+        self.checkpoint, self.checkpoint_step = checkpoint, checkpoint_step
+
+    def __reduce__(self) -> Tuple[Any, ...]:  # picklable across worker processes
+        return (type(self), (self.step, self.seed, self.which, self.value, self.checkpoint, self.checkpoint_step))
+
+
+def reports_errors(main: Callable[..., int]) -> Callable[..., int]:
+    """Wrap a script's ``main(argv)``: a :class:`RunError` prints ``error: <message>`` to stderr and returns 2."""
+
+    @functools.wraps(main)
+    def wrapper(*args: Any, **kwargs: Any) -> int:
+        try:
+            return main(*args, **kwargs)
+        except RunError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+
+    return wrapper
+
+
+# ------------------------------------------------------------------------------------------------- files
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file of a name no other writer uses, then ``os.replace``:
+    readers and a later resume see the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{_TMP_SUFFIX}")
+    try:
+        with open(tmp, "xb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def strict_json(obj: Any) -> Any:
+    """``obj`` with every NaN or infinity replaced by ``None`` (JSON's ``null``) and tuples by lists: strict JSON
+    readers reject the ``NaN`` literals Python's json module writes by default."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    return obj
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Strict JSON (see :func:`strict_json`), written atomically."""
+    atomic_write_bytes(Path(path), (json.dumps(strict_json(obj), indent=1, allow_nan=False) + "\n").encode())
+
+
+def read_json(path: Path) -> Optional[Any]:
+    """The JSON in ``path``, or None if it is missing or unreadable."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def save_checkpoint(payload: Mapping[str, Any], path: Path) -> None:
+    """Atomically save ``payload``: tensors and plain data only (dicts, lists, tuples, str, numbers, None), so
+    :func:`load_checkpoint` can read it without unpickling code."""
+    buffer = io.BytesIO()
+    torch.save(dict(payload), buffer)
+    atomic_write_bytes(Path(path), buffer.getvalue())
+
+
+def load_checkpoint(path: Path, required: Sequence[str] = ()) -> Dict[str, Any]:
+    """Read a checkpoint with ``torch.load(weights_only=True)`` onto the CPU. Raises :class:`CheckpointError`
+    naming the file when it is missing, truncated, empty, corrupt, asks to build anything but tensors and plain
+    containers (refused before anything in it runs), or lacks one of the ``required`` keys."""
+    path = Path(path)
+    advice = "delete it (or restore a copy) to start that run over"
+    if not path.is_file():
+        raise CheckpointError(f"there is no checkpoint {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        reason = str(error.__context__ or error).strip().splitlines()[-1]
+        raise CheckpointError(f"{path} holds something other than tensors and plain data, or is corrupt "
+                              f"({reason}); it was refused without running anything in it; {advice}") from None
+    except Exception as error:  # noqa: BLE001 - every way a file can be truncated or garbage
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        raise CheckpointError(f"{path} is not a readable checkpoint: truncated or corrupt "
+                              f"({type(error).__name__}: {reason}); {advice}") from None
+    missing = [key for key in required if not isinstance(ckpt, dict) or key not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path} is not a checkpoint of this experiment (no {', '.join(missing)}); {advice}")
+    return ckpt
+
+
+@contextlib.contextmanager
+def reading(path: Path) -> Iterator[None]:
+    """Turn an error while applying a loaded checkpoint (a wrong key, type or shape) into a
+    :class:`CheckpointError` naming the file."""
+    try:
+        yield
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as error:
+        raise CheckpointError(f"{path} does not fit this run ({type(error).__name__}: {error}); delete it (or "
+                              f"restore a copy) to start that run over") from None
+
+
+def layout_difference(expected: Any, got: Any, path: str = "state") -> Optional[str]:
+    """The first place where the nested dicts of tensors ``got`` differ from ``expected`` in keys, shape or dtype
+    (None when they match): a checkpoint must hold exactly the state the run would have."""
+    if isinstance(expected, Mapping):
+        if not isinstance(got, Mapping) or set(got) != set(expected):
+            return f"{path} has entries {sorted(got) if isinstance(got, Mapping) else type(got).__name__}, " \
+                   f"expected {sorted(expected)}"
+        for key in expected:
+            difference = layout_difference(expected[key], got[key], f"{path}.{key}")
+            if difference:
+                return difference
+        return None
+    if not isinstance(got, Tensor) or got.shape != expected.shape or got.dtype != expected.dtype:
+        what = f"{tuple(got.shape)} {got.dtype}" if isinstance(got, Tensor) else type(got).__name__
+        return f"{path} is {what}, expected {tuple(expected.shape)} {expected.dtype}"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- settings
+
+
+def _comparable(value: Any) -> Any:
+    return json.loads(json.dumps(strict_json(value), default=str))
+
+
+def setting_differences(saved: Mapping[str, Any], now: Mapping[str, Any], may_change: Sequence[str] = ()
+                        ) -> List[str]:
+    """``"name: <saved> in the run, <now> now"`` for every setting that differs, except those in ``may_change``."""
+    missing = "(not set)"
+    return [f"{name}: {saved.get(name, missing)} in the run, {now.get(name, missing)} now"
+            for name in sorted(set(saved) | set(now)) if name not in may_change
+            and _comparable(saved.get(name, missing)) != _comparable(now.get(name, missing))]
+
+
+def check_settings(saved: Mapping[str, Any], now: Mapping[str, Any], where: Path,
+                   may_change: Sequence[str] = ()) -> None:
+    """Raise :class:`SettingsMismatch` naming every differing setting: resuming with them would silently mix two
+    runs in one set of results."""
+    differences = setting_differences(saved, now, may_change)
+    if differences:
+        raise SettingsMismatch(f"--resume: {where} was made with other settings ({'; '.join(differences)}); use "
+                               f"the same flags or another --out")
+
+
+def checkpoint_to_resume(path: Optional[Path], required: Sequence[str], now: Mapping[str, Any],
+                         saved: Callable[[Dict[str, Any]], Mapping[str, Any]],
+                         may_change: Sequence[str] = ()) -> Dict[str, Any]:
+    """The checkpoint a run resumes from: read by :func:`load_checkpoint` (with the ``required`` keys), and the
+    settings it was made with (``saved(checkpoint)``) the same as ``now`` but for ``may_change``."""
+    if path is None:
+        raise RunError("resume needs an output folder")
+    ckpt = load_checkpoint(path, required)
+    check_settings(saved(ckpt), now, path.parent, may_change)
+    return ckpt
+
+
+# ------------------------------------------------------------------------------------------- the folder
+
+
+class RunLock:
+    """An exclusive ``flock`` on ``<folder>/.lock``, which holds the owner's pid. The kernel releases it when the
+    owner exits or is killed, so a lock left by a dead process is simply taken over."""
+
+    def __init__(self, folder: Path) -> None:
+        self.path = Path(folder) / LOCK
+        self.fd: Optional[int] = None
+
+    def acquire(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                holder = self.path.read_text().strip() or "unknown"
+                raise FolderLocked(f"{self.path.parent} is in use by another run (pid {holder}); two runs writing "
+                                   f"one folder would overwrite each other's files: wait for it, stop it, or "
+                                   f"choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            if fcntl is not None:
+                fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+
+def has_checkpoints(folder: Path) -> bool:
+    """Whether ``folder`` or any folder below it holds a checkpoint."""
+    return any(Path(folder).rglob(CHECKPOINT))
+
+
+@contextlib.contextmanager
+def claim(out: Path, resume: Optional[bool], settings: Optional[Mapping[str, Any]] = None,
+          may_change: Sequence[str] = ()) -> Iterator[Path]:
+    """Hold ``out`` for this process while the block runs.
+
+    Creates ``out`` and locks it (:class:`RunLock`); removes temporary files a killed writer left; then checks:
+    ``resume=True`` needs a checkpoint in ``out`` (or below), ``resume=False`` needs none, ``resume=None`` takes
+    either (sweeps continue their cells implicitly). ``settings`` (JSON-able) are compared with those stored in
+    ``out/settings.json`` when resuming (any difference outside ``may_change`` is refused, naming it) and then
+    stored. Problems raise :class:`RunError` before anything is written.
+    """
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        lock = RunLock(out)
+        lock.acquire()
+    except (FileExistsError, NotADirectoryError):
+        raise RunError(f"--out {out}: a file is in the way of the output folder") from None
+    except OSError as error:
+        raise RunError(f"--out {out}: cannot write there ({error.strerror or error})") from None
+    try:
+        for tmp in out.rglob(f".*{_TMP_SUFFIX}"):  # the lock is ours: these are a killed writer's leftovers
+            tmp.unlink()
+        held = has_checkpoints(out)
+        if resume is True and not held:
+            raise RunError(f"--resume: {out} holds no checkpoint to continue")
+        if resume is False and held:
+            raise RunError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+        if settings is not None:
+            saved = read_json(out / SETTINGS)
+            if held and saved is not None:
+                check_settings(saved, settings, out, may_change)
+            write_json(out / SETTINGS, settings)
+        yield out
+    finally:
+        lock.release()
+
+
+# ------------------------------------------------------------------------------------------- divergence
+
+
+def _leaves(tree: Any, path: str = "") -> Iterator[Tuple[str, Tensor]]:
+    if isinstance(tree, Mapping):
+        for key, value in tree.items():
+            yield from _leaves(value, f"{path}.{key}" if path else str(key))
+    elif isinstance(tree, (list, tuple)):
+        for i, value in enumerate(tree):
+            yield from _leaves(value, f"{path}[{i}]")
+    elif isinstance(tree, Tensor) and tree.is_floating_point():
+        yield path, tree.detach()
+
+
+@torch.no_grad()
+def first_nonfinite(groups: Mapping[str, Any], batched: bool = False) -> Optional[Tuple[int, str, float]]:
+    """The first NaN or infinity in ``groups`` (``{"generator parameters": tensors, ...}``, each a nested
+    dict/list/tuple of tensors): ``(index, "group (entry)", value)``, or None when everything is finite.
+
+    With ``batched``, every tensor's first dimension indexes runs (vmapped seeds), and ``index`` is the lowest run
+    with a non-finite entry; else ``index`` is 0. One sum per tensor checks everything at once; only when a sum is
+    not finite (a non-finite entry, or an overflow of the sum) are the entries searched.
+    """
+    leaves = [(f"{group} ({path})" if path else group, leaf) for group, tree in groups.items()
+              for path, leaf in _leaves(tree)]
+    if not leaves:
+        return None
+    sums = [leaf.reshape(leaf.shape[0], -1).sum(1) if batched else leaf.sum().reshape(1) for _, leaf in leaves]
+    if bool(torch.isfinite(torch.stack([s.to(sums[0].device, torch.float64) for s in sums])).all()):
+        return None
+    best: Optional[Tuple[int, str, float]] = None
+    for name, leaf in leaves:
+        bad = ~torch.isfinite(leaf.reshape(leaf.shape[0], -1) if batched else leaf.reshape(1, -1))
+        rows = bad.any(1).nonzero()
+        if rows.numel() and (best is None or int(rows[0, 0]) < best[0]):
+            index = int(rows[0, 0])
+            value = float(leaf.reshape(bad.shape)[index][bad[index]][0])
+            best = (index, name, value)
+    return best
+
+
+# ---------------------------------------------------------------------------------------------- workers
+
+
+def can_fork() -> bool:
+    """Whether :func:`run_in_workers` is available: tasks go to forked processes (Linux, macOS), because they are
+    closures (models, data samplers, evaluators) that cannot be pickled for a spawned one."""
+    return "fork" in multiprocessing.get_all_start_methods()
+
+
+# The task of run_in_workers: set just before the fork, inherited by the children.
+_TASK: Dict[str, Callable[[int], Any]] = {}
+
+
+def _die_with_parent(parent: int) -> None:
+    """Worker initializer: exit at once when the parent is gone (else a killed parent leaves workers that go on
+    training and writing into a folder nobody holds)."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.2)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="die-with-parent", daemon=True).start()
+
+
+def _call_task(index: int) -> Any:
+    return _TASK["task"](index)
+
+
+def run_in_workers(task: Callable[[int], T], indices: Sequence[int], workers: int,
+                   on_result: Callable[[T], None]) -> None:
+    """``task(i)`` for every ``i`` in ``indices`` (in that order of start), in ``workers`` forked processes that
+    inherit this process's memory; ``on_result`` gets each result as it arrives. The first error (or Ctrl-C)
+    stops the other workers at once and is raised here; workers exit by themselves if this process dies."""
+    if not can_fork():
+        raise RuntimeError("workers > 1 needs the 'fork' start method, which this platform does not have")
+    context = multiprocessing.get_context("fork")
+    before = set(context.active_children())
+    _TASK["task"] = task
+    try:
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=_die_with_parent,
+                                 initargs=(os.getpid(),)) as pool:
+            futures = [pool.submit(_call_task, i) for i in indices]
+            try:
+                for future in as_completed(futures):
+                    on_result(future.result())
+            except BaseException:
+                pool.shutdown(wait=False, cancel_futures=True)
+                for child in set(context.active_children()) - before:
+                    child.terminate()
+                raise
+    finally:
+        _TASK.clear()

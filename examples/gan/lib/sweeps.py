@@ -1,0 +1,174 @@
+"""What the sweeps over 2-D mixture runs share (``sweep_mixture.py`` and the App. B ablations): a sweep is a list
+of :class:`Cell` (one configuration, all its seeds trained together in one run folder), trained in turn and
+resumed cell by cell; summary statistics, markdown tables, Fig. 2-style figures, and results pages whose
+hand-written notes survive a rewrite."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from . import runs
+from .cli import check_threads
+from .data import make_mixture
+from .plotting import density_histogram, histogram_extent, plot_density_grid
+from .runs import CHECKPOINT
+from .training import Hooks, TrainConfig, Trainer, TrainingDiverged, run_name
+
+NOTES_BEGIN, NOTES_END = "<!-- notes -->", "<!-- /notes -->"
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One row of a sweep: a configuration trained for all its seeds at once, in its own run folder."""
+
+    group: str  # e.g. "main" or "sensitivity"
+    label: str
+    cfg: TrainConfig
+    seeds: Tuple[int, ...]
+    tag: str = ""  # tells apart cells whose TrainConfig is the same (e.g. different hooks)
+    hooks: Optional[Hooks] = field(default=None, compare=False)
+
+    @property
+    def folder(self) -> str:
+        tag = f"_{self.tag}" if self.tag else ""
+        return f"{self.group}/{run_name(self.cfg)}{tag}_s{len(self.seeds)}_n{self.cfg.steps}"
+
+
+CellMeta = Tuple[Cell, Optional[Dict[str, Any]]]
+"""A cell and its run's ``metrics.json`` (None before it ran)."""
+
+
+def checked_cells(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                  build_cells: Callable[[argparse.Namespace], List[Cell]]) -> List[Cell]:
+    """The sweep's cells from its flags; a bad flag (``ValueError`` from ``build_cells`` or a configuration) is
+    an argparse error before anything is trained."""
+    try:
+        check_threads(args.threads)
+        cells = build_cells(args)
+        for cell in cells:
+            cell.cfg.validate()
+    except ValueError as error:
+        parser.error(str(error))
+    return cells
+
+
+def summary_stats(values: Sequence[float]) -> Dict[str, float]:
+    """Mean, standard error of the mean (n - 1 in the std) and median."""
+    values = [float(v) for v in values]
+    n = len(values)
+    se = statistics.stdev(values) / math.sqrt(n) if n > 1 else float("nan")
+    return {"mean": statistics.fmean(values), "se": se, "median": statistics.median(values), "n": n}
+
+
+def load_run(folder: Path) -> Optional[Dict[str, Any]]:
+    """A run folder's ``metrics.json`` (None if absent or unreadable)."""
+    return runs.read_json(Path(folder) / "metrics.json")
+
+
+def run_cell(cell: Cell, folder: Path, progress: bool, log: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """Train one cell to its end (resuming its checkpoint, if any; a finished cell is left as it is) and append
+    what it cost to ``log``. A diverged cell is reported and kept (its outputs stop where it diverged)."""
+    meta = load_run(folder)
+    if meta is not None and meta["status"] in ("done", "diverged"):
+        return meta
+    resume = (folder / CHECKPOINT).exists()
+    start = time.time()
+    trainer = Trainer(cell.cfg, cell.seeds, out_dir=folder, hooks=cell.hooks, resume=resume, progress=progress)
+    start_step = trainer.step
+    try:
+        trainer.run()
+    except TrainingDiverged as error:
+        print(f"{cell.folder}: {error}", file=sys.stderr)
+    log.append({"cell": cell.folder, "seconds": time.time() - start, "from_step": start_step,
+                "to_step": trainer.step, "seeds": len(cell.seeds), "finished": time.strftime("%H:%M:%S")})
+    return load_run(folder)
+
+
+def run_cells(cells: Sequence[Cell], out_root: Path, progress: bool, report_only: bool,
+              report: Callable[[List[Dict[str, Any]]], None]) -> List[Dict[str, Any]]:
+    """Train every unfinished cell (resuming from checkpoints), calling ``report(log)`` after each one.
+
+    Returns the cost log (``sweep_log.json`` under ``out_root``), which survives restarts, so a resumed sweep
+    still reports what every cell took. With ``report_only`` nothing is trained.
+    """
+    log_path = out_root / "sweep_log.json"
+    log: List[Dict[str, Any]] = runs.read_json(log_path) or []
+    if not report_only:
+        for i, cell in enumerate(cells):
+            print(f"[{i + 1}/{len(cells)}] {cell.folder}", file=sys.stderr, flush=True)
+            before = len(log)
+            run_cell(cell, out_root / cell.folder, progress, log)
+            if len(log) > before:
+                runs.write_json(log_path, log)
+            report(log)
+    return log
+
+
+def final_records(meta: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """The records of a run's last evaluation (one per seed)."""
+    last = max(r["step"] for r in meta["records"])
+    return [r for r in meta["records"] if r["step"] == last]
+
+
+def fmt(stats: Dict[str, float], scale: float = 1.0, digits: int = 2) -> str:
+    """``"mean ± s.e."`` of :func:`summary_stats`, scaled; ``"n/a"`` without values."""
+    if stats["n"] == 0 or math.isnan(stats["mean"]):
+        return "n/a"
+    se = "" if math.isnan(stats["se"]) else f" ± {scale * stats['se']:.{digits}f}"
+    return f"{scale * stats['mean']:.{digits}f}{se}"
+
+
+def finite_records(records: Sequence[Dict[str, Any]], metric: str = "reverse_kl") -> List[Dict[str, Any]]:
+    """The records whose ``metric`` has a value (``metrics.json`` writes a missing one as ``null``; older files
+    as NaN)."""
+    return [r for r in records if r.get(metric) is not None and not math.isnan(r[metric])]
+
+
+def table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
+    """A markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def figure_for(dataset: str, cells: Sequence[CellMeta], out_root: Path, path: Path, title: str) -> bool:
+    """Fig. 2-style: rows = cells (first seed), columns = evaluation steps, last column the data; False if no
+    cell has run yet."""
+    rows = []
+    for cell, meta in cells:
+        ckpt_path = out_root / cell.folder / CHECKPOINT
+        if meta is None or not ckpt_path.exists():
+            continue
+        snapshots = runs.load_checkpoint(ckpt_path, ("snapshots",))["snapshots"]
+        rows.append((f"{cell.label} (seed {cell.seeds[0]})", [(step, hist[0]) for step, hist in snapshots]))
+    if not rows:
+        return False
+    mixture = make_mixture(dataset)
+    extent = histogram_extent(mixture)
+    data = density_histogram(mixture.sample(10_000, torch.Generator().manual_seed(0)), extent)
+    plot_density_grid(rows, data, extent, path, title=title)
+    return True
+
+
+def kept_notes(doc: Path) -> str:
+    """The hand-written text between the notes markers of an existing page (kept when the page is rewritten)."""
+    path = Path(doc)
+    text = path.read_text() if path.exists() else ""
+    if NOTES_BEGIN in text and NOTES_END in text:
+        return text[text.index(NOTES_BEGIN) + len(NOTES_BEGIN):text.index(NOTES_END)]
+    return ""
+
+
+def page_status(metas: Sequence[CellMeta], complete: bool) -> str:
+    """``"complete"`` when every cell finished (or diverged) and the sweep is over, else how many did."""
+    done = sum(1 for _, m in metas if m is not None and m["status"] in ("done", "diverged"))
+    return "complete" if complete and done == len(metas) else f"PARTIAL: {done} of {len(metas)} cells finished"
