@@ -503,6 +503,8 @@ def assert_outputs_colored(out: Path) -> Dict[str, Any]:
     (mnist_rnn, ["--threads", "0"], "--threads must be >= 1"),
     (mnist_rnn, ["--targets", "0"], "--targets must be >= 1"),
     (mnist_rnn, ["--d-lr", "-1"], "learning rates must be > 0"),
+    (cifar10, ["--unroll-lr", "0"], "learning rates must be > 0"),
+    (stacked_mnist, ["--threads", "0"], "--threads must be >= 1"),
     (cifar10, ["--beta1", "1.5"], "betas must lie in [0, 1)"),
     (cifar10, ["--steps", "ten"], "invalid int value: 'ten'"),
 ])

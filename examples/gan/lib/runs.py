@@ -361,7 +361,7 @@ def first_nonfinite(groups: Mapping[str, Any], batched: bool = False) -> Optiona
     if not leaves:
         return None
     sums = [leaf.reshape(leaf.shape[0], -1).sum(1) if batched else leaf.sum().reshape(1) for _, leaf in leaves]
-    if bool(torch.isfinite(torch.stack([s.to(sums[0].device, torch.float64) for s in sums])).all()):
+    if bool(torch.isfinite(torch.cat([s.float() for s in sums])).all()):
         return None
     best: Optional[Tuple[int, str, float]] = None
     for name, leaf in leaves:
