@@ -361,7 +361,9 @@ def first_nonfinite(groups: Mapping[str, Any], batched: bool = False) -> Optiona
     if not leaves:
         return None
     sums = [leaf.reshape(leaf.shape[0], -1).sum(1) if batched else leaf.sum().reshape(1) for _, leaf in leaves]
-    if bool(torch.isfinite(torch.cat([s.float() for s in sums])).all()):
+    # One device for the check: torch.optim keeps step counters on the CPU while the parameters may be on a GPU.
+    device = next((s.device for s in sums if s.device.type != "cpu"), sums[0].device)
+    if bool(torch.isfinite(torch.cat([s.float().to(device) for s in sums])).all()):
         return None
     best: Optional[Tuple[int, str, float]] = None
     for name, leaf in leaves:
