@@ -16,7 +16,7 @@ _FIXED_OPTIONS = ("K", "average_over_steps")
 
 def extrapolated_surrogate_loss(inner_fn: LossFn, alpha: Union[float, Tensor], *, optimizer: Optimizer,
                                 **options: Any) -> Callable[..., Tensor]:
-    r"""Return ``surrogate(params, state, *args, **call_options) -> value`` whose gradient extrapolates one unrolled step.
+    r"""Return ``surrogate(params, state, *args, **call_options) -> value``, extrapolating one unrolled step.
 
     .. math::
         f_\alpha = f_0 + \alpha\,(f_1 - f_0), \qquad
@@ -30,9 +30,10 @@ def extrapolated_surrogate_loss(inner_fn: LossFn, alpha: Union[float, Tensor], *
     perturbs it": :math:`\alpha > 1` goes further along :math:`g_1 - g_0` at the cost of one unrolled step.
     ``alpha = 0`` is the plain loss, ``alpha = 1`` the one-step surrogate.
 
-    When the inner player's response is linear in K (plain SGD on a loss quadratic in the inner parameters, e.g.
-    a bilinear game :math:`x^\top A y`, where :math:`\theta^K = \theta + K\eta\nabla`), :math:`f_K - f_0` is linear
-    in K and ``alpha = K`` reproduces K unrolled steps exactly. Elsewhere it is a first-order guess.
+    When both losses are linear in the inner parameters (a bilinear game :math:`x^\top A y`) and the inner
+    optimizer is plain SGD, the inner gradient is constant along the unroll, :math:`\theta^K = \theta - K\eta\nabla`,
+    :math:`f_K - f_0` is linear in K, and ``alpha = K`` reproduces K unrolled steps exactly. Elsewhere it is a
+    first-order guess.
 
     Args:
         inner_fn: the loss the inner player minimises, as in :func:`unroll.surrogate_loss`.

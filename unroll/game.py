@@ -11,6 +11,7 @@ from ._checks import check_same_keys, check_scalar_loss, check_tensor_mapping, c
 from ._types import Params, State
 from .optimizer import Optimizer
 from .unrolled import NonFiniteLossError, _detach, _under_torch_func
+from .unrolled import _raise_if_nonfinite as _raise_if_any_nonfinite
 
 Players = Mapping[str, Params]
 """Every player's parameters, keyed by player: ``{"g": {"w": ...}, "d": {"w": ...}}``."""
@@ -158,16 +159,12 @@ def _check_players(players: Any, states: Any, optimizers: Mapping[str, Optimizer
 
 
 def _raise_if_nonfinite(values: List[Tensor], movers: List[str]) -> None:
-    finite = torch.isfinite(torch.stack(values))
+    """unroll.surrogate_loss's check, with the error naming the player and the unrolled step."""
     try:
-        all_finite = bool(finite.all())
-    except RuntimeError:
-        # Under torch.func.vmap the values differ per batch entry and cannot be branched on; skip the check.
-        return
-    if not all_finite:
-        first = int((~finite).nonzero()[0, 0])
-        step, player = divmod(first, len(movers))
-        error = NonFiniteLossError(step, float(values[first]))
-        error.args = (f"losses[{movers[player]!r}] returned a non-finite loss ({error.value}) at unrolled step "
+        _raise_if_any_nonfinite(values)
+    except NonFiniteLossError as error:
+        step, player = divmod(error.step, len(movers))
+        named = NonFiniteLossError(step, error.value)
+        named.args = (f"losses[{movers[player]!r}] returned a non-finite loss ({error.value}) at unrolled step "
                       f"{step} (0-based)",)
-        raise error
+        raise named from None

@@ -10,7 +10,6 @@ the Discussion's extrapolation, symmetric and recursive unrolling) run on the sa
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
@@ -33,20 +32,10 @@ def payoff(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--iterations", type=int, default=ITERATIONS)
-    parser.add_argument("--doc", type=Path, default=DOC)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.set_default_dtype(torch.float64)
-
+    args = common.parse_args(__doc__, DOC, ITERATIONS)
     z0 = {"x": torch.tensor([START[0]]), "y": torch.tensor([START[1]])}
-    settings = (f"Game: f(x, y) = x·y, x minimises, y maximises, from (x, y) = {START}; equilibrium (0, 0). Every "
-                f"rule updates z ← z − lr·direction(z) with `unroll.sgd(lr)`, and every look-ahead takes its inner "
-                f"steps with `unroll.sgd(lr)` at the same lr. float64, at most {args.iterations} iterations. Cost "
-                f"in gradient evaluations as counted in `examples/games/common.py` (one player's gradient = 1, "
-                f"one backward pass through such a gradient = 1 more).")
+    settings = (f"Game: f(x, y) = x·y, x minimises, y maximises, from (x, y) = {START}; equilibrium (0, 0). "
+                + common.loop_settings(args.iterations))
     common.compare("Bilinear game min_x max_y x·y", payoff, z0, LEARNING_RATES, args.iterations, FIGURE_LR,
                    args.doc, "python examples/games/bilinear.py --threads 1", settings, NOTES, tol=TOL)
 

@@ -21,6 +21,7 @@ reported too.
 
 from __future__ import annotations
 
+import argparse
 import math
 import time
 from dataclasses import dataclass
@@ -214,10 +215,9 @@ def methods(ks: Sequence[int] = (1, 5, 10), alphas: Sequence[float] = (1.0, 2.0,
 
 @dataclass
 class Run:
-    """Distance to the equilibrium after each iteration (index 0: the start) and the wall time per iteration."""
+    """Distance to the equilibrium after each iteration (index 0: the start)."""
 
     distances: List[float]
-    seconds_per_iteration: float
     tol: float
 
     @property
@@ -240,16 +240,28 @@ def run(method: Method, f: Payoff, z0: Point, lr: float, iterations: int, tol: f
     optimizer = unroll.sgd(lr)
     z, state = dict(z0), optimizer.init(z0)
     distances = [distance(z)]
-    seconds = 0.0
-    for t in range(iterations):
-        start = time.perf_counter()
+    for _ in range(iterations):
         z, state = optimizer.step(z, direction(leaves(z)), state)
-        if t > 0 or iterations == 1:  # the first call pays one-off costs (allocations, autograd warm-up)
-            seconds += time.perf_counter() - start
         distances.append(distance(z))
         if distances[-1] <= tol or not math.isfinite(distances[-1]) or distances[-1] > 1e3 * distances[0]:
             break
-    return Run(distances, seconds / max(len(distances) - 2, 1), tol)
+    return Run(distances, tol)
+
+
+def microseconds_per_iteration(rule: Method, f: Payoff, z0: Point, lr: float, calls: int = 10,
+                               repeats: int = 20) -> float:
+    """CPU time of one iteration (direction and step) at z0, in µs: the fastest of ``repeats`` means over ``calls``
+    calls. Process CPU time, not wall time: other jobs on a shared machine would inflate the wall time."""
+    direction, optimizer = rule.make(f, lr), unroll.sgd(lr)
+    state = optimizer.init(z0)
+    optimizer.step(z0, direction(leaves(z0)), state)  # one-off costs (allocations, autograd warm-up)
+    best = math.inf
+    for _ in range(repeats):
+        start = time.process_time()
+        for _ in range(calls):
+            optimizer.step(z0, direction(leaves(z0)), state)
+        best = min(best, (time.process_time() - start) / calls)
+    return best * 1e6
 
 
 def sweep(rules: Sequence[Method], f: Payoff, z0: Point, lrs: Sequence[float], iterations: int,
@@ -297,16 +309,15 @@ def cell(r: Run, rule: Method, iterations: int) -> str:
 
 
 def table(rules: Sequence[Method], results: Dict[str, Dict[float, Run]], lrs: Sequence[float],
-          iterations: int) -> str:
-    """Rows: rules; columns: learning rates, evaluations per iteration, measured µs per iteration."""
-    header = (["method", "evals / iter"] + [f"lr = {lr:g}" for lr in lrs] + ["µs / iter"])
+          iterations: int, micros: Dict[str, float]) -> str:
+    """Rows: rules; columns: evaluations per iteration, learning rates, measured µs per iteration."""
+    header = (["method", "evals / iter"] + [f"lr = {lr:g}" for lr in lrs] + ["CPU µs / iter"])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for rule in rules:
         runs = results[rule.name]
-        micros = sorted(r.seconds_per_iteration * 1e6 for r in runs.values())
         lines.append("| " + " | ".join([rule.name, str(rule.evaluations)]
                                        + [cell(runs[lr], rule, iterations) for lr in lrs]
-                                       + [f"{micros[len(micros) // 2]:.0f}"]) + " |")
+                                       + [f"{micros[rule.name]:.0f}"]) + " |")
     return "\n".join(lines)
 
 
@@ -379,30 +390,52 @@ def write_page(doc: Path, title: str, command: str, settings: str, sections: Seq
     doc.write_text("\n".join(lines))
 
 
+def parse_args(description: str, doc: Path, iterations: int) -> argparse.Namespace:
+    """The flags every game page shares; also sets one thread and float64."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--iterations", type=int, default=iterations, help="per run, at most")
+    parser.add_argument("--doc", type=Path, default=doc, help="the page to write (the figure goes beside it)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.set_default_dtype(torch.float64)
+    return args
+
+
+def loop_settings(iterations: int) -> str:
+    """The sentence every game page's settings end with."""
+    return (f"Every rule updates z ← z − lr·direction(z) with `unroll.sgd(lr)`, and every look-ahead takes its inner "
+            f"steps with `unroll.sgd(lr)` at the same lr. float64, at most {iterations} iterations. Cost in gradient "
+            f"evaluations as counted in `examples/games/common.py` (one player's gradient = 1, one backward pass "
+            f"through such a gradient = 1 more).")
+
+
 def compare(title: str, f: Payoff, z0: Point, lrs: Sequence[float], iterations: int, figure_lr: float,
             doc: Path, command: str, settings: str, notes: str, rules: Optional[Sequence[Method]] = None,
             tol: float = 1e-3) -> Dict[str, Dict[float, Run]]:
     """Run every rule at every learning rate; write the page ``doc`` with its table and figure."""
     rules = methods() if rules is None else rules
-    started = time.perf_counter()
+    started = time.process_time()
     results = sweep(rules, f, z0, lrs, iterations, tol)
-    minutes = (time.perf_counter() - started) / 60
+    minutes = (time.process_time() - started) / 60
     z_star = {name: torch.zeros_like(v) for name, v in z0.items()}
     radii = {rule.name: {lr: spectral_radius(rule, f, z_star, lr) for lr in lrs} for rule in rules
              if rule.name != "optimistic GD"}
+    micros = {rule.name: microseconds_per_iteration(rule, f, z0, figure_lr) for rule in rules}
     image = doc.with_suffix(".png")
     figure(rules, results, figure_lr, image, title, tol)
     legend = (f"Each cell: iterations to reach distance {tol:g} from the equilibrium (gradient evaluations in "
               f"brackets); '—' did not get there in {iterations} iterations (distance at the end in brackets); "
-              f"'diverges': the distance grew 1000-fold (iteration in brackets). µs / iter: median over the "
-              f"learning rates of the measured time per iteration, one thread, on a shared machine (indicative).")
+              f"'diverges': the distance grew 1000-fold (iteration in brackets). CPU µs / iter: process CPU time "
+              f"of one iteration at the start point, lr {figure_lr:g}, fastest of 20 means over 10 calls, one "
+              f"thread (compare rows, not machines).")
     write_page(doc, title, command, settings, notes=notes, sections=[
-        "## Iterations to the equilibrium", "", legend, "", table(rules, results, lrs, iterations), "",
+        "## Iterations to the equilibrium", "", legend, "", table(rules, results, lrs, iterations, micros), "",
         f"![distance to the equilibrium at lr = {figure_lr:g}]({image.name})", "",
         "## Spectral radius of the update at the equilibrium", "",
         "ρ of the Jacobian of z ↦ z − lr·direction(z) at the equilibrium (central differences, float64): below 1 "
         "the rule converges near the equilibrium, at rate ρ per iteration; 1 cycles; above 1 it leaves. "
         "(Optimistic GD is left out: its update also depends on the previous gradient.)", "",
         radius_table(radii, lrs), "",
-        f"The sweep took {minutes:.1f} min on one thread."])
+        f"The sweep took {minutes:.1f} min of CPU time on one thread."])
     return results

@@ -10,7 +10,6 @@ Sec. 2.2); far from it the gradients saturate. Same rules and loop as ``bilinear
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
@@ -33,21 +32,11 @@ def payoff(theta: torch.Tensor, psi: torch.Tensor) -> torch.Tensor:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--iterations", type=int, default=ITERATIONS)
-    parser.add_argument("--doc", type=Path, default=DOC)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.set_default_dtype(torch.float64)
-
+    args = common.parse_args(__doc__, DOC, ITERATIONS)
     z0 = {"x": torch.tensor([START[0]]), "y": torch.tensor([START[1]])}
     settings = (f"Game: the Dirac-GAN, L(θ, ψ) = log σ(ψθ), the generator θ (x in the code) minimises, the "
-                f"discriminator ψ (y) maximises, from (θ, ψ) = {START}; equilibrium (0, 0). Every rule updates "
-                f"z ← z − lr·direction(z) with `unroll.sgd(lr)`, and every look-ahead takes its inner steps with "
-                f"`unroll.sgd(lr)` at the same lr. float64, at most {args.iterations} iterations. Cost in gradient "
-                f"evaluations as counted in `examples/games/common.py` (one player's gradient = 1, one backward "
-                f"pass through such a gradient = 1 more).")
+                f"discriminator ψ (y) maximises, from (θ, ψ) = {START}; equilibrium (0, 0). "
+                + common.loop_settings(args.iterations))
     common.compare("Dirac-GAN (Mescheder et al. 2018)", payoff, z0, LEARNING_RATES, args.iterations, FIGURE_LR,
                    args.doc, "python examples/games/dirac_gan.py --threads 1", settings, NOTES, tol=TOL)
 

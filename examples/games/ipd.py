@@ -71,24 +71,24 @@ def naive(mine: Tensor, theirs: Tensor) -> Tensor:
     return torch.func.grad(value)(mine, theirs)
 
 
-def lola(mine: Tensor, theirs: Tensor) -> Tensor:
+def lola(mine: Tensor, theirs: Tensor, eta: float = ETA) -> Tensor:
     """The LOLA paper's rule: ∇_1 V1 + η (∇_2 V1)ᵀ ∇_1∇_2 V2, with ∇_2 V1 held constant."""
     my_value_grad_theirs = torch.func.grad(value, argnums=1)(mine, theirs)  # ∇_2 V1, a constant below
 
     def their_step_alignment(m: Tensor) -> Tensor:
         their_grad = torch.func.grad(lambda t: value(t, m))(theirs)           # ∇_2 V2 as a function of θ1
         return my_value_grad_theirs @ their_grad
-    return naive(mine, theirs) + ETA * torch.func.grad(their_step_alignment)(mine)
+    return naive(mine, theirs) + eta * torch.func.grad(their_step_alignment)(mine)
 
 
-def look_ahead(K: int, stop_grad: bool = False) -> Rule:
+def look_ahead(K: int, stop_grad: bool = False, eta: float = ETA) -> Rule:
     """Ascend V1(θ1, θ2^K(θ1)): the opponent, a naive learner, is the inner player of unroll.surrogate_loss."""
     their_loss = lambda theirs, mine: -value(theirs["theta"], mine)   # what the opponent minimises
     my_loss = lambda theirs, mine: -value(mine, theirs["theta"])      # mine, at the opponent's look-ahead
-    surrogate = unroll.surrogate_loss(their_loss, K, stop_grad, optimizer=unroll.sgd(ETA), outer_fn=my_loss)
+    surrogate = unroll.surrogate_loss(their_loss, K, stop_grad, optimizer=unroll.sgd(eta), outer_fn=my_loss)
 
     def rule(mine: Tensor, theirs: Tensor) -> Tensor:
-        state = unroll.sgd(ETA).init({"theta": theirs})
+        state = unroll.sgd(eta).init({"theta": theirs})
         return -torch.func.grad(lambda m: surrogate({"theta": theirs}, state, m))(mine)
     return rule
 
@@ -141,56 +141,71 @@ def main() -> None:
 
     inits = [torch.randn(2, 5, generator=torch.Generator().manual_seed(s)) for s in range(args.seeds)]
     theta1, theta2 = torch.stack([i[0] for i in inits]), torch.stack([i[1] for i in inits])
-    header = ["agents (1 vs 2)", "reward / step, agent 1", "agent 2", "cooperation, agent 1", "agent 2",
-              "agent 1's P(C) after CC, CD, DC, DD, start", "s / run"]
+    header = ["agents (1 vs 2)", "reward / step, agent 1", "agent 2", "agent 1 − agent 2 (paired)",
+              "cooperation, agent 1", "agent 2", "agent 1's P(C) after CC, CD, DC, DD, start", "CPU s / run"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     curves: Dict[str, Tensor] = {}
-    started = time.perf_counter()
+    policies: Dict[str, Tensor] = {}
+    started = time.process_time()
     for name, (first, second) in PAIRINGS.items():
-        begin = time.perf_counter()
+        begin = time.process_time()
         end1, end2, history = train(first, second, theta1, theta2, args.updates)
-        seconds = time.perf_counter() - begin
+        seconds = time.process_time() - begin
         curves[name] = history
         final = history[-1]
-        policy = torch.sigmoid(end1).mean(0)
+        policies[name] = policy = torch.sigmoid(end1).mean(0)
+        gap = final[:, 0] - final[:, 1]
         lines.append("| " + " | ".join([
-            name, mean_sd(final[:, 0]), mean_sd(final[:, 1]), mean_sd(cooperation(end1, end2)),
+            name, mean_sd(final[:, 0]), mean_sd(final[:, 1]), f"{gap.mean():+.3f} ± {gap.std() / len(gap) ** 0.5:.3f}",
+            mean_sd(cooperation(end1, end2)),
             mean_sd(cooperation(end2, end1)), ", ".join(f"{p:.2f}" for p in policy), f"{seconds:.1f}"]) + " |")
         print(lines[-1], flush=True)
-    minutes = (time.perf_counter() - started) / 60
+    minutes = (time.process_time() - started) / 60
 
     image = args.doc.with_suffix(".png")
-    plot(curves, image)
+    plot(curves, policies, image)
     settings = (f"Iterated prisoner's dilemma, rewards (own, other) CC −1, CD −3, DC 0, DD −2, discount γ = {GAMMA}; "
                 f"exact values; both agents update together with learning rate δ = {DELTA:g} for {args.updates} "
                 f"updates, from logits ~ N(0, 1) (seed s: the same start in every row); look-ahead learning rate "
                 f"η = {ETA:g}; {args.seeds} seeds, all at once under `torch.func.vmap`. Reward / step: (1 − γ)·V "
                 f"at the end, mean ± standard deviation over seeds (−1: mutual cooperation, −2: mutual "
-                f"defection). Cooperation: (1 − γ)·(discounted frequency of the agent's C), mean ± sd.")
+                f"defection); the paired gap is mean ± standard error over seeds. Cooperation: (1 − γ)·(discounted "
+                f"frequency of the agent's C), mean ± sd. P(C) after XY: X is the agent's own last action.")
     common.write_page(args.doc, "Iterated prisoner's dilemma: LOLA and look-ahead agents on unroll",
                       "python examples/games/ipd.py --threads 1", settings, notes=NOTES, sections=[
                           "## Final rewards and cooperation", "", "\n".join(lines), "",
                           f"![reward per step over updates]({image.name})", "",
-                          f"All pairings took {minutes:.1f} min on one thread."])
+                          f"All pairings took {minutes:.1f} min of CPU time on one thread."])
 
 
-def plot(curves: Dict[str, Tensor], path: Path) -> None:
-    """Agent 1's reward per step over updates: mean over seeds, with the 10-90 % band."""
+def plot(curves: Dict[str, Tensor], policies: Dict[str, Tensor], path: Path) -> None:
+    """Left: agent 1's reward per step over updates (mean over seeds; dashed: against a naive learner). Right:
+    agent 1's final P(cooperate) per state (mean over seeds) for the pairings of two identical learners."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
+    def against_naive(name: str) -> bool:
+        return name.endswith(" vs NL") and not name.startswith("NL ")
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
     for i, (name, history) in enumerate(curves.items()):
-        mine = history[:, :, 0]
-        low, high = torch.quantile(mine, 0.1, dim=1), torch.quantile(mine, 0.9, dim=1)
-        ax.plot(mine.mean(1), color=f"C{i}", label=name)
-        ax.fill_between(range(len(mine)), low, high, color=f"C{i}", alpha=0.12)
-    ax.set_xlabel("update")
-    ax.set_ylabel("agent 1's reward per step, (1 − γ)·V1")
-    ax.set_ylim(-3.05, 0.05)
-    ax.legend(fontsize=8, loc="lower right")
-    ax.set_title("IPD with exact values: mean over seeds, 10-90 % band")
+        left.plot(history[:, :, 0].mean(1), color=f"C{i}", label=name, ls="--" if against_naive(name) else "-")
+    left.set_xlabel("update")
+    left.set_ylabel("agent 1's reward per step, (1 − γ)·V1, mean over seeds")
+    left.set_ylim(-2.1, -0.9)
+    left.legend(fontsize=8)
+    same = [name for name in policies if not against_naive(name)]
+    width = 0.8 / len(same)
+    for i, name in enumerate(same):
+        right.bar([s + i * width for s in range(5)], policies[name], width, color=f"C{list(curves).index(name)}",
+                  label=name)
+    right.set_xticks([s + 0.4 - width / 2 for s in range(5)], ["after CC", "after CD", "after DC", "after DD",
+                                                                "start"])
+    right.set_ylabel("agent 1's final P(cooperate), mean over seeds")
+    right.set_title("tit-for-tat would be 1, 0, 1, 0, 1 (after XY: X own action, Y the other's)", fontsize=9)
+    right.legend(fontsize=7)
+    fig.suptitle("Iterated prisoner's dilemma, exact values")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
