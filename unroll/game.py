@@ -139,8 +139,9 @@ def _check_game(losses: Any, optimizers: Any) -> None:
             raise TypeError(f"losses[{p!r}] must be callable, got {type(loss).__name__}")
     for p, opt in optimizers.items():
         if not isinstance(opt, Optimizer):
-            raise TypeError(f"optimizers[{p!r}] must be an unroll optimizer (unroll.sgd/adam/rmsprop or "
-                            f"unroll.from_torch), got {type(opt).__name__}")
+            raise TypeError(f"optimizers[{p!r}] must be an unroll.Optimizer (unroll.adam, unroll.sgd, ..., "
+                            f"unroll.from_torch, unroll.param_groups or unroll.custom_optimizer), "
+                            f"got {type(opt).__name__}")
 
 
 def _check_players(players: Any, states: Any, optimizers: Mapping[str, Optimizer]) -> None:
