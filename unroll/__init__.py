@@ -15,6 +15,8 @@ from .adam import adam
 from .adamax import adamax
 from .adamw import adamw
 from .custom import custom_optimizer
+from .extrapolated import extrapolated_surrogate_loss
+from .game import unrolled_game
 from .interop import from_torch, to_torch
 from .nadam import nadam
 from .optimizer import Optimizer
@@ -44,6 +46,7 @@ __all__ = [
     "adamw",
     "custom_optimizer",
     "distributed",
+    "extrapolated_surrogate_loss",
     "from_torch",
     "nadam",
     "param_groups",
@@ -53,5 +56,6 @@ __all__ = [
     "surrogate_loss",
     "to_torch",
     "train_step",
+    "unrolled_game",
     "unrolled_params",
 ]
