@@ -7,6 +7,8 @@ data; all three at every evaluation) and ``checkpoint.pt`` (at every evaluation 
 iterations) to ``--out``; ``--resume`` continues a killed run with identical results. One run writes to a folder
 at a time; a NaN or infinity in a loss, parameter or Adam state stops the run naming its iteration and seed
 (exit code 3).
+
+    torchrun --nproc_per_node 2 examples/gan/mixture.py ...     # data-parallel: the same numbers (docs/distributed.md)
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from lib import runs
+from lib import parallel, runs
 from lib.cli import MAX_SEEDS, HelpFormatter, add_threads_flag, check_threads, parse_seeds
 from lib.data import DATASETS
 from lib.runs import CHECKPOINT
@@ -115,11 +117,12 @@ def summarize(records: List[Dict], step: int, n_modes: int) -> str:
 @runs.reports_errors
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args, cfg, seeds, out = parse_args(argv)
-    with runs.claim(out, resume=args.resume, settings={**dataclasses.asdict(cfg), "seeds": seeds},
-                    may_change=("steps",)):
+    ranks = parallel.from_environment(cfg.batch)  # None without torchrun
+    with parallel.claim(out, ranks, resume=args.resume, settings={**dataclasses.asdict(cfg), "seeds": seeds},
+                        may_change=("steps",)):
         torch.set_num_threads(args.threads)
         trainer = Trainer(cfg, seeds, out_dir=out, resume=args.resume, progress=not args.no_progress,
-                          checkpoint_every=args.checkpoint_every)
+                          checkpoint_every=args.checkpoint_every, parallel=ranks)
         print(f"{out}: {dataclasses.asdict(cfg)} seeds {seeds}", file=sys.stderr)
         try:
             records = trainer.run()

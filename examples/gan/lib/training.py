@@ -26,6 +26,7 @@ from torch import Tensor
 import unroll
 
 from . import runs
+from .parallel import DataParallel
 from .cli import MAX_SEEDS
 from .data import make_mixture
 from .metrics import METRIC_NAMES, all_metrics
@@ -38,6 +39,8 @@ TrainState = Dict[str, Any]
 """``{"g", "d": params, "g_opt", "d_opt": Adam states, "extra": dict}``; stacked over seeds in :class:`Trainer`."""
 
 Batch = Dict[str, Tensor]
+GradMean = Callable[[Dict[str, Tensor]], Dict[str, Tensor]]
+"""Averages a gradient dict over data-parallel ranks (``unroll.distributed.all_reduce_mean()``)."""
 
 LOSSES = ("saturating", "nonsaturating")
 UNROLL_BATCHES = ("fixed", "resampled")
@@ -136,17 +139,18 @@ def _resampled_step_args(k: int, x: Tensor, fake: Tensor, u_x: Tensor, u_fake: T
     return (u_x[k], u_fake[k], u_x, u_fake)
 
 
-def make_surrogate(cfg: TrainConfig) -> Callable[..., Tensor]:
-    """The generator's loss ``surrogate(d_params, d_opt_state, x, fake[, u_x, u_fake])`` (public unroll API)."""
+def make_surrogate(cfg: TrainConfig, transform_grads: Optional[GradMean] = None) -> Callable[..., Tensor]:
+    """The generator's loss ``surrogate(d_params, d_opt_state, x, fake[, u_x, u_fake])`` (public unroll API);
+    ``transform_grads`` is applied to the inner gradient of every unrolled step (the mean over ranks)."""
     return unroll.surrogate_loss(
         d_inner_loss, 0 if cfg.control else cfg.K, cfg.stop_grad,
         optimizer=unroll.adam(cfg.lookahead_lr, betas=_betas(cfg)),
         outer_fn=None if cfg.loss == "saturating" else _nonsaturating_outer,
         step_args=_resampled_step_args if cfg.unroll_batches == "resampled" else None,
-        average_over_steps=cfg.average_over_steps)
+        average_over_steps=cfg.average_over_steps, transform_grads=transform_grads)
 
 
-def make_iteration(cfg: TrainConfig, hooks: Optional[Hooks] = None
+def make_iteration(cfg: TrainConfig, hooks: Optional[Hooks] = None, grad_mean: Optional[GradMean] = None
                    ) -> Callable[[TrainState, Batch], Tuple[TrainState, Dict[str, Tensor]]]:
     """The pure training iteration ``(state, batch) -> (state, {"d_loss", "g_loss"})`` for ONE seed.
 
@@ -156,12 +160,17 @@ def make_iteration(cfg: TrainConfig, hooks: Optional[Hooks] = None
     ``x[j], z[j]``), each on the unrolled surrogate, whose K look-ahead steps start from D's current Adam state.
     G's forward pass is shared between the D step and the first G step (``torch.func.vjp``), so G costs one
     forward and one backward per generator step.
+
+    Data-parallel (:mod:`parallel`): with ``grad_mean`` (``unroll.distributed.all_reduce_mean()``) and each rank's
+    shard of the batch, every gradient (D's committed steps, D's K unrolled steps inside the surrogate, G's
+    steps) is averaged over ranks before its Adam step: the one-process iteration on the global batch.
     """
     hooks = hooks or Hooks()
+    average = grad_mean if grad_mean is not None else (lambda grads: grads)
     d_opt = unroll.adam(cfg.d_lr, betas=_betas(cfg))
     g_opt = unroll.adam(cfg.g_lr, betas=_betas(cfg))
     look_opt = unroll.adam(cfg.lookahead_lr, betas=_betas(cfg))
-    surrogate = make_surrogate(cfg)
+    surrogate = make_surrogate(cfg, grad_mean)
     d_grad = torch.func.grad_and_value(d_inner_loss)
     resampled_unroll = cfg.unroll_batches == "resampled" and cfg.K > 0 and not cfg.control \
         and hooks.generator_loss is None
@@ -183,7 +192,7 @@ def make_iteration(cfg: TrainConfig, hooks: Optional[Hooks] = None
     def d_update(d: Dict[str, Tensor], d_state: Dict[str, Any], x: Tensor, fake: Tensor,
                  opt: unroll.Optimizer) -> Tuple[Dict[str, Tensor], Dict[str, Any], Tensor]:
         grads, value = d_grad(d, x, fake)
-        d, d_state = opt.apply(d, grads, d_state)
+        d, d_state = opt.apply(d, average(grads), d_state)
         return d, d_state, value
 
     def iteration(state: TrainState, batch: Batch) -> Tuple[TrainState, Dict[str, Tensor]]:
@@ -208,7 +217,7 @@ def make_iteration(cfg: TrainConfig, hooks: Optional[Hooks] = None
                     extra = hooks.after_d_step(extra, d, d_state)
             grad_fake, g_loss = fake_grad(fake, d, d_state, extra, x, u_x)
             (grads,) = g_vjp(grad_fake)
-            g, g_state = g_opt.apply(g, grads, g_state)
+            g, g_state = g_opt.apply(g, average(grads), g_state)
         new_state = {"g": g, "d": d, "g_opt": g_state, "d_opt": d_state, "extra": extra}
         return new_state, {"d_loss": d_loss, "g_loss": g_loss}
 
@@ -298,21 +307,29 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, seeds: Sequence[int], out_dir: Optional[Path] = None,
                  hooks: Optional[Hooks] = None, resume: bool = False, progress: bool = False,
-                 figure_seeds: int = 4, checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY) -> None:
+                 figure_seeds: int = 4, checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
+                 parallel: Optional[DataParallel] = None) -> None:
         cfg.validate()
         seeds = [int(s) for s in seeds]
         if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0 or len(seeds) > MAX_SEEDS:
             raise ValueError(f"seeds must be at most {MAX_SEEDS} distinct non-negative integers, got {seeds}")
         if checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
-        self.cfg, self.seeds, self.hooks = cfg, seeds, hooks
+        if parallel is not None and hooks is not None:
+            raise ValueError("hooks (the App. B ablations) are not data-parallel: run them in one process")
+        if parallel is not None and cfg.batch % parallel.world:
+            raise ValueError(f"batch {cfg.batch} does not split evenly over {parallel.world} ranks")
+        self.cfg, self.seeds, self.hooks, self.parallel = cfg, seeds, hooks, parallel
+        # Every rank trains, evaluates and holds the same numbers; only rank 0 writes.
+        self.writes = out_dir is not None and (parallel is None or parallel.writes)
+        progress = progress and (parallel is None or parallel.writes)
         self.out_dir = None if out_dir is None else Path(out_dir)
         self.progress, self.figure_seeds, self.checkpoint_every = progress, figure_seeds, checkpoint_every
         self.mixture = make_mixture(cfg.dataset, cfg.weight_std, cfg.weight_seed)
         self.extent = histogram_extent(self.mixture)
         self.reference = self.mixture.sample(max(cfg.eval_samples, 2000),
                                              torch.Generator().manual_seed(_REFERENCE_SEED))
-        self.step_fn = torch.func.vmap(make_iteration(cfg, hooks))
+        self.step_fn = torch.func.vmap(make_iteration(cfg, hooks, None if parallel is None else parallel.mean))
         self.streams = {name: [torch.Generator().manual_seed(s * _STREAMS + j) for s in seeds]
                         for name, j in (("main", _MAIN), ("extra", _EXTRA))}
         # vmap over a batch of one takes other reduction kernels than over >= 2 (last-bit differences in the
@@ -351,8 +368,11 @@ class Trainer:
         return batch
 
     def draw_batch(self) -> Batch:
-        """This iteration's random inputs, stacked over seeds."""
-        return stack_states([self._draw(i) for i in range(len(self.seeds))] * self._copies)
+        """This iteration's random inputs, stacked over seeds (data-parallel: this rank's shard of the batch)."""
+        batch = stack_states([self._draw(i) for i in range(len(self.seeds))] * self._copies)
+        if self.parallel is None:
+            return batch
+        return {name: self.parallel.shard(value) for name, value in batch.items()}  # every value is [..., batch, d]
 
     # ----- evaluation -----
     def generator_samples(self, i: int, n: Optional[int] = None) -> Tensor:
@@ -419,13 +439,13 @@ class Trainer:
         self.checkpoint_step = self.step
 
     def write_outputs(self, status: str) -> None:
-        if self.out_dir is None:
+        if not self.writes:
             return
         write_records(self.records, self._meta(status), self.out_dir)
 
     def save_figure(self, path: Optional[Path] = None) -> None:
         """Rows = the first ``figure_seeds`` seeds, columns = evaluation steps, last column the data."""
-        if self.out_dir is None and path is None:
+        if not self.writes and path is None:
             return
         rows = [(f"seed {seed}", [(step, hist[i]) for step, hist in self.snapshots])
                 for i, seed in enumerate(self.seeds[:self.figure_seeds])]
@@ -448,7 +468,7 @@ class Trainer:
         index, which, value = found
         step, seed = self.step + 1, self.seeds[index % n]
         self.diverged = {"step": step, "seed": seed, "which": which, "value": value}
-        if self.out_dir is not None:
+        if self.writes:
             self.write_outputs("diverged")
             self.save_figure()
         raise TrainingDiverged(step, seed, which, value, self.checkpoint_path, self.checkpoint_step)
@@ -475,6 +495,8 @@ class Trainer:
         try:
             while self.step < cfg.steps:
                 self.state, losses = self.step_fn(self.state, self.draw_batch())
+                if self.parallel is not None:
+                    losses = self.parallel.mean_values(losses)  # the global batch's losses, the same on every rank
                 self._check_finite(losses)
                 self.step += 1
                 self.last_losses = losses
@@ -490,7 +512,9 @@ class Trainer:
         return self.records
 
     def _checkpoint_and_write(self, status: str, figure: bool) -> None:
-        if self.out_dir is None:
+        if not self.writes:
+            if self.out_dir is not None:
+                self.checkpoint_step = self.step  # rank 0 wrote it: the same message on every rank
             return
         self._save_checkpoint()
         if figure:
