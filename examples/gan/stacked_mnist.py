@@ -8,6 +8,8 @@ modes with at least one sample and KL(model || uniform over the 1000 modes).
     python examples/gan/stacked_mnist.py            # reduced default: about 25 minutes on 2 CPU cores
     python examples/gan/stacked_mnist.py --paper    # the paper's configuration (days on a CPU: for a GPU)
     python examples/gan/stacked_mnist.py --resume   # continue an interrupted run in the same --out
+    torchrun --nproc_per_node 8 examples/gan/stacked_mnist.py --paper --device cuda   # data-parallel, one GPU
+                                                    # per rank (docs/distributed.md)
 
 Writes ``results.json`` (settings, deviations from the paper, per-run metrics, the table beside the paper's),
 ``samples.png``, ``samples_over_training.png``, ``losses.png`` and one folder per run with ``checkpoint.pt`` and
@@ -28,7 +30,7 @@ from lib import digit_classifier as mc
 from lib import image_experiment as ex
 from lib import image_models as models
 from lib import image_training as it
-from lib import runs
+from lib import parallel, runs
 from lib.image_metrics import stacked_mode_stats
 from lib.mnist_data import StackedMNIST, load_mnist
 
@@ -109,20 +111,26 @@ def classifier_config(args: argparse.Namespace) -> mc.ClassifierConfig:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args, settings, out = parse_args(argv)
     config = classifier_config(args)
+    ranks = parallel.from_environment(settings["batch"], torch.device(args.device).type)  # None without torchrun
+    args.device = parallel.rank_device(args.device, ranks)
     # The classifier labels every sample: its settings are the evaluation's.
-    with ex.session(args, settings, out, extra={"classifier": dataclasses.asdict(config)}) as start:
-        return run(args, settings, out, config, start, argv)
+    with ex.session(args, settings, out, extra={"classifier": dataclasses.asdict(config)}, parallel=ranks) as start:
+        return run(args, settings, out, config, start, argv, ranks)
 
 
 def run(args: argparse.Namespace, settings: Dict[str, Any], out: Path, config: mc.ClassifierConfig,
-        start: float, argv: Optional[Sequence[str]]) -> int:
-    """Train the classifier (or load it), every run, then the table and figures."""
+        start: float, argv: Optional[Sequence[str]], ranks: Optional[parallel.DataParallel] = None) -> int:
+    """Train the classifier (or load it), every run, then the table and figures. Under ``torchrun`` (``ranks``)
+    rank 0 trains and caches the classifier first, every rank trains every run on its shards and evaluates it
+    (the replicas are identical), and rank 0 alone writes."""
     mnist = ex.load_data(load_mnist, settings["split"], args.data_dir)
     data = StackedMNIST(mnist)
     notes = ex.split_note(mnist) + ex.deviations(settings, PAPER, NOTES)
     ex.announce("Stacked MNIST (Sec. 3.3.1, Table 1)", settings, notes, print)
 
-    classifier, report = mc.load_or_train(config, args.data_dir, args.classifier_cache, progress=not args.no_progress)
+    with parallel.rank_zero_first(ranks):
+        classifier, report = mc.load_or_train(config, args.data_dir, args.classifier_cache,
+                                              progress=not args.no_progress and (ranks is None or ranks.writes))
     print(f"digit classifier: {100 * report['heldout_accuracy']:.2f}% on {report['n_heldout']} held-out digits "
           f"of the {report['data']} ({'cached' if report['cached'] else 'trained now'}: {report['cache_path']})")
     if report["heldout_accuracy"] < mc.TARGET_ACCURACY:
@@ -144,14 +152,17 @@ def run(args: argparse.Namespace, settings: Dict[str, Any], out: Path, config: m
         return {"modes": stats.modes, "kl": stats.kl, "n_samples": stats.n_samples}
 
     records, trainers = ex.run(args, specs, out, evaluate, ex.eval_settings(
-        settings, ("eval_samples",), classifier=dataclasses.asdict(config)))
+        settings, ("eval_samples",), classifier=dataclasses.asdict(config)), ranks)
+    status = 3 if any(r["status"] != "done" for r in records) else 0
+    if ranks is not None and not ranks.writes:
+        return status  # rank 0 writes the table, results.json and the figures
     rows = ex.aggregate(records, ("X", "K"), ("modes", "kl"))
     table = ex.markdown_table(rows, [("modes", "modes covered"), ("kl", "KL(model || uniform)")],
                               {(x, k): v for (x, k), v in PAPER_TABLE.items()}, ("X", "K"))
     ex.finish(out, "stacked_mnist", argv, settings, notes, records, rows, table, trainers, specs, start,
               extra={"data": data.source, "classifier": report, "paper_table": {f"X={x}, K={k}": v for (x, k), v
                                                                                   in PAPER_TABLE.items()}})
-    return 3 if any(r["status"] != "done" for r in records) else 0
+    return status
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optio
 import numpy as np
 import torch
 
+from . import parallel as data_parallel
 from . import runs
 from .cli import HelpFormatter, add_threads_flag, check_threads
 from .image_models import parse_size, size_label
@@ -211,8 +212,11 @@ def parse(p: argparse.ArgumentParser, argv: Optional[Sequence[str]], reduced: Ma
         p.error(str(error))
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error(f"--device {args.device}: CUDA is not available here")
+    if data_parallel.world_size() > 1 and args.workers not in (None, 1):
+        p.error(f"--workers {args.workers}: under torchrun every rank is one process training every run on its "
+                f"shard of each minibatch; use --workers 1")
     if args.workers is None:
-        args.workers = default_workers(device)
+        args.workers = 1 if data_parallel.world_size() > 1 else default_workers(device)
     elif args.workers < 1:
         p.error(f"--workers must be >= 1, got {args.workers}")
     elif args.workers > 1 and not can_run_in_workers(device):
@@ -237,12 +241,14 @@ def parse_args_for(build_parser: Callable[[], argparse.ArgumentParser], reduced:
 
 @contextlib.contextmanager
 def session(args: argparse.Namespace, settings: Mapping[str, Any], out: Path,
-            extra: Optional[Mapping[str, Any]] = None) -> Iterator[float]:
-    """The script's hold on ``out`` (:func:`runs.claim`): the settings that make the numbers (``settings`` and
-    ``extra``, e.g. the classifier's) are stored, and on ``--resume`` must match, but for ``--steps`` and
-    ``--checkpoint-every``; sets the thread count; yields the start time."""
+            extra: Optional[Mapping[str, Any]] = None,
+            parallel: Optional[data_parallel.DataParallel] = None) -> Iterator[float]:
+    """The script's hold on ``out`` (:func:`runs.claim`; under ``torchrun`` rank 0's, :func:`parallel.claim`): the
+    settings that make the numbers (``settings`` and ``extra``, e.g. the classifier's) are stored, and on
+    ``--resume`` must match, but for ``--steps`` and ``--checkpoint-every``; sets the thread count; yields the
+    start time."""
     stored = {**{k: v for k, v in settings.items() if k not in NOT_COMPARED}, **(extra or {})}
-    with runs.claim(out, resume=args.resume, settings=stored, may_change=MAY_CHANGE):
+    with data_parallel.claim(out, parallel, resume=args.resume, settings=stored, may_change=MAY_CHANGE):
         torch.set_num_threads(args.threads)
         yield time.perf_counter()
 
@@ -262,10 +268,12 @@ def uniform_sampler(images: torch.Tensor) -> Callable[[int, torch.Generator], to
 
 
 def run(args: argparse.Namespace, specs: Sequence[RunSpec], out: Path, evaluate: Evaluate,
-        eval_settings: Mapping[str, Any]) -> Tuple[List[Dict[str, Any]], Dict[str, GANTrainer]]:
-    """:func:`image_training.run_experiment` with the script's flags (resume, device, progress, workers)."""
+        eval_settings: Mapping[str, Any], parallel: Optional[data_parallel.DataParallel] = None
+        ) -> Tuple[List[Dict[str, Any]], Dict[str, GANTrainer]]:
+    """:func:`image_training.run_experiment` with the script's flags (resume, device, progress, workers) and,
+    under ``torchrun``, the data-parallel job."""
     return run_experiment(specs, out, evaluate, args.resume, args.device, not args.no_progress,
-                          workers=args.workers, eval_settings=eval_settings)
+                          workers=args.workers, eval_settings=eval_settings, parallel=parallel)
 
 
 def load_data(loader: Callable[..., T], *args: Any, **kwargs: Any) -> T:

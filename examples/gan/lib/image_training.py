@@ -15,6 +15,13 @@ read back with ``weights_only=True``, other settings refused), resumes to exactl
 run, and stops with :class:`ImageTrainingDiverged` (naming the iteration, the seed and the last good checkpoint,
 which it keeps) when a loss, a parameter, a buffer or an Adam state becomes NaN or infinite. :func:`run_experiment`
 trains a list of runs, one after another or in forked worker processes, and collects their evaluations.
+
+Data-parallel (``torchrun``, :mod:`parallel`): every rank draws the same global minibatch and keeps its slice;
+D's committed gradient, its K unrolled gradients (``transform_grads``) and G's gradient are averaged over ranks,
+and so are the logged losses and, after every iteration, the BatchNorm running statistics, so every rank holds
+the same parameters, buffers and Adam states; rank 0 alone writes. Without BatchNorm this is the one-process
+algorithm on the global batch; with it, each rank normalises by its shard's batch statistics, not the global
+batch's (docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ import unroll
 from . import runs
 from .image_models import LATENT_DIM
 from .models import d_loss_from_logits, nonsaturating_g_loss
+from .parallel import DataParallel
 from .plotting import FigureBudget, plot_samples_over_training, to_uint8
 from .runs import CHECKPOINT
 
@@ -114,10 +122,16 @@ class GANTrainer:
     """Trains one :class:`ImageGAN` with :class:`GANConfig`; ``out_dir=None`` keeps everything in memory."""
 
     def __init__(self, gan: ImageGAN, cfg: GANConfig, out_dir: Optional[Path] = None, resume: bool = False,
-                 device: str = "cpu", progress: bool = False, desc: str = "") -> None:
+                 device: str = "cpu", progress: bool = False, desc: str = "",
+                 parallel: Optional[DataParallel] = None) -> None:
         cfg.validate()
-        self.gan, self.cfg, self.device = gan, cfg, torch.device(device)
+        if parallel is not None and cfg.batch % parallel.world:
+            raise ValueError(f"batch {cfg.batch} does not split evenly over {parallel.world} ranks")
+        self.gan, self.cfg, self.device, self.parallel = gan, cfg, torch.device(device), parallel
         self.out_dir = None if out_dir is None else Path(out_dir)
+        # Every rank trains and holds the same numbers; only rank 0 writes checkpoints and figures.
+        self.writes = out_dir is not None and (parallel is None or parallel.writes)
+        progress = progress and (parallel is None or parallel.writes)
         self.progress, self.desc = progress, desc or f"{gan.name} K={cfg.K} seed={cfg.seed}"
         stream = lambda j: torch.Generator().manual_seed(cfg.seed * _STREAMS + j)  # noqa: E731
         with torch.random.fork_rng(devices=[]):
@@ -159,35 +173,67 @@ class GANTrainer:
         (``unroll.from_torch``), then G's loss at the unrolled D; differentiable in ``fake`` through all K steps."""
         inner_opt, d_state = unroll.from_torch(self.d_opt, self.D)
         surrogate = unroll.surrogate_loss(self.d_loss, self.cfg.K, optimizer=self.unroll_opt or inner_opt,
-                                          outer_fn=self.g_loss_at if self.cfg.g_loss == "nonsaturating" else None)
+                                          outer_fn=self.g_loss_at if self.cfg.g_loss == "nonsaturating" else None,
+                                          transform_grads=None if self.parallel is None else self.parallel.mean)
         d_params = {name: p.detach() for name, p in self.D.named_parameters()}
         try:
             return surrogate(d_params, d_state, x, fake, buffers=dict(self.D.named_buffers()))
         except unroll.NonFiniteLossError as error:
             raise self._diverged(f"unrolled discriminator loss (unrolled step {error.step})", error.value) from error
+        except FloatingPointError as error:  # all_reduce_mean: some rank's unrolled gradient, on every rank
+            raise self._diverged("unrolled discriminator gradient", math.nan) from error
 
     # ----- one iteration -----
     def draw(self) -> Tuple[Tensor, Tensor]:
-        """This iteration's real images and latents (CPU streams: the same numbers on every device)."""
+        """This iteration's real images and latents (CPU streams: the same numbers on every device); data-parallel,
+        this rank's slice of the global minibatch (every rank draws all of it, so the streams stay in step)."""
         x = self.gan.sample_data(self.cfg.batch, self.data_gen)
         z = torch.randn(self.cfg.batch, self.gan.latent_dim, generator=self.latent_gen)
+        if self.parallel is not None:
+            x, z = self.parallel.shard(x, dim=0), self.parallel.shard(z, dim=0)
         return x.to(self.device), z.to(self.device)
+
+    def _global(self, loss: Tensor) -> Tensor:
+        """The loss of the global minibatch: the mean of the ranks' shard losses (the same on every rank, so a NaN
+        on any rank stops every rank at the same check)."""
+        return loss if self.parallel is None else self.parallel.mean_values({"loss": loss})["loss"]
+
+    def _average_grads(self, module: nn.Module) -> None:
+        if self.parallel is not None:
+            unroll.distributed.all_reduce_grads_(dict(module.named_parameters()))
+
+    def _average_batch_norm_statistics(self) -> None:
+        """Running means become those of the global batch; running variances the mean of the shards' (without
+        the spread between shards): the replicas stay identical, so every rank evaluates the same generator."""
+        if self.parallel is None:
+            return
+        buffers = {f"{who}.{name}": b for who, module in (("G", self.G), ("D", self.D))
+                   for name, b in module.named_buffers() if b.is_floating_point()}
+        if buffers:
+            with torch.no_grad():
+                for name, mean in self.parallel.mean_values(buffers).items():
+                    buffers[name].copy_(mean)
 
     def train_step(self) -> Tuple[float, float]:
         """One D update then one G update; raises :class:`ImageTrainingDiverged` before stepping on a NaN/inf."""
         x, z = self.draw()
         fake = self.G(z)  # one forward pass serves both players
         d_loss = self.d_loss(dict(self.D.named_parameters()), x, fake.detach())
-        self._check("discriminator loss", d_loss)
+        d_loss_value = self._global(d_loss)
+        self._check("discriminator loss", d_loss_value)
         self.d_opt.zero_grad(set_to_none=True)
         d_loss.backward()
+        self._average_grads(self.D)
         self.d_opt.step()
 
         g_loss = self.unrolled_g_loss(x, fake)
-        self._check("generator loss", g_loss)
+        g_loss_value = self._global(g_loss)
+        self._check("generator loss", g_loss_value)
         self.g_opt.zero_grad(set_to_none=True)
         g_loss.backward()
+        self._average_grads(self.G)
         self.g_opt.step()
+        self._average_batch_norm_statistics()
         # Finite losses do not prove a finite state: an Adam moment can overflow while the losses stay finite.
         found = runs.first_nonfinite({
             "generator parameters": dict(self.G.named_parameters()), "generator buffers": dict(self.G.named_buffers()),
@@ -197,7 +243,7 @@ class GANTrainer:
             "discriminator Adam state": list(self.d_opt.state.values())})
         if found is not None:
             raise self._diverged(found[1], found[2])
-        return float(d_loss.detach()), float(g_loss.detach())
+        return float(d_loss_value.detach()), float(g_loss_value.detach())
 
     def _check(self, which: str, value: Tensor) -> None:
         if not bool(torch.isfinite(value)):
@@ -255,7 +301,9 @@ class GANTrainer:
         }
 
     def save_checkpoint(self) -> None:
-        if self.checkpoint_path is None:
+        if not self.writes:
+            if self.checkpoint_path is not None:
+                self.checkpoint_step = self.step  # rank 0 wrote it: the same message on every rank
             return
         runs.save_checkpoint(self.state_dict(), self.checkpoint_path)
         self.checkpoint_step = self.step
@@ -301,7 +349,7 @@ class GANTrainer:
                     bar.set_postfix(d_loss=f"{losses[0]:.3f}", g_loss=f"{losses[1]:.3f}")
                 if self.step % cfg.snapshot_every == 0 or self.step == cfg.steps:
                     self.snapshot()
-                    if self.out_dir is not None:
+                    if self.writes:
                         self.figure_budget.draw(self.save_figure)
                 if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
                     self.save_checkpoint()
@@ -402,8 +450,8 @@ def _reusable(cached: Optional[Mapping[str, Any]], status: str, cfg: GANConfig, 
 
 def run_experiment(specs: Sequence[RunSpec], out_dir: Path, evaluate: Evaluate, resume: bool = False,
                    device: str = "cpu", progress: bool = False, log: Callable[[str], None] = print,
-                   workers: int = 1, eval_settings: Optional[Mapping[str, Any]] = None
-                   ) -> Tuple[List[Dict[str, Any]], Dict[str, GANTrainer]]:
+                   workers: int = 1, eval_settings: Optional[Mapping[str, Any]] = None,
+                   parallel: Optional[DataParallel] = None) -> Tuple[List[Dict[str, Any]], Dict[str, GANTrainer]]:
     """Train and evaluate every run; returns ``(records, trainers)``, the trainers of the first finished run of
     every table cell (by folder; the others are dropped to bound memory).
 
@@ -413,10 +461,14 @@ def run_experiment(specs: Sequence[RunSpec], out_dir: Path, evaluate: Evaluate, 
     sample counts, targets, ...) match. A run that diverges is recorded with ``status: "diverged"`` (its last good
     checkpoint kept) and the others go on. ``workers > 1`` trains the runs in that many forked CPU processes (with
     this process's thread count) and then reloads them here; every run's numbers are the same as with one worker.
-    The caller holds ``out_dir`` (:func:`runs.claim`).
+    The caller holds ``out_dir`` (:func:`runs.claim`). With ``parallel`` (``torchrun``) every rank trains and
+    evaluates every run on its shards and rank 0 alone writes; it needs ``workers == 1``.
     """
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
+    if parallel is not None and workers != 1:
+        raise ValueError(f"workers must be 1 under torchrun (the ranks are the parallelism), got {workers}")
+    writes = parallel is None or parallel.writes
     eval_settings = dict(eval_settings or {})
     if workers > 1 and len(specs) > 1:
         _train_in_workers(specs, out_dir, evaluate, resume, device, workers, progress, log, eval_settings)
@@ -431,7 +483,7 @@ def run_experiment(specs: Sequence[RunSpec], out_dir: Path, evaluate: Evaluate, 
             continue
         trainer = GANTrainer(spec.gan, spec.cfg, run_dir, resume=resume and (run_dir / CHECKPOINT).is_file(),
                              device=device, progress=progress, desc=f"[{i + 1}/{len(specs)}] {spec.label} "
-                                                                    f"seed={spec.cfg.seed}")
+                                                                    f"seed={spec.cfg.seed}", parallel=parallel)
         base = {"run": spec.folder, **dict(spec.key), "seed": spec.cfg.seed, "eval_settings": eval_settings}
         try:
             trainer.run()
@@ -439,7 +491,8 @@ def run_experiment(specs: Sequence[RunSpec], out_dir: Path, evaluate: Evaluate, 
             log(f"{spec.folder}: {error}")
             record = {**base, "status": "diverged", "diverged_at": error.step, "error": str(error),
                       **trainer.summary()}
-            runs.write_json(run_dir / RESULT, record)
+            if writes:
+                runs.write_json(run_dir / RESULT, record)
             records.append(record)
             continue
         if not any(other.label == spec.label for other in specs if other.folder in trainers):
@@ -451,7 +504,8 @@ def run_experiment(specs: Sequence[RunSpec], out_dir: Path, evaluate: Evaluate, 
         metrics = evaluate(trainer, spec, run_dir)
         record = {**base, "status": "done", **metrics, **trainer.summary(),
                   "eval_seconds": round(time.perf_counter() - start, 2)}
-        runs.write_json(run_dir / RESULT, record)
+        if writes:
+            runs.write_json(run_dir / RESULT, record)
         records.append(record)
         log(f"{spec.folder}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                             for k, v in metrics.items() if isinstance(v, (int, float))))

@@ -102,3 +102,35 @@ def claim(out: Path, parallel: Optional[DataParallel], **kwargs: Any) -> Iterato
         if outcome[0] is not None:
             raise runs.RunError(outcome[0] if parallel.writes else f"rank 0: {outcome[0]}")
         yield Path(out)
+
+
+def world_size() -> int:
+    """The number of processes ``torchrun`` started (1 without it), readable before joining the job."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank_device(device: str, parallel: Optional[DataParallel]) -> str:
+    """``--device cuda`` under ``torchrun`` is ``cuda:LOCAL_RANK`` (one GPU per rank, made current for nccl);
+    any other device, or a one-process run, is unchanged."""
+    if parallel is None or device != "cuda":
+        return device
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    torch.cuda.set_device(local)
+    return f"cuda:{local}"
+
+
+@contextlib.contextmanager
+def rank_zero_first(parallel: Optional[DataParallel]) -> Iterator[None]:
+    """Rank 0 runs the block first (e.g. trains and caches a classifier), then the others (which read the cache);
+    an error on rank 0 still releases them. Without ``parallel`` it just runs the block."""
+    if parallel is None:
+        yield
+        return
+    if not parallel.writes:
+        dist.barrier()
+        yield
+        return
+    try:
+        yield
+    finally:
+        dist.barrier()
