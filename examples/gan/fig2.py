@@ -164,8 +164,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         rows = [summarize(cell, meta, n_modes, costs.get(cell.label, float("nan"))) for cell, meta in metas]
         # The figure's rows: plain GAN first, then the unrolled GAN, then the control (as Fig. 2's two rows).
         order = [1, 0] + list(range(2, len(cells)))
-        figure_for(args.dataset, [metas[i] for i in order], out, out / "fig2.png",
-                   title=f"{args.dataset}: plain GAN vs unrolled GAN (seed {cells[0].seeds[0]})")
+        title = f"{args.dataset}: plain GAN, unrolled GAN and the control (seed {cells[0].seeds[0]})"
+        figure_for(args.dataset, [metas[i] for i in order], out, out / "fig2.png", title=title)
         line = verdict([rows[i] for i in order], n_modes)
         runs.write_json(out / "summary.json", {"rows": rows, "verdict": line, "wall_seconds": time.time() - start})
     print(main_table([rows[i] for i in order], n_modes))
