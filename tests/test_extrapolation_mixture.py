@@ -65,21 +65,24 @@ def test_larger_alpha_moves_the_generator_further_along_the_unrolling_direction(
 
 def test_extrapolation_sweep_end_to_end(tmp_path: Path) -> None:
     doc = tmp_path / "extrapolation.md"
-    argv = TINY + ["--steps", "4", "--alphas", "1", "--ks", "0", "1", "--control", "1",
+    argv = TINY + ["--steps", "4", "--alphas", "1", "3", "--ks", "0", "1", "--control", "1",
                    "--out", str(tmp_path / "runs"), "--doc", str(doc)]
     assert ex.main(argv) == 0
     page = doc.read_text()
     assert "Status: **complete**" in page and "python examples/gan/extrapolation.py" in page
-    for label in ("K=0 (plain GAN)", "K=1", "extrapolated α=1", "control, 2 D steps"):
+    for label in ("K=0 (plain GAN)", "K=1", "extrapolated α=1 (the K=1 run)", "extrapolated α=3",
+                  "control, 2 D steps"):
         assert f"| {label} |" in page
     assert "| K=0 (plain GAN) | 4 |" in page and "| 1.00× |" in page
     per_seed = json.loads((tmp_path / "extrapolation" / "per_seed.json").read_text())
     rows = {row["label"]: row for row in per_seed["rows"]}
-    assert len(rows) == 4 and all(row["seeds"] == [0, 1] and row["s_per_iteration_timed"] > 0
+    assert len(rows) == 5 and all(row["seeds"] == [0, 1] and row["s_per_iteration_timed"] > 0
                                   for row in rows.values())
-    # The sweep's own α = 1 and K = 1 runs agree on every per-seed metric.
-    for key in ("stable_coverage", "modes", "modes_strict", "hq", "reverse_kl"):
-        assert rows["extrapolated α=1"][key] == rows["K=1"][key]
+    # α = 1 trains K = 1 bit for bit (above), so it is the K = 1 run; α = 3 is a run of its own.
+    assert rows["extrapolated α=1 (the K=1 run)"]["folder"] == rows["K=1"]["folder"]
+    assert rows["extrapolated α=3"]["folder"] != rows["K=1"]["folder"]
+    assert rows["extrapolated α=3"]["reverse_kl"] != rows["K=1"]["reverse_kl"]
+    assert len(list((tmp_path / "runs" / "main").iterdir())) == 4
     assert (tmp_path / "extrapolation" / "extrapolation.png").stat().st_size > 1000
 
 

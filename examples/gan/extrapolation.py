@@ -9,7 +9,8 @@ where g_0 is the plain GAN's gradient (K = 0) and g_1 the one-step unrolled grad
 ``unroll.extrapolated_surrogate_loss``. It costs one unrolled step, whatever alpha. Rows, on paired seeds:
 
 - K = 0 (plain GAN), K = 1, K = 5, K = 10 (the full unrolled gradient);
-- ``alpha`` in {1, 2, 5, 10} (alpha = 1 is K = 1, to the last bit of the parameters);
+- ``alpha`` in {1, 2, 5, 10} (alpha = 1 trains K = 1 to the last bit of the parameters, so its row is the K = 1
+  run);
 - the compute-matched control: D takes K + 1 committed steps per iteration and G the plain gradient (K = 1
   matches the extrapolation's one look-ahead step).
 
@@ -67,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def build_cells(args: argparse.Namespace) -> List[Cell]:
-    """K = 0 first (the cost reference), then the cheap rows, then the expensive K."""
+    """K = 0 first (the cost reference), then the cheap rows, then the expensive K, largest first."""
     if 0 not in args.ks:
         raise ValueError(f"--ks must include 0 (the plain GAN, the cost reference), got {args.ks}")
     if any(k < 0 for k in args.ks) or any(k < 1 for k in args.control):
@@ -82,13 +83,16 @@ def build_cells(args: argparse.Namespace) -> List[Cell]:
 
     ks = sorted(set(args.ks))
     cells = [unrolled(0)] + [unrolled(K) for K in ks if K == 1]
+    cfg = TrainConfig(K=1, **base)  # one look-ahead step (the hook replaces the surrogate)
     for alpha in args.alphas:
-        cfg = TrainConfig(K=1, **base)  # K = 1: one look-ahead step (the hook replaces the surrogate)
+        if alpha == 1:  # trains exactly like K = 1, bit for bit (tests/test_extrapolation_mixture.py): one run
+            cells.append(Cell("main", "extrapolated α=1 (the K=1 run)", cfg, seeds))
+            continue
         cells.append(Cell("main", f"extrapolated α={alpha:g}", cfg, seeds, tag=f"alpha{alpha:g}",
                           hooks=extrapolation_hooks(cfg, alpha)))
     cells += [Cell("main", f"control, {K + 1} D steps", TrainConfig(K=K, control=True, **base), seeds)
               for K in sorted(set(args.control))]
-    cells += [unrolled(K) for K in ks if K > 1]
+    cells += [unrolled(K) for K in sorted((k for k in ks if k > 1), reverse=True)]  # the goal's K = 10 first
     return cells
 
 
