@@ -1,0 +1,205 @@
+"""The cheap approximation of unrolling that the Discussion of Metz et al. (2017) suggests, on the 2-D mixture.
+
+Sec. 4: "it may be sufficient to further perturb the training gradient in the same direction that a single
+unrolling step perturbs it". The generator's gradient is
+
+    g_alpha = g_0 + alpha (g_1 - g_0)
+
+where g_0 is the plain GAN's gradient (K = 0) and g_1 the one-step unrolled gradient (Eq. 12 with K = 1):
+``unroll.extrapolated_surrogate_loss``. It costs one unrolled step, whatever alpha. Rows, on paired seeds:
+
+- K = 0 (plain GAN), K = 1, K = 5, K = 10 (the full unrolled gradient);
+- ``alpha`` in {1, 2, 5, 10} (alpha = 1 trains K = 1 to the last bit of the parameters, so its row is the K = 1
+  run);
+- the compute-matched control: D takes K + 1 committed steps per iteration and G the plain gradient (K = 1
+  matches the extrapolation's one look-ahead step).
+
+The question (issue 15): does some alpha reach K = 10's stable coverage at <= 1.5x the plain GAN's cost per
+iteration? The cost is measured after training: every cell's vmapped iteration is timed in the same process,
+the cells interleaved over several rounds (median), so that the load of a shared machine falls on all alike.
+
+    python examples/gan/extrapolation.py --threads 1 --no-progress   # the sweep behind docs/results/extrapolation.md
+    python examples/gan/extrapolation.py --resume                    # continue it after a kill
+    python examples/gan/extrapolation.py --report-only               # rewrite the page from the runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import unroll
+from lib import ablations as ab
+from lib import runs
+from lib.sweeps import Cell, CellMeta, final_records, table
+from lib.training import Hooks, TrainConfig, Trainer, d_inner_loss
+
+# ---- configuration ----
+ALPHAS = (1.0, 2.0, 5.0, 10.0)
+KS = (0, 1, 5, 10)
+CONTROL_KS = (1,)  # extra committed D steps: 1 matches the extrapolation's single look-ahead step
+GOAL_COST = 1.5  # the issue's goal: K = 10's stable coverage at <= 1.5x the plain GAN's cost per iteration
+GOAL_K = 10
+TIMING_FILE = "timing.json"
+
+
+def extrapolation_hooks(cfg: TrainConfig, alpha: float) -> Hooks:
+    """The generator's loss f_0 + alpha (f_1 - f_0) (saturating, as the plain and unrolled rows): its gradient is
+    g_0 + alpha (g_1 - g_0); the look-ahead step is Adam at ``cfg.lookahead_lr`` from D's current state."""
+    surrogate = unroll.extrapolated_surrogate_loss(
+        d_inner_loss, alpha, optimizer=unroll.adam(cfg.lookahead_lr, betas=(cfg.beta1, cfg.beta2)))
+    return Hooks(generator_loss=lambda extra, d, d_state, x, fake: surrogate(d, d_state, x, fake))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = ab.parser(__doc__)
+    ab.add_common_flags(p, out="runs/extrapolation", doc="docs/results/extrapolation.md", steps=2000)
+    p.add_argument("--alphas", type=float, nargs="+", default=list(ALPHAS), help="extrapolation factors")
+    p.add_argument("--ks", type=int, nargs="+", default=list(KS), help="unrolling steps of the reference rows")
+    p.add_argument("--control", type=int, nargs="*", default=list(CONTROL_KS),
+                   help="compute-matched controls: D takes K + 1 committed steps per iteration (none: no control)")
+    p.add_argument("--timing-iterations", type=int, default=20, help="timed iterations per cell and round")
+    p.add_argument("--timing-rounds", type=int, default=3, help="rounds of timing, the cells interleaved")
+    return p
+
+
+def build_cells(args: argparse.Namespace) -> List[Cell]:
+    """K = 0 first (the cost reference), then the cheap rows, then the expensive K, largest first."""
+    if 0 not in args.ks:
+        raise ValueError(f"--ks must include 0 (the plain GAN, the cost reference), got {args.ks}")
+    if any(k < 0 for k in args.ks) or any(k < 1 for k in args.control):
+        raise ValueError(f"--ks must be >= 0 and --control >= 1, got {args.ks} and {args.control}")
+    if args.timing_iterations < 1 or args.timing_rounds < 1:
+        raise ValueError("--timing-iterations and --timing-rounds must be >= 1")
+    base = dict(steps=args.steps, **ab.base_settings(args))
+    seeds = args.seed_list
+
+    def unrolled(K: int) -> Cell:
+        return Cell("main", "K=0 (plain GAN)" if K == 0 else f"K={K}", TrainConfig(K=K, **base), seeds)
+
+    ks = sorted(set(args.ks))
+    cells = [unrolled(0)] + [unrolled(K) for K in ks if K == 1]
+    cfg = TrainConfig(K=1, **base)  # one look-ahead step (the hook replaces the surrogate)
+    for alpha in args.alphas:
+        if alpha == 1:  # trains exactly like K = 1, bit for bit (tests/test_extrapolation_mixture.py): one run
+            cells.append(Cell("main", "extrapolated α=1 (the K=1 run)", cfg, seeds))
+            continue
+        cells.append(Cell("main", f"extrapolated α={alpha:g}", cfg, seeds, tag=f"alpha{alpha:g}",
+                          hooks=extrapolation_hooks(cfg, alpha)))
+    cells += [Cell("main", f"control, {K + 1} D steps", TrainConfig(K=K, control=True, **base), seeds)
+              for K in sorted(set(args.control))]
+    cells += [unrolled(K) for K in sorted((k for k in ks if k > 1), reverse=True)]  # the goal's K = 10 first
+    return cells
+
+
+# ---- cost ----
+def time_cells(cells: Sequence[Cell], iterations: int, rounds: int) -> Dict[str, float]:
+    """Seconds per iteration of every cell (all its seeds vmapped, random draws included, no evaluation): the
+    median over ``rounds`` rounds of ``iterations`` iterations each, the cells interleaved within a round."""
+    trainers = {c.folder: Trainer(c.cfg, c.seeds, hooks=c.hooks) for c in cells}
+    for trainer in trainers.values():  # warm up (first-call overheads)
+        trainer.state, _ = trainer.step_fn(trainer.state, trainer.draw_batch())
+    samples: Dict[str, List[float]] = {name: [] for name in trainers}
+    for _ in range(rounds):
+        for name, trainer in trainers.items():
+            start = time.perf_counter()
+            for _ in range(iterations):
+                trainer.state, _ = trainer.step_fn(trainer.state, trainer.draw_batch())
+            samples[name].append((time.perf_counter() - start) / iterations)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def timings(args: argparse.Namespace, cells: Sequence[Cell], complete: bool) -> Optional[Dict[str, float]]:
+    """The measured cost per iteration, timed once when the sweep is complete and kept in ``--out``."""
+    path = Path(args.out) / TIMING_FILE
+    known = runs.read_json(path) or {}
+    if complete and any(c.folder not in known for c in cells):
+        known.update(time_cells([c for c in cells if c.folder not in known], args.timing_iterations,
+                                args.timing_rounds))
+        runs.write_json(path, known)
+    return known or None
+
+
+# ---- the page ----
+def seed_numbers(meta: Dict[str, Any], n_modes: int, min_hq: float) -> Dict[str, List[Any]]:
+    """Per seed: the iteration of stable coverage (None: not settled) and the final metrics."""
+    last = sorted(final_records(meta), key=lambda r: r["seed"])
+    return {"seeds": [r["seed"] for r in last], "stable_coverage": ab.stable_steps(meta, n_modes, min_hq),
+            **{k: [r[k] for r in last] for k in ("modes", "modes_strict", "hq", "reverse_kl")}}
+
+
+def goal_verdict(metas: Sequence[CellMeta], costs: Dict[str, float], n_modes: int, min_hq: float) -> str:
+    """Which extrapolated rows settle in at least as many seeds as K = GOAL_K, no later (median), at <= GOAL_COST
+    times K = 0's measured cost."""
+    by_label = {c.label: (c, m) for c, m in metas if m is not None}
+    reference, plain = by_label.get(f"K={GOAL_K}"), by_label.get("K=0 (plain GAN)")
+    if reference is None or plain is None or plain[0].folder not in costs:
+        return ""
+
+    def score(meta: Dict[str, Any]) -> tuple:
+        steps = ab.stable_steps(meta, n_modes, min_hq)
+        settled = sorted(s for s in steps if s is not None)
+        median = statistics.median(settled + [float("inf")] * (len(steps) - len(settled)))
+        return len(settled), median
+
+    ref_settled, ref_median = score(reference[1])
+    if ref_settled == 0:
+        return f"**Goal** not testable: K={GOAL_K} settled in no seed within the run."
+    winners = []
+    for label, (cell, meta) in by_label.items():
+        if not label.startswith("extrapolated") or cell.folder not in costs:
+            continue
+        settled, median = score(meta)
+        relative = costs[cell.folder] / costs[plain[0].folder]
+        if settled >= ref_settled and median <= ref_median and relative <= GOAL_COST:
+            winners.append(f"{label} ({settled} settled, {relative:.2f}× K=0's cost)")
+    found = "; ".join(winners) if winners else "no extrapolated row"
+    return (f"**Goal** (K={GOAL_K}'s stable coverage, {ref_settled} settled, median "
+            f"{'not settled' if ref_median == float('inf') else f'{ref_median:g}'}, at ≤ {GOAL_COST:g}× the plain "
+            f"GAN's cost per iteration): met by {found}.")
+
+
+def write_report(args: argparse.Namespace, cells: List[Cell], log: Sequence[dict], command: str,
+                 complete: bool) -> None:
+    intro = ("Rows: **K=k**: the unrolled surrogate with k look-ahead steps (full gradient of Eq. 12); "
+             "**extrapolated α**: `unroll.extrapolated_surrogate_loss`, gradient g_0 + α(g_1 − g_0) (one "
+             "look-ahead step, whatever α; α = 1 is K = 1); **control, k+1 D steps**: no unrolling, D takes k + 1 "
+             "committed Adam steps per iteration (k at the look-ahead lr), the compute-matched control. "
+             "**cost vs K=0**: each cell's iteration (all seeds vmapped, no evaluation) timed in one process after "
+             f"training, the cells interleaved over {args.timing_rounds} rounds of {args.timing_iterations} "
+             "iterations (median), divided by K = 0's; the s / iteration column is the training wall time "
+             "(evaluations and checkpoints included), taken while other jobs shared the machine.")
+    metas, n_modes, lines = ab.start_page("One-step extrapolation of the unrolled gradient (Metz et al. 2017, Sec. 4)",
+                                          intro, args, cells, command, complete)
+    costs = timings(args, cells, complete) or {}
+    plain_cost = costs.get(cells[0].folder)
+    rows = []
+    for cell, meta in metas:
+        row = ab.result_row(cell.label, cell, meta, n_modes, args.min_hq, log)
+        cost = costs.get(cell.folder)
+        rows.append(row + ["" if cost is None or plain_cost is None else f"{cost / plain_cost:.2f}×"])
+    lines += ["## Results", "", table(rows, ab.RESULT_HEADER + ["cost vs K=0 (timed)"]), ""]
+    verdict = goal_verdict(metas, costs, n_modes, args.min_hq)
+    if verdict:
+        lines += [verdict, ""]
+    lines += ab.figure_markdown(metas, Path(args.out), args, "extrapolation",
+                                f"{args.dataset}: extrapolation, unrolling and control (seed {args.seed_list[0]})")
+    per_seed = {"command": command, "dataset": args.dataset, "iterations": args.steps, "min_hq": args.min_hq,
+                "rows": [{"label": c.label, "folder": c.folder, "s_per_iteration_timed": costs.get(c.folder),
+                          **seed_numbers(m, n_modes, args.min_hq)} for c, m in metas if m is not None]}
+    runs.write_json(Path(args.fig_dir) / "per_seed.json", per_seed)
+    lines += [f"Per-seed numbers: [{Path(args.fig_dir).name}/per_seed.json]({Path(args.fig_dir).name}/per_seed.json).",
+              ""]
+    ab.write_page(Path(args.doc), lines, log)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return ab.main_for("extrapolation.py", build_parser(), build_cells, write_report, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
