@@ -219,20 +219,8 @@ class GANTrainer:
         x, z = self.draw()
         fake = self.G(z)  # one forward pass serves both players
         d_loss = self.d_loss(dict(self.D.named_parameters()), x, fake.detach())
-        d_loss_value = self._global(d_loss)
-        self._check("discriminator loss", d_loss_value)
-        self.d_opt.zero_grad(set_to_none=True)
-        d_loss.backward()
-        self._average_grads(self.D)
-        self.d_opt.step()
-
-        g_loss = self.unrolled_g_loss(x, fake)
-        g_loss_value = self._global(g_loss)
-        self._check("generator loss", g_loss_value)
-        self.g_opt.zero_grad(set_to_none=True)
-        g_loss.backward()
-        self._average_grads(self.G)
-        self.g_opt.step()
+        d_loss_value = self._commit("discriminator loss", d_loss, self.D, self.d_opt)
+        g_loss_value = self._commit("generator loss", self.unrolled_g_loss(x, fake), self.G, self.g_opt)
         self._average_batch_norm_statistics()
         # Finite losses do not prove a finite state: an Adam moment can overflow while the losses stay finite.
         found = runs.first_nonfinite({
@@ -244,6 +232,17 @@ class GANTrainer:
         if found is not None:
             raise self._diverged(found[1], found[2])
         return float(d_loss_value.detach()), float(g_loss_value.detach())
+
+    def _commit(self, which: str, loss: Tensor, module: nn.Module, optimizer: torch.optim.Optimizer) -> Tensor:
+        """Check ``loss`` (averaged over ranks) is finite, then one optimizer step on its gradient (averaged over
+        ranks); returns the averaged loss."""
+        value = self._global(loss)
+        self._check(which, value)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self._average_grads(module)
+        optimizer.step()
+        return value
 
     def _check(self, which: str, value: Tensor) -> None:
         if not bool(torch.isfinite(value)):
