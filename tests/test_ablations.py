@@ -148,6 +148,9 @@ def test_second_gradient_sweep_end_to_end(tmp_path: Path) -> None:
         assert (tmp_path / "second_gradient" / f"second_gradient_g{regime}.png").stat().st_size > 1000
     g5 = json.loads(next((tmp_path / "runs" / "g5").glob("*K2*stopgrad_avg*/metrics.json")).read_text())
     assert g5["config"]["g_steps"] == 5 and g5["config"]["average_over_steps"] and g5["status"] == "done"
+    per_seed = json.loads((tmp_path / "second_gradient" / "per_seed.json").read_text())
+    assert len(per_seed["rows"]) == 2 * 4 and all(row["seeds"] == [0, 1] for row in per_seed["rows"])  # K=0, 3 configs × K=2; 2 regimes
+    assert "per_seed.json" in page
 
     assert sg.main(argv) == 2  # the runs exist: continuing them needs --resume
     before = page

@@ -284,7 +284,7 @@ def test_sweep_summary_statistics() -> None:
 
 
 def test_sweep_writes_the_report_and_resumes(tmp_path: Path) -> None:
-    flags = ["--datasets", "ring", "--ks", "0", "--control-k", "1", "--seeds", "0-1", "--steps", "2",
+    flags = ["--datasets", "ring", "--ks", "0", "--control-ks", "1", "--seeds", "0-1", "--steps", "2",
              "--sens-seeds", "0-1", "--sens-steps", "2", "--eval-every", "1", "--batch", "32", "--eval-samples", "200",
              "--quick", "--out", str(tmp_path / "runs"), "--doc", str(tmp_path / "mixture.md"),
              "--fig-dir", str(tmp_path / "fig"), "--no-progress"]
@@ -298,3 +298,31 @@ def test_sweep_writes_the_report_and_resumes(tmp_path: Path) -> None:
     assert sweep_mixture.main(flags) == 0
     assert "<!-- notes -->hand-written<!-- /notes -->" in (tmp_path / "mixture.md").read_text()
     assert json.loads((tmp_path / "runs" / "sweep_log.json").read_text()) == log_before
+
+
+def test_sweep_sections_horizons_cost_and_per_seed_numbers(tmp_path: Path) -> None:
+    """One table per (dataset, activation, mode weights); coverage at the horizons the runs reach; every row's cost
+    timed against K = 0's; every evaluation of every seed in per_seed.json."""
+    flags = ["--datasets", "ring", "--activations", "relu", "tanh", "--weight-stds", "0", "0.12", "--ks", "0",
+             "--control-ks", "1", "--seeds", "0-1", "--steps", "4", "--eval-every", "2", "--horizons", "2", "4", "6",
+             "--batch", "16",
+             "--eval-samples", "100", "--d-lr", "1e-3", "--g-lr", "1e-3", "--no-sensitivity",
+             "--timing-iterations", "1", "--timing-rounds", "1", "--out", str(tmp_path / "runs"),
+             "--doc", str(tmp_path / "mixture.md"), "--fig-dir", str(tmp_path / "fig"), "--no-progress"]
+    assert sweep_mixture.main(flags) == 0
+    report = (tmp_path / "mixture.md").read_text()
+    titles = [line for line in report.splitlines() if line.startswith("## Paper ring")]
+    assert len(titles) == 4 and "non-uniform mode weights (std 0.12, weight seed 0), tanh generator" in titles[-1]
+    assert "| run | at 2 | at 4 |" in report and "| 1.00× |" in report and "Sensitivity" not in report
+    assert sorted(p.name for p in (tmp_path / "fig").glob("*.png")) == [
+        "mixture_ring.png", "mixture_ring_tanh.png", "mixture_ring_wstd0.12.png", "mixture_ring_wstd0.12_tanh.png"]
+    numbers = json.loads((tmp_path / "fig" / "per_seed.json").read_text())
+    assert len(numbers["sections"]) == 4
+    for section in numbers["sections"]:
+        labels = [row["label"] for row in section["rows"]]
+        assert labels == ["K=0", "control (2 D steps)"]
+        for row in section["rows"]:
+            assert row["config"]["d_lr"] == 1e-3 and row["cost_vs_plain"] > 0
+            assert sorted({(r["step"], r["seed"]) for r in row["records"]}) == [
+                (step, seed) for step in (0, 2, 4) for seed in (0, 1)]
+            assert set(row["stable_coverage"]) == {"0", "1"}

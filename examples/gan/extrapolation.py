@@ -28,15 +28,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import unroll
 from lib import ablations as ab
-from lib import runs
-from lib.sweeps import Cell, CellMeta, final_records, table
-from lib.training import Hooks, TrainConfig, Trainer, d_inner_loss
+from lib.sweeps import Cell, CellMeta
+from lib.training import Hooks, TrainConfig, d_inner_loss
 
 # ---- configuration ----
 ALPHAS = (1.0, 2.0, 5.0, 10.0)
@@ -44,7 +42,6 @@ KS = (0, 1, 5, 10)
 CONTROL_KS = (1,)  # extra committed D steps: 1 matches the extrapolation's single look-ahead step
 GOAL_COST = 1.5  # the issue's goal: K = 10's stable coverage at <= 1.5x the plain GAN's cost per iteration
 GOAL_K = 10
-TIMING_FILE = "timing.json"
 
 
 def extrapolation_hooks(cfg: TrainConfig, alpha: float) -> Hooks:
@@ -62,8 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ks", type=int, nargs="+", default=list(KS), help="unrolling steps of the reference rows")
     p.add_argument("--control", type=int, nargs="*", default=list(CONTROL_KS),
                    help="compute-matched controls: D takes K + 1 committed steps per iteration (none: no control)")
-    p.add_argument("--timing-iterations", type=int, default=20, help="timed iterations per cell and round")
-    p.add_argument("--timing-rounds", type=int, default=3, help="rounds of timing, the cells interleaved")
+    ab.add_timing_flags(p)
     return p
 
 
@@ -96,42 +92,7 @@ def build_cells(args: argparse.Namespace) -> List[Cell]:
     return cells
 
 
-# ---- cost ----
-def time_cells(cells: Sequence[Cell], iterations: int, rounds: int) -> Dict[str, float]:
-    """Seconds per iteration of every cell (all its seeds vmapped, random draws included, no evaluation): the
-    median over ``rounds`` rounds of ``iterations`` iterations each, the cells interleaved within a round."""
-    trainers = {c.folder: Trainer(c.cfg, c.seeds, hooks=c.hooks) for c in cells}
-    for trainer in trainers.values():  # warm up (first-call overheads)
-        trainer.state, _ = trainer.step_fn(trainer.state, trainer.draw_batch())
-    samples: Dict[str, List[float]] = {name: [] for name in trainers}
-    for _ in range(rounds):
-        for name, trainer in trainers.items():
-            start = time.perf_counter()
-            for _ in range(iterations):
-                trainer.state, _ = trainer.step_fn(trainer.state, trainer.draw_batch())
-            samples[name].append((time.perf_counter() - start) / iterations)
-    return {name: statistics.median(values) for name, values in samples.items()}
-
-
-def timings(args: argparse.Namespace, cells: Sequence[Cell], complete: bool) -> Optional[Dict[str, float]]:
-    """The measured cost per iteration, timed once when the sweep is complete and kept in ``--out``."""
-    path = Path(args.out) / TIMING_FILE
-    known = runs.read_json(path) or {}
-    if complete and any(c.folder not in known for c in cells):
-        known.update(time_cells([c for c in cells if c.folder not in known], args.timing_iterations,
-                                args.timing_rounds))
-        runs.write_json(path, known)
-    return known or None
-
-
 # ---- the page ----
-def seed_numbers(meta: Dict[str, Any], n_modes: int, min_hq: float) -> Dict[str, List[Any]]:
-    """Per seed: the iteration of stable coverage (None: not settled) and the final metrics."""
-    last = sorted(final_records(meta), key=lambda r: r["seed"])
-    return {"seeds": [r["seed"] for r in last], "stable_coverage": ab.stable_steps(meta, n_modes, min_hq),
-            **{k: [r[k] for r in last] for k in ("modes", "modes_strict", "hq", "reverse_kl")}}
-
-
 def goal_verdict(metas: Sequence[CellMeta], costs: Dict[str, float], n_modes: int, min_hq: float) -> str:
     """Which extrapolated rows settle in at least as many seeds as K = GOAL_K, no later (median), at <= GOAL_COST
     times K = 0's measured cost."""
@@ -175,25 +136,14 @@ def write_report(args: argparse.Namespace, cells: List[Cell], log: Sequence[dict
              "(evaluations and checkpoints included), taken while other jobs shared the machine.")
     metas, n_modes, lines = ab.start_page("One-step extrapolation of the unrolled gradient (Metz et al. 2017, Sec. 4)",
                                           intro, args, cells, command, complete)
-    costs = timings(args, cells, complete) or {}
-    plain_cost = costs.get(cells[0].folder)
-    rows = []
-    for cell, meta in metas:
-        row = ab.result_row(cell.label, cell, meta, n_modes, args.min_hq, log)
-        cost = costs.get(cell.folder)
-        rows.append(row + ["" if cost is None or plain_cost is None else f"{cost / plain_cost:.2f}×"])
-    lines += ["## Results", "", table(rows, ab.RESULT_HEADER + ["cost vs K=0 (timed)"]), ""]
+    costs = ab.timings(args, cells, complete) or {}
+    lines += ["## Results", "", ab.timed_results_table(metas, args, n_modes, log, costs), ""]
     verdict = goal_verdict(metas, costs, n_modes, args.min_hq)
     if verdict:
         lines += [verdict, ""]
     lines += ab.figure_markdown(metas, Path(args.out), args, "extrapolation",
                                 f"{args.dataset}: extrapolation, unrolling and control (seed {args.seed_list[0]})")
-    per_seed = {"command": command, "dataset": args.dataset, "iterations": args.steps, "min_hq": args.min_hq,
-                "rows": [{"label": c.label, "folder": c.folder, "s_per_iteration_timed": costs.get(c.folder),
-                          **seed_numbers(m, n_modes, args.min_hq)} for c, m in metas if m is not None]}
-    runs.write_json(Path(args.fig_dir) / "per_seed.json", per_seed)
-    lines += [f"Per-seed numbers: [{Path(args.fig_dir).name}/per_seed.json]({Path(args.fig_dir).name}/per_seed.json).",
-              ""]
+    lines += ab.per_seed_json(args, metas, n_modes, command, costs)
     ab.write_page(Path(args.doc), lines, log)
 
 

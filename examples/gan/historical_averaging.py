@@ -162,6 +162,7 @@ def write_report(args: argparse.Namespace, cells: List[Cell], log: Sequence[dict
         lines += [f"## {title}", "", ab.results_table(rows, args, n_modes, log), ""]
         lines += ab.figure_markdown(rows, Path(args.out), args, figure, f"{args.dataset}: {title} (seed "
                                                                     f"{args.seed_list[0]})")
+    lines += ab.per_seed_json(args, metas, n_modes, command, {})
     ab.write_page(Path(args.doc), lines, log)
 
 

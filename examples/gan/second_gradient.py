@@ -114,6 +114,7 @@ def write_report(args: argparse.Namespace, cells: List[Cell], log: Sequence[dict
                   table(claim_rows, ["configuration", "smallest K with all seeds settled"]), ""]
         lines += ab.figure_markdown(group, Path(args.out), args, f"second_gradient_g{g_steps}",
                                     f"{args.dataset}, {regime} per D update (seed {args.seed_list[0]})")
+    lines += ab.per_seed_json(args, metas, n_modes, command, {})
     ab.write_page(Path(args.doc), lines, log)
 
 

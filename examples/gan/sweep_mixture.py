@@ -13,6 +13,7 @@ report is rewritten after every cell (marked partial until the last one is done)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shlex
 import statistics
 import sys
@@ -22,6 +23,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from lib import REPO_ROOT, runs
+from lib import ablations as ab
 from lib.cli import HelpFormatter, add_threads_flag, parse_seeds
 from lib.data import make_mixture
 from lib.plotting import histogram_extent
@@ -44,17 +46,33 @@ DATASET_TITLES = {"ring": "Paper ring (8 modes, radius 2, std 0.02)",
                   "grid": "VEEGAN/PacGAN grid (25 modes, 5x5 on {-4..4}², std 0.05)"}
 
 
+def section_title(cfg: TrainConfig) -> str:
+    """A main table's heading: the dataset, then what differs from its default (mode weights, activation)."""
+    title = DATASET_TITLES[cfg.dataset]
+    if cfg.weight_std:
+        title += f", non-uniform mode weights (std {cfg.weight_std:g}, weight seed {cfg.weight_seed})"
+    if cfg.activation != "relu":
+        title += f", {cfg.activation} generator"
+    return title
+
+
 def build_cells(args: argparse.Namespace) -> List[Cell]:
-    base = dict(unroll_lr=args.unroll_lr, eval_every=args.eval_every, batch=args.batch,
-                eval_samples=args.eval_samples)
+    base = dict(unroll_lr=args.unroll_lr, d_lr=args.d_lr, g_lr=args.g_lr, eval_every=args.eval_every,
+                batch=args.batch, eval_samples=args.eval_samples)
     cells: List[Cell] = []
     seeds = tuple(parse_seeds(args.seeds))
     for dataset in args.datasets:
-        steps = args.steps_grid if dataset == "grid" else args.steps
-        for K in args.ks:
-            cells.append(Cell("main", f"K={K}", TrainConfig(dataset=dataset, K=K, steps=steps, **base), seeds))
-        cells.append(Cell("main", f"control ({args.control_k + 1} D steps)",
-                          TrainConfig(dataset=dataset, K=args.control_k, control=True, steps=steps, **base), seeds))
+        for activation in args.activations:
+            for weight_std in args.weight_stds:
+                data = dict(base, dataset=dataset, activation=activation, weight_std=weight_std,
+                            steps=args.steps_grid if dataset == "grid" else args.steps)
+                for K in args.ks:
+                    cells.append(Cell("main", f"K={K}", TrainConfig(K=K, **data), seeds))
+                for control_k in args.control_ks:
+                    cells.append(Cell("main", f"control ({control_k + 1} D steps)",
+                                      TrainConfig(K=control_k, control=True, **data), seeds))
+    if args.no_sensitivity:
+        return cells
     # Sensitivity on the paper ring: one factor at a time away from the main setting, K=0 beside K=10 where
     # the factor changes the plain GAN too. The steps factor is read off the evaluations along the way.
     sens = tuple(parse_seeds(args.sens_seeds))
@@ -76,25 +94,51 @@ def build_cells(args: argparse.Namespace) -> List[Cell]:
     return cells
 
 
-def row_for(label: str, meta: Optional[Dict[str, Any]], n_modes: int) -> List[str]:
+def row_for(label: str, meta: Optional[Dict[str, Any]], n_modes: int, cost: Optional[float]) -> List[str]:
+    """Stable coverage, the final metrics (strict count and HQ first: they tell a learned ring from a diffuse
+    cloud) and the measured cost per iteration relative to K = 0."""
+    cost_text = "" if cost is None else f"{cost:.2f}×"
     if meta is None:
-        return [label, "not run"] + [""] * 7
+        return [label, "not run"] + [""] * (len(HEADER) - 2)
     recs = finite_records(final_records(meta))
     step = max(r["step"] for r in meta["records"])
     if not recs:
-        return [label, str(step), "diverged"] + [""] * 6
+        return [label, str(step), "diverged"] + [""] * (len(HEADER) - 4) + [cost_text]
     stats = {k: summary_stats([r[k] for r in recs]) for k in ("modes", "modes_strict", "hq", "reverse_kl", "energy")}
-    all_modes = sum(r["modes"] == n_modes for r in recs)
+    all_strict = sum(r["modes_strict"] == n_modes for r in recs)
     status = "" if meta["status"] == "done" else f" ({meta['status']})"
-    return [label, f"{step}{status}", f"{fmt(stats['modes'])} ({stats['modes']['median']:g})",
-            f"{fmt(stats['modes_strict'])} ({stats['modes_strict']['median']:g})",
-            f"{all_modes}/{len(recs)}", f"{fmt(stats['hq'], 100, 1)} ({100 * stats['hq']['median']:.1f})",
+    return [label, f"{step}{status}", ab.describe_stable(ab.stable_steps(meta, n_modes, ab.MIN_HQ)),
+            f"{fmt(stats['modes_strict'])} ({stats['modes_strict']['median']:g})", f"{all_strict}/{len(recs)}",
+            f"{fmt(stats['hq'], 100, 1)} ({100 * stats['hq']['median']:.1f})", fmt(stats["modes"]),
             f"{fmt(stats['reverse_kl'], digits=3)} ({stats['reverse_kl']['median']:.3f})",
-            f"{fmt(stats['energy'], digits=4)}", f"{len(recs)}"]
+            fmt(stats["energy"], digits=4), cost_text]
 
 
-HEADER = ["run", "iterations", "modes: mean ± s.e. (median)", "strict modes (median)", "all modes",
-          "HQ % (median)", "reverse KL (median)", "energy dist.", "seeds"]
+HEADER = ["run", "iterations", "stable coverage (iteration)", "strict modes (median)", "all modes strict",
+          "HQ % (median)", "modes (lenient)", "reverse KL (median)", "energy dist.", "cost / iteration vs K=0"]
+HORIZONS = [500, 1000, 2000, 3000, 5000]
+
+
+def covered_at(meta: Dict[str, Any], step: int, n_modes: int) -> List[bool]:
+    """Per seed at evaluation ``step``: all modes strict with at least ``ab.MIN_HQ`` high-quality samples."""
+    return [r["modes_strict"] == n_modes and r["hq"] >= ab.MIN_HQ for r in meta["records"] if r["step"] == step]
+
+
+def horizons_table(cells: List[CellMeta], n_modes: int, horizons: Sequence[int]) -> str:
+    """Seeds with full strict coverage (and >= MIN_HQ HQ) at several horizons: a run that covers the modes at
+    one horizon and drops one later shows here, whatever iteration the run stops at."""
+    last = max((max(r["step"] for r in m["records"]) for _, m in cells if m), default=0)
+    shown = [h for h in horizons if h <= last]
+    rows = []
+    for cell, meta in cells:
+        if meta is None:
+            continue
+        row = [cell.label]
+        for h in shown:
+            flags = covered_at(meta, h, n_modes)
+            row.append(f"{sum(flags)}/{len(flags)}" if flags else "")
+        rows.append(row)
+    return table(rows, ["run"] + [f"at {h}" for h in shown])
 
 
 def modes_over_time(cells: List[CellMeta]) -> str:
@@ -106,12 +150,12 @@ def modes_over_time(cells: List[CellMeta]) -> str:
             continue
         by_step = {}
         for r in meta["records"]:
-            by_step.setdefault(r["step"], []).append(r["modes"])
+            by_step.setdefault(r["step"], []).append(r["modes_strict"])
         rows.append([cell.label] + [f"{statistics.fmean(by_step[s]):.1f}" if s in by_step else "" for s in shown])
     return table(rows, ["run"] + [str(s) for s in shown])
 
 
-def observations(dataset: str, cells: List[CellMeta], n_modes: int) -> List[str]:
+def observations(cells: List[CellMeta], n_modes: int) -> List[str]:
     """Plain statements computed from the numbers (no judgement calls)."""
     out = []
     for cell, meta in cells:
@@ -121,12 +165,20 @@ def observations(dataset: str, cells: List[CellMeta], n_modes: int) -> List[str]
         if not recs:
             out.append(f"- {cell.label}: diverged ({meta.get('diverged')}).")
             continue
-        full = sum(r["modes"] == n_modes for r in recs)
-        one = sum(r["modes"] <= 1 for r in recs)
-        mean = statistics.fmean(r["modes"] for r in recs)
-        out.append(f"- {cell.label}: {full}/{len(recs)} runs cover all {n_modes} modes, {one}/{len(recs)} "
-                   f"cover at most one; mean {mean:.2f} modes.")
+        full = sum(r["modes_strict"] == n_modes for r in recs)
+        one = sum(r["modes_strict"] <= 1 for r in recs)
+        out.append(f"- {cell.label}: {full}/{len(recs)} runs end with all {n_modes} modes by the strict count, "
+                   f"{one}/{len(recs)} with at most one.")
     return out
+
+
+def per_seed(meta: Dict[str, Any], n_modes: int) -> Dict[str, Any]:
+    """A cell's numbers seed by seed: stable coverage and every evaluation's metrics."""
+    keys = ("modes", "modes_strict", "hq", "reverse_kl", "energy")
+    return {"stable_coverage": dict(zip(sorted({r["seed"] for r in meta["records"]}),
+                                        ab.stable_steps(meta, n_modes, ab.MIN_HQ))),
+            "records": [{"step": r["step"], "seed": r["seed"], **{k: r.get(k) for k in keys}}
+                        for r in meta["records"]]}
 
 
 def dominant_modes(snapshots: List[Tuple[int, torch.Tensor]], dataset: str) -> List[List[int]]:
@@ -192,30 +244,57 @@ def write_report(args: argparse.Namespace, cells: List[Cell], out_root: Path, lo
         NOTES_BEGIN + notes + NOTES_END,
         "",
     ]
-    for dataset in args.datasets:
-        dcells = [(c, m) for c, m in metas if c.group == "main" and c.cfg.dataset == dataset]
-        n_modes = make_mixture(dataset).n_modes
-        lines += [f"## {DATASET_TITLES[dataset]}", ""]
-        lines += [table([row_for(c.label, m, n_modes) for c, m in dcells], HEADER), ""]
-        lines += ["Published (other architectures and training lengths; for orientation):", ""]
-        lines += [table([list(p) for p in PUBLISHED[dataset]], ["source", "modes", "HQ %", "reverse KL"]), ""]
-        lines += ["Mean modes covered over training (iterations):", "", modes_over_time(dcells), ""]
+    main = [(c, m) for c, m in metas if c.group == "main"]
+    costs = ab.timings(args, [c for c, _ in main], complete) or {}
+    seed_numbers: Dict[str, Any] = {"command": command, "min_hq": ab.MIN_HQ, "sections": []}
+    sections: Dict[str, List[CellMeta]] = {}
+    for cell, meta in main:
+        sections.setdefault(section_title(cell.cfg), []).append((cell, meta))
+    for title, dcells in sections.items():
+        cfg = dcells[0][0].cfg
+        n_modes = make_mixture(cfg.dataset).n_modes
+        plain = next((costs.get(c.folder) for c, _ in dcells if c.cfg.K == 0 and not c.cfg.control), None)
+
+        def relative_cost(cell: Cell) -> Optional[float]:
+            return None if plain is None or cell.folder not in costs else costs[cell.folder] / plain
+
+        lines += [f"## {title}", ""]
+        lines += [table([row_for(c.label, m, n_modes, relative_cost(c)) for c, m in dcells], HEADER), ""]
+        if cfg.dataset in PUBLISHED and not cfg.weight_std and cfg.activation == "relu":
+            lines += ["Published (other architectures and training lengths; for orientation):", ""]
+            lines += [table([list(p) for p in PUBLISHED[cfg.dataset]], ["source", "modes", "HQ %", "reverse KL"]),
+                      ""]
+        lines += [f"Seeds with all {n_modes} modes strict and at least {100 * ab.MIN_HQ:g}% HQ, at several "
+                  f"horizons (iterations):", "", horizons_table(dcells, n_modes, args.horizons), ""]
+        lines += ["Mean strict modes over training (iterations):", "", modes_over_time(dcells), ""]
         lines += ["Mode hopping: the mode nearest the densest point of each run's density, evaluation by evaluation. "
                   "For a collapsed generator this is its one mode, so changes are jumps from mode to mode; for a "
                   "diffuse generator the densest point is sampling noise and the column means nothing.", "",
-                  rotation_table(dcells, out_root, dataset), ""]
-        lines += observations(dataset, dcells, n_modes) + [""]
-        fig = Path(args.fig_dir) / f"mixture_{dataset}.png"
-        if figure_for(dataset, dcells, out_root, fig, DATASET_TITLES[dataset]):
+                  rotation_table(dcells, out_root, cfg.dataset), ""]
+        lines += observations(dcells, n_modes) + [""]
+        name = "_".join(
+            [cfg.dataset] + ([f"wstd{cfg.weight_std:g}"] if cfg.weight_std else []) +
+            ([cfg.activation] if cfg.activation != "relu" else []))
+        fig = Path(args.fig_dir) / f"mixture_{name}.png"
+        if figure_for(cfg.dataset, dcells, out_root, fig, title):
             rel = fig.resolve().relative_to(Path(args.doc).resolve().parent) if fig.resolve().is_relative_to(
                 Path(args.doc).resolve().parent) else fig
-            lines += [f"![{dataset}]({rel})", ""]
+            lines += [f"![{name}]({rel})", ""]
+        seed_numbers["sections"].append({
+            "title": title, "rows": [{"label": c.label, "config": dataclasses.asdict(c.cfg),
+                                      "cost_vs_plain": relative_cost(c), **per_seed(m, n_modes)}
+                                     for c, m in dcells if m is not None]})
+    json_path = Path(args.fig_dir) / "per_seed.json"
+    runs.write_json(json_path, seed_numbers)
+    doc_dir = Path(args.doc).resolve().parent
+    rel_json = json_path.resolve().relative_to(doc_dir) if json_path.resolve().is_relative_to(doc_dir) else json_path
+    lines += [f"Per-seed numbers of every row (every evaluation): [{rel_json}]({rel_json}).", ""]
     scells = [(c, m) for c, m in metas if c.group == "sensitivity"]
     if scells:
         lines += ["## Sensitivity (paper ring; one factor changed from the main setting)", ""]
-        lines += [table([row_for(c.label, m, 8) for c, m in scells], HEADER), ""]
-        lines += ["Mean modes covered over training (the *steps* factor):", "", modes_over_time(scells), ""]
-        lines += observations("ring", scells, 8) + [""]
+        lines += [table([row_for(c.label, m, 8, None) for c, m in scells], HEADER), ""]
+        lines += ["Mean strict modes over training (the *steps* factor):", "", modes_over_time(scells), ""]
+        lines += observations(scells, 8) + [""]
     if log:
         total = sum(e["seconds"] for e in log)
         lines += ["## Cost", "", f"Wall time of all cells: {total / 60:.1f} min (one process, one thread, on a "
@@ -234,17 +313,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fig-dir", default=str(REPO_ROOT / "docs/results/mixture"), help="the page's figures")
     p.add_argument("--datasets", nargs="+", default=["ring", "ring-veegan", "grid"],
                    choices=["ring", "ring-veegan", "grid"], help="the main tables' datasets")
+    p.add_argument("--activations", nargs="+", default=["relu"], choices=["relu", "tanh"],
+                   help="generator activations of the main tables (one table each)")
+    p.add_argument("--weight-stds", type=float, nargs="+", default=[0.0],
+                   help="std of the non-uniform mode weights of the main tables (0 = uniform; one table each)")
     p.add_argument("--ks", type=int, nargs="+", default=[0, 1, 5, 10], help="unrolled steps of the main tables")
-    p.add_argument("--control-k", type=int, default=10, help="the control takes control-k + 1 D steps per G step")
+    p.add_argument("--control-ks", type=int, nargs="+", default=[10],
+                   help="one control per value k: k + 1 committed D steps per G step, no unrolling")
     p.add_argument("--seeds", default="0-9", help="paired seeds of the main tables (e.g. 0-9 or 0,3,7)")
     p.add_argument("--steps", type=int, default=2000, help="iterations per run on the rings")
     p.add_argument("--steps-grid", type=int, default=2000, help="iterations per run on the grid")
     p.add_argument("--unroll-lr", type=float, default=1e-3, help="look-ahead lr of the main table")
+    p.add_argument("--d-lr", type=float, default=1e-4, help="discriminator Adam lr of every cell (App. A)")
+    p.add_argument("--g-lr", type=float, default=1e-4, help="generator Adam lr of every cell (App. A)")
+    p.add_argument("--no-sensitivity", action="store_true", help="the main tables only")
     p.add_argument("--sens-seeds", default="0-3", help="paired seeds of the sensitivity table")
     p.add_argument("--sens-steps", type=int, default=2000, help="iterations per sensitivity run")
     p.add_argument("--eval-every", type=int, default=250, help="iterations between evaluations (and checkpoints)")
+    p.add_argument("--horizons", type=int, nargs="+", default=HORIZONS,
+                   help="iterations at which the page counts the seeds with full coverage")
     p.add_argument("--eval-samples", type=int, default=10_000, help="generator samples per evaluation")
     p.add_argument("--batch", type=int, default=512, help="minibatch size")
+    ab.add_timing_flags(p)
     add_threads_flag(p)
     p.add_argument("--quick", action="store_true", help="one sensitivity cell only (smoke tests)")
     p.add_argument("--report-only", action="store_true", help="rewrite the report from finished cells")

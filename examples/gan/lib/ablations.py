@@ -12,6 +12,7 @@ import math
 import shlex
 import statistics
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -23,12 +24,14 @@ from .data import DATASETS, make_mixture
 from .metrics import steps_to_stable_coverage
 from .sweeps import (NOTES_BEGIN, NOTES_END, Cell, CellMeta, checked_cells, figure_for, final_records,
                      finite_records, fmt, kept_notes, load_run, page_status, run_cells, summary_stats, table)
+from .training import Trainer
 
 # The ablations need runs that converge within a CPU budget. With App. A's learning rates (1e-4) nothing settles
 # in a few thousand iterations (docs/results/mixture.md); with 1e-3 for D, G and the look-ahead steps, K = 5 keeps
 # all 8 ring modes from about 1,250 iterations on, while K = 0 collapses. Every flag can restore App. A.
 COMMON = dict(dataset="ring", d_lr=1e-3, g_lr=1e-3, unroll_lr=1e-3, eval_every=250, eval_samples=10_000)
 MIN_HQ = 0.05
+TIMING_FILE = "timing.json"
 
 
 def add_common_flags(p: argparse.ArgumentParser, *, out: str, doc: str, steps: int, seeds: str = "0-4") -> None:
@@ -122,6 +125,39 @@ def seconds_per_iteration(cell: Cell, log: Sequence[Dict[str, Any]]) -> Optional
     return sum(e["seconds"] for e in entries) / sum(e["to_step"] - e["from_step"] for e in entries)
 
 
+def add_timing_flags(p: argparse.ArgumentParser) -> None:
+    """Flags of :func:`timings`: how long the side-by-side timing of the cells runs."""
+    p.add_argument("--timing-iterations", type=int, default=20, help="timed iterations per cell and round")
+    p.add_argument("--timing-rounds", type=int, default=3, help="rounds of timing, the cells interleaved")
+
+
+def time_cells(cells: Sequence[Cell], iterations: int, rounds: int) -> Dict[str, float]:
+    """Seconds per iteration of every cell (all its seeds vmapped, random draws included, no evaluation): the
+    median over ``rounds`` rounds of ``iterations`` iterations each, the cells interleaved within a round."""
+    trainers = {c.folder: Trainer(c.cfg, c.seeds, hooks=c.hooks) for c in cells}
+    for trainer in trainers.values():  # warm up (first-call overheads)
+        trainer.state, _ = trainer.step_fn(trainer.state, trainer.draw_batch())
+    samples: Dict[str, List[float]] = {name: [] for name in trainers}
+    for _ in range(rounds):
+        for name, trainer in trainers.items():
+            start = time.perf_counter()
+            for _ in range(iterations):
+                trainer.state, _ = trainer.step_fn(trainer.state, trainer.draw_batch())
+            samples[name].append((time.perf_counter() - start) / iterations)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def timings(args: argparse.Namespace, cells: Sequence[Cell], complete: bool) -> Optional[Dict[str, float]]:
+    """The measured cost per iteration, timed once when the sweep is complete and kept in ``--out``."""
+    path = Path(args.out) / TIMING_FILE
+    known = runs.read_json(path) or {}
+    if complete and any(c.folder not in known for c in cells):
+        known.update(time_cells([c for c in cells if c.folder not in known], args.timing_iterations,
+                                args.timing_rounds))
+        runs.write_json(path, known)
+    return known or None
+
+
 def stable_steps(meta: Dict[str, Any], n_modes: int, min_hq: float) -> List[Optional[int]]:
     """Per seed, the iteration from which the run keeps stable coverage (None: never within the run)."""
     by_seed: Dict[int, List[Dict[str, Any]]] = {}
@@ -161,6 +197,37 @@ def result_row(label: str, cell: Cell, meta: Optional[Dict[str, Any]], n_modes: 
             f"{fmt(stats['modes'], digits=1)} ({fmt(stats['modes_strict'], digits=1)})",
             f"{sum(r['modes'] == n_modes for r in recs)}/{len(recs)}", fmt(stats["hq"], 100, 1),
             fmt(stats["reverse_kl"], digits=3), cost_text]
+
+
+def seed_numbers(meta: Dict[str, Any], n_modes: int, min_hq: float) -> Dict[str, List[Any]]:
+    """Per seed: the iteration of stable coverage (None: not settled) and the final metrics."""
+    last = sorted(final_records(meta), key=lambda r: r["seed"])
+    return {"seeds": [r["seed"] for r in last], "stable_coverage": stable_steps(meta, n_modes, min_hq),
+            **{k: [r[k] for r in last] for k in ("modes", "modes_strict", "hq", "reverse_kl")}}
+
+
+def timed_results_table(metas: Sequence[CellMeta], args: argparse.Namespace, n_modes: int,
+                        log: Sequence[Dict[str, Any]], costs: Dict[str, float]) -> str:
+    """:func:`results_table` with a last column: each cell's timed cost per iteration over the first cell's
+    (the plain GAN)."""
+    plain = costs.get(metas[0][0].folder)
+    rows = []
+    for cell, meta in metas:
+        cost = costs.get(cell.folder)
+        rows.append(result_row(cell.label, cell, meta, n_modes, args.min_hq, log)
+                    + ["" if cost is None or plain is None else f"{cost / plain:.2f}×"])
+    return table(rows, RESULT_HEADER + ["cost vs K=0 (timed)"])
+
+
+def per_seed_json(args: argparse.Namespace, metas: Sequence[CellMeta], n_modes: int, command: str,
+                  costs: Dict[str, float]) -> List[str]:
+    """Write every row's per-seed numbers to ``<fig-dir>/per_seed.json``; the page's line that links it."""
+    numbers = {"command": command, "dataset": args.dataset, "iterations": args.steps, "min_hq": args.min_hq,
+               "rows": [{"label": c.label, "folder": c.folder, "s_per_iteration_timed": costs.get(c.folder),
+                         **seed_numbers(m, n_modes, args.min_hq)} for c, m in metas if m is not None]}
+    runs.write_json(Path(args.fig_dir) / "per_seed.json", numbers)
+    name = Path(args.fig_dir).name
+    return [f"Per-seed numbers: [{name}/per_seed.json]({name}/per_seed.json).", ""]
 
 
 def load_all(cells: Sequence[Cell], out_root: Path) -> List[CellMeta]:

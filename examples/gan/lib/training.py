@@ -113,11 +113,27 @@ class Hooks:
       tensors; it is stacked, vmapped, checkpointed with the rest.
     - ``after_d_step(extra, d_params, d_opt_state) -> extra``: called after every discriminator update.
     - ``generator_loss(extra, d_params, d_opt_state, x, fake) -> scalar``: replaces the unrolled surrogate.
+    - ``generator_params_loss(g_params, g_opt_state, d_params, d_opt_state, extra, x, z) -> scalar``: replaces
+      it too, as a function of G's parameters rather than its samples (a look-ahead in which G moves as well:
+      recursive unrolling). At most one of the two generator hooks.
+    - ``discriminator_loss(d_params, extra, g_params, g_opt_state, x, z) -> scalar``: replaces L_D in D's first
+      committed step of the iteration (a look-ahead of D at G's response: symmetric unrolling).
+
+    The two parameter hooks are differentiated with respect to their first argument.
+
+    The hooks see the iteration's fixed minibatch (``x``, ``z``); they do not combine with resampled unroll
+    batches.
     """
 
     init_extra: Optional[Callable[[Dict[str, Tensor]], Dict[str, Tensor]]] = None
     after_d_step: Optional[Callable[..., Dict[str, Tensor]]] = None
     generator_loss: Optional[Callable[..., Tensor]] = None
+    generator_params_loss: Optional[Callable[..., Tensor]] = None
+    discriminator_loss: Optional[Callable[..., Tensor]] = None
+
+    def __post_init__(self) -> None:
+        if self.generator_loss is not None and self.generator_params_loss is not None:
+            raise ValueError("Hooks: give generator_loss or generator_params_loss, not both")
 
 
 def _betas(cfg: TrainConfig) -> Tuple[float, float]:
@@ -172,8 +188,11 @@ def make_iteration(cfg: TrainConfig, hooks: Optional[Hooks] = None, grad_mean: O
     look_opt = unroll.adam(cfg.lookahead_lr, betas=_betas(cfg))
     surrogate = make_surrogate(cfg, grad_mean)
     d_grad = torch.func.grad_and_value(d_inner_loss)
-    resampled_unroll = cfg.unroll_batches == "resampled" and cfg.K > 0 and not cfg.control \
-        and hooks.generator_loss is None
+    custom_g = hooks.generator_loss is not None or hooks.generator_params_loss is not None
+    if cfg.unroll_batches == "resampled" and (custom_g or hooks.discriminator_loss is not None):
+        raise ValueError("the generator_loss / generator_params_loss / discriminator_loss hooks use the fixed "
+                         "minibatch: they do not combine with unroll_batches='resampled'")
+    resampled_unroll = cfg.unroll_batches == "resampled" and cfg.K > 0 and not cfg.control
     act = cfg.activation
 
     def fake_loss(fake: Tensor, d: Dict[str, Tensor], d_state: Dict[str, Any], extra: Dict[str, Tensor],
@@ -188,6 +207,10 @@ def make_iteration(cfg: TrainConfig, hooks: Optional[Hooks] = None, grad_mean: O
         return surrogate(d, d_state, x, fake)
 
     fake_grad = torch.func.grad_and_value(fake_loss)
+    params_grad = (torch.func.grad_and_value(hooks.generator_params_loss)
+                   if hooks.generator_params_loss is not None else None)
+    d_hook_grad = (torch.func.grad_and_value(hooks.discriminator_loss)
+                   if hooks.discriminator_loss is not None else None)
 
     def d_update(d: Dict[str, Tensor], d_state: Dict[str, Any], x: Tensor, fake: Tensor,
                  opt: unroll.Optimizer) -> Tuple[Dict[str, Tensor], Dict[str, Any], Tensor]:
@@ -207,7 +230,11 @@ def make_iteration(cfg: TrainConfig, hooks: Optional[Hooks] = None, grad_mean: O
             fake, g_vjp = torch.func.vjp(lambda g_: generator_forward(g_, z, act), g)
             if j == 0:
                 main_fake = fake[:x.shape[0]]
-                d, d_state, d_loss = d_update(d, d_state, x, main_fake, d_opt)
+                if d_hook_grad is not None:
+                    d_grads, d_loss = d_hook_grad(d, extra, g, g_state, x, z)
+                    d, d_state = d_opt.apply(d, average(d_grads), d_state)
+                else:
+                    d, d_state, d_loss = d_update(d, d_state, x, main_fake, d_opt)
                 if cfg.control:
                     for k in range(cfg.K):
                         x_k, fake_k = ((batch["c_x"][k], generator_forward(g, batch["c_z"][k], act))
@@ -215,8 +242,11 @@ def make_iteration(cfg: TrainConfig, hooks: Optional[Hooks] = None, grad_mean: O
                         d, d_state, _ = d_update(d, d_state, x_k, fake_k, look_opt)
                 if hooks.after_d_step is not None:
                     extra = hooks.after_d_step(extra, d, d_state)
-            grad_fake, g_loss = fake_grad(fake, d, d_state, extra, x, u_x)
-            (grads,) = g_vjp(grad_fake)
+            if params_grad is not None:
+                grads, g_loss = params_grad(g, g_state, d, d_state, extra, x, z)
+            else:
+                grad_fake, g_loss = fake_grad(fake, d, d_state, extra, x, u_x)
+                (grads,) = g_vjp(grad_fake)
             g, g_state = g_opt.apply(g, average(grads), g_state)
         new_state = {"g": g, "d": d, "g_opt": g_state, "d_opt": d_state, "extra": extra}
         return new_state, {"d_loss": d_loss, "g_loss": g_loss}

@@ -1,0 +1,126 @@
+"""Symmetric and recursive unrolling on the 2-D mixture: the two extensions of Metz et al. (2017), Sec. 4.
+
+The paper unrolls one player: G descends f(θ_G, θ_D^K(θ_G, θ_D)), θ_D^K being K look-ahead steps of D with G
+fixed (Eq. 9-12). Its Discussion proposes two more, both one call of the public API here:
+
+- **symmetric**: "unrolling the generator when updating the discriminator as well". G's step is the paper's; D's
+  step descends L_D(θ_G^K(θ_G, θ_D), θ_D), θ_G^K being K look-ahead steps of G against this D
+  (``unroll.surrogate_loss`` with the roles swapped), so D reacts to how G would move.
+- **recursive**: "unrolling sequences of G and D updates". G descends f(θ_G, θ_D^K), where θ_D^K ends K *joint*
+  steps in which G keeps learning too (``unroll.unrolled_game`` with both players moving): D's look-ahead answers
+  a moving G, and G's gradient flows through both.
+
+Every look-ahead step is Adam at ``--unroll-lr`` starting from the moving player's current Adam state, on the
+iteration's minibatch. Rows, on paired seeds: K = 0, the one-sided K (the paper), symmetric K and recursive K for
+every K of ``--ks`` (recursive from K = 2: its one joint step moves G and D simultaneously, so with K = 1 D's
+look-ahead ignores G's move and recursive is the one-sided run, to rounding; tested). The question (issue 15): does either converge in fewer iterations, or at lower cost, than
+one-sided unrolling? Cost per iteration is timed after training, the cells interleaved in one process.
+
+    python examples/gan/symmetric_recursive.py --threads 1 --no-progress   # docs/results/symmetric_recursive.md
+    python examples/gan/symmetric_recursive.py --resume                    # continue it after a kill
+    python examples/gan/symmetric_recursive.py --report-only               # rewrite the page from the runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+from torch import Tensor
+
+import unroll
+from lib import ablations as ab
+from lib.models import generator_forward
+from lib.sweeps import Cell
+from lib.training import Hooks, TrainConfig, d_inner_loss
+
+# ---- configuration ----
+KS = (1, 5)
+
+
+def g_inner_loss(g: Dict[str, Tensor], d: Dict[str, Tensor], x: Tensor, z: Tensor, activation: str) -> Tensor:
+    """G's saturating loss -L_D as a function of G's parameters (the game is zero-sum)."""
+    return -d_inner_loss(d, x, generator_forward(g, z, activation))
+
+
+def symmetric_hooks(cfg: TrainConfig) -> Hooks:
+    """D descends L_D at G's K-step look-ahead: the outer loss of a surrogate whose inner player is G (the
+    saturating game is zero-sum, so the default outer loss -inner is D's loss). G keeps the paper's surrogate."""
+    adam = unroll.adam(cfg.lookahead_lr, betas=(cfg.beta1, cfg.beta2))
+    d_looks_ahead = unroll.surrogate_loss(
+        lambda g, d, x, z: g_inner_loss(g, d, x, z, cfg.activation), cfg.K, optimizer=adam)
+    return Hooks(discriminator_loss=lambda d, extra, g, g_state, x, z: d_looks_ahead(g, g_state, d, x, z))
+
+
+def recursive_hooks(cfg: TrainConfig) -> Hooks:
+    """G's loss at (θ_G, θ_D^K), θ_D^K after K joint look-ahead steps of both players (``unrolled_game``)."""
+    adam = unroll.adam(cfg.lookahead_lr, betas=(cfg.beta1, cfg.beta2))
+    act = cfg.activation
+    losses = {"g": lambda p, x, z: g_inner_loss(p["g"], p["d"], x, z, act),
+              "d": lambda p, x, z: d_inner_loss(p["d"], x, generator_forward(p["g"], z, act))}
+    joint = unroll.unrolled_game(losses, cfg.K, optimizers={"g": adam, "d": adam})
+
+    def generator_params_loss(g, g_state, d, d_state, extra, x, z):
+        end, _ = joint({"g": g, "d": d}, {"g": g_state, "d": d_state}, x, z)
+        return g_inner_loss(g, end["d"], x, z, act)
+    return Hooks(generator_params_loss=generator_params_loss)
+
+
+HOOKS = {"symmetric": symmetric_hooks, "recursive": recursive_hooks}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = ab.parser(__doc__)
+    ab.add_common_flags(p, out="runs/symmetric_recursive", doc="docs/results/symmetric_recursive.md", steps=2000)
+    p.add_argument("--ks", type=int, nargs="+", default=list(KS), help="look-ahead steps of every kind of unrolling")
+    ab.add_timing_flags(p)
+    return p
+
+
+def build_cells(args: argparse.Namespace) -> List[Cell]:
+    """K = 0 first (the cost reference), then one-sided, symmetric and recursive for every K."""
+    if any(k < 1 for k in args.ks):
+        raise ValueError(f"--ks must be >= 1 (K = 0 is always the first row), got {args.ks}")
+    if args.timing_iterations < 1 or args.timing_rounds < 1:
+        raise ValueError("--timing-iterations and --timing-rounds must be >= 1")
+    base = dict(steps=args.steps, **ab.base_settings(args))
+    seeds = args.seed_list
+    cells = [Cell("main", "K=0 (plain GAN)", TrainConfig(K=0, **base), seeds)]
+    for K in sorted(set(args.ks)):
+        cfg = TrainConfig(K=K, **base)
+        cells.append(Cell("main", f"one-sided K={K} (the paper)", cfg, seeds))
+        for kind, make_hooks in HOOKS.items():
+            if kind == "recursive" and K == 1:
+                continue
+            cells.append(Cell("main", f"{kind} K={K}", cfg, seeds, tag=kind, hooks=make_hooks(cfg)))
+    return cells
+
+
+def write_report(args: argparse.Namespace, cells: List[Cell], log: Sequence[dict], command: str,
+                 complete: bool) -> None:
+    intro = ("Rows: **one-sided K**: the paper's unrolled G (K look-ahead steps of D, full Eq. 12 gradient), D "
+             "trained plainly; **symmetric K**: the same G, and D's step descends L_D at G's K-step look-ahead "
+             "(`unroll.surrogate_loss`, roles swapped); **recursive K**: G descends its loss at D's end point after "
+             "K joint look-ahead steps of both players (`unroll.unrolled_game`), D trained plainly. **cost vs K=0**: "
+             "each cell's iteration (all seeds vmapped, no evaluation) timed in one process after training, the "
+             f"cells interleaved over {args.timing_rounds} rounds of {args.timing_iterations} iterations (median), "
+             "divided by K = 0's.")
+    metas, n_modes, lines = ab.start_page("Symmetric and recursive unrolling (Metz et al. 2017, Sec. 4)", intro,
+                                          args, cells, command, complete)
+    costs = ab.timings(args, cells, complete) or {}
+    lines += ["## Results", "", ab.timed_results_table(metas, args, n_modes, log, costs), ""]
+    lines += ab.figure_markdown(metas, Path(args.out), args, "symmetric_recursive",
+                                f"{args.dataset}: one-sided, symmetric and recursive unrolling (seed "
+                                f"{args.seed_list[0]})")
+    lines += ab.per_seed_json(args, metas, n_modes, command, costs)
+    ab.write_page(Path(args.doc), lines, log)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return ab.main_for("symmetric_recursive.py", build_parser(), build_cells, write_report, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
