@@ -304,7 +304,7 @@ def test_sweep_sections_horizons_cost_and_per_seed_numbers(tmp_path: Path) -> No
     """One table per (dataset, activation, mode weights); coverage at the horizons the runs reach; every row's cost
     timed against K = 0's; every evaluation of every seed in per_seed.json."""
     flags = ["--datasets", "ring", "--activations", "relu", "tanh", "--weight-stds", "0", "0.12", "--ks", "0",
-             "--control-ks", "1", "--seeds", "0-1", "--steps", "4", "--eval-every", "2", "--horizons", "2", "4", "6",
+             "--control-ks", "1", "--seeds", "0-1", "--steps", "4", "--eval-every", "2", "--horizons", "2", "6",
              "--batch", "16",
              "--eval-samples", "100", "--d-lr", "1e-3", "--g-lr", "1e-3", "--no-sensitivity",
              "--timing-iterations", "1", "--timing-rounds", "1", "--out", str(tmp_path / "runs"),

@@ -27,7 +27,8 @@ from lib.cli import HelpFormatter, add_threads_flag, parse_seeds
 from lib.data import make_mixture
 from lib.metrics import METRIC_NAMES
 from lib.runs import CHECKPOINT
-from lib.sweeps import final_records, finite_records, fmt, summary_stats, table
+from lib.sweeps import (NOTES_BEGIN, NOTES_END, final_records, finite_records, fmt, kept_notes, summary_stats,
+                         table)
 from lib.training import CHECKPOINT_KEYS, TrainConfig, Trainer, index_state, stack_states
 
 # ---- configuration: (label, what changes) ----
@@ -144,7 +145,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
              f"{base.d_lr:g}, G lr {base.g_lr:g}, look-ahead lr {base.lookahead_lr:g}, batch {base.batch}, "
              f"{base.loss} loss), seeds {seeds}, from iteration {start}. Each variant trains {args.steps} more "
              "iterations from the same parameters, Adam states and data streams. Mean ± s.e. over seeds; HQ median "
-             "in parentheses.", "",
+             "in parentheses.", "", NOTES_BEGIN + kept_notes(doc) + NOTES_END, "",
              table(rows, ["variant", "strict modes", "all modes strict", "HQ % (median)", "reverse KL",
                           "energy dist."]), "",
              f"Per-seed numbers: [{json_path.parent.name}/per_seed.json]({json_path.parent.name}/per_seed.json).", ""]

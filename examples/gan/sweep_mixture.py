@@ -1,13 +1,16 @@
-"""The mixture sweep: K in {0, 1, 5, 10} and the compute-matched control, paired seeds, three datasets, plus a
-sensitivity table; writes ``docs/results/mixture.md`` and Fig. 2-style PNGs.
+"""The mixture sweep: K in {0, 1, 5, 10} beside step- and wall-time-matched controls on paired seeds, one table per
+dataset (× generator activation × mode weights), plus an optional sensitivity table; writes a results page
+(``docs/results/mixture*.md``) with Fig. 2-style PNGs and every seed's numbers in ``per_seed.json``.
 
-    python examples/gan/sweep_mixture.py            # the full sweep (see --help for its size)
-    python examples/gan/sweep_mixture.py --report-only
+    # the pages (each resumable: re-run the same command after a kill; --report-only re-renders)
+    python examples/gan/sweep_mixture.py --datasets ring --ks 0 1 5 10 --control-ks 5 10 58 --seeds 0-9 \
+        --steps 3000 --d-lr 1e-3 --g-lr 1e-3 --unroll-lr 1e-3 --no-sensitivity --threads 1 --no-progress
 
 Every cell is an ordinary run folder (as ``mixture.py`` writes) under ``--out``; finished cells are skipped and
 unfinished ones resumed from their checkpoint, so a killed sweep loses at most one evaluation interval. The
-report is rewritten after every cell (marked partial until the last one is done). Text between the
-``<!-- notes -->`` markers of an existing report is kept.
+report is rewritten after every cell (marked partial until the last one is done); when the sweep is complete,
+every main cell's iteration is timed side by side in one process (``timing.json`` in ``--out``) for the cost
+column. Text between the ``<!-- notes -->`` markers of an existing report is kept.
 """
 
 from __future__ import annotations
@@ -128,7 +131,7 @@ def horizons_table(cells: List[CellMeta], n_modes: int, horizons: Sequence[int])
     """Seeds with full strict coverage (and >= MIN_HQ HQ) at several horizons: a run that covers the modes at
     one horizon and drops one later shows here, whatever iteration the run stops at."""
     last = max((max(r["step"] for r in m["records"]) for _, m in cells if m), default=0)
-    shown = [h for h in horizons if h <= last]
+    shown = sorted({h for h in horizons if h <= last} | {last})  # the end of the runs always
     rows = []
     for cell, meta in cells:
         if meta is None:
@@ -229,7 +232,8 @@ def write_report(args: argparse.Namespace, cells: List[Cell], out_root: Path, lo
         "",
         "```", command, "```",
         "",
-        f"Settings (App. A unless stated): generator 256→128→128→2 ({main_cfg.activation}), discriminator input/4 "
+        f"Settings (App. A unless stated): generator 256→128→128→2 ({'/'.join(args.activations)}), discriminator "
+        f"input/4 "
         f"→128 ReLU→logit, orthogonal init gain 0.8, Adam β=(0.5, 0.999), D lr {main_cfg.d_lr:g}, G lr "
         f"{main_cfg.g_lr:g}, **unrolled (look-ahead) Adam lr {main_cfg.lookahead_lr:g}** starting from D's current "
         f"Adam state, {main_cfg.loss} generator loss (G minimises -L_D), fixed unroll minibatch, batch "

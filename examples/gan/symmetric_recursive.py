@@ -13,8 +13,9 @@ fixed (Eq. 9-12). Its Discussion proposes two more, both one call of the public 
 Every look-ahead step is Adam at ``--unroll-lr`` starting from the moving player's current Adam state, on the
 iteration's minibatch. Rows, on paired seeds: K = 0, the one-sided K (the paper), symmetric K and recursive K for
 every K of ``--ks`` (recursive from K = 2: its one joint step moves G and D simultaneously, so with K = 1 D's
-look-ahead ignores G's move and recursive is the one-sided run, to rounding; tested). The question (issue 15): does either converge in fewer iterations, or at lower cost, than
-one-sided unrolling? Cost per iteration is timed after training, the cells interleaved in one process.
+look-ahead ignores G's move and recursive is the one-sided run, to rounding; tested). The question (issue 15):
+does either converge in fewer iterations, or at lower cost, than one-sided unrolling? Cost per iteration is timed
+after training, the cells interleaved in one process.
 
     python examples/gan/symmetric_recursive.py --threads 1 --no-progress   # docs/results/symmetric_recursive.md
     python examples/gan/symmetric_recursive.py --resume                    # continue it after a kill
