@@ -29,6 +29,7 @@ from lib import REPO_ROOT, runs
 from lib import ablations as ab
 from lib.cli import HelpFormatter, add_threads_flag, parse_seeds
 from lib.data import make_mixture
+from lib.metrics import fully_covered
 from lib.plotting import histogram_extent
 from lib.runs import CHECKPOINT
 from lib.sweeps import (NOTES_BEGIN, NOTES_END, Cell, CellMeta, checked_cells, figure_for, final_records,
@@ -124,7 +125,7 @@ HORIZONS = [500, 1000, 2000, 3000, 5000]
 
 def covered_at(meta: Dict[str, Any], step: int, n_modes: int) -> List[bool]:
     """Per seed at evaluation ``step``: all modes strict with at least ``ab.MIN_HQ`` high-quality samples."""
-    return [r["modes_strict"] == n_modes and r["hq"] >= ab.MIN_HQ for r in meta["records"] if r["step"] == step]
+    return [fully_covered(r, n_modes, ab.MIN_HQ) for r in meta["records"] if r["step"] == step]
 
 
 def horizons_table(cells: List[CellMeta], n_modes: int, horizons: Sequence[int]) -> str:

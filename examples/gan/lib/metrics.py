@@ -78,6 +78,12 @@ def all_metrics(samples: Tensor, reference: Tensor, centers: Tensor, std: float,
     return metrics
 
 
+def fully_covered(record: Mapping[str, Any], n_modes: int, min_hq: float = 0.05) -> bool:
+    """One evaluation (``modes_strict``, ``hq``) covers all ``n_modes`` modes by the strict count, with at least
+    ``min_hq`` of its samples high quality."""
+    return record["modes_strict"] == n_modes and record["hq"] >= min_hq
+
+
 def steps_to_stable_coverage(records: Sequence[Mapping[str, Any]], n_modes: int, min_hq: float = 0.05
                              ) -> Optional[int]:
     """The first evaluation step from which every later evaluation of one run covers all ``n_modes`` modes by
@@ -88,8 +94,7 @@ def steps_to_stable_coverage(records: Sequence[Mapping[str, Any]], n_modes: int,
     """
     settled: Optional[int] = None
     for record in sorted(records, key=lambda r: r["step"]):
-        good = record["modes_strict"] == n_modes and record["hq"] >= min_hq
-        if not good:
+        if not fully_covered(record, n_modes, min_hq):
             settled = None
         elif settled is None:
             settled = int(record["step"])
