@@ -69,8 +69,6 @@ def build_cells(args: argparse.Namespace) -> List[Cell]:
         raise ValueError(f"--ks must include 0 (the plain GAN, the cost reference), got {args.ks}")
     if any(k < 0 for k in args.ks) or any(k < 1 for k in args.control):
         raise ValueError(f"--ks must be >= 0 and --control >= 1, got {args.ks} and {args.control}")
-    if args.timing_iterations < 1 or args.timing_rounds < 1:
-        raise ValueError("--timing-iterations and --timing-rounds must be >= 1")
     base = dict(steps=args.steps, **ab.base_settings(args))
     seeds = args.seed_list
 

@@ -282,17 +282,14 @@ def write_report(args: argparse.Namespace, cells: List[Cell], out_root: Path, lo
             ([cfg.activation] if cfg.activation != "relu" else []))
         fig = Path(args.fig_dir) / f"mixture_{name}.png"
         if figure_for(cfg.dataset, dcells, out_root, fig, title):
-            rel = fig.resolve().relative_to(Path(args.doc).resolve().parent) if fig.resolve().is_relative_to(
-                Path(args.doc).resolve().parent) else fig
-            lines += [f"![{name}]({rel})", ""]
+            lines += [f"![{name}]({ab.link_from(args.doc, fig)})", ""]
         seed_numbers["sections"].append({
             "title": title, "rows": [{"label": c.label, "config": dataclasses.asdict(c.cfg),
                                       "cost_vs_plain": relative_cost(c), **per_seed(m, n_modes)}
                                      for c, m in dcells if m is not None]})
     json_path = Path(args.fig_dir) / "per_seed.json"
     runs.write_json(json_path, seed_numbers)
-    doc_dir = Path(args.doc).resolve().parent
-    rel_json = json_path.resolve().relative_to(doc_dir) if json_path.resolve().is_relative_to(doc_dir) else json_path
+    rel_json = ab.link_from(args.doc, json_path)
     lines += [f"Per-seed numbers of every row (every evaluation): [{rel_json}]({rel_json}).", ""]
     scells = [(c, m) for c, m in metas if c.group == "sensitivity"]
     if scells:

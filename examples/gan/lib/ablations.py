@@ -19,7 +19,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from . import REPO_ROOT, runs
-from .cli import HelpFormatter, add_threads_flag, parse_seeds
+from .cli import HelpFormatter, add_threads_flag, parse_seeds, positive_int
 from .data import DATASETS, make_mixture
 from .metrics import steps_to_stable_coverage
 from .sweeps import (NOTES_BEGIN, NOTES_END, Cell, CellMeta, checked_cells, figure_for, final_records,
@@ -128,8 +128,8 @@ def seconds_per_iteration(cell: Cell, log: Sequence[Dict[str, Any]]) -> Optional
 
 def add_timing_flags(p: argparse.ArgumentParser) -> None:
     """Flags of :func:`timings`: how long the side-by-side timing of the cells runs."""
-    p.add_argument("--timing-iterations", type=int, default=20, help="timed iterations per cell and round")
-    p.add_argument("--timing-rounds", type=int, default=3, help="rounds of timing, the cells interleaved")
+    p.add_argument("--timing-iterations", type=positive_int, default=20, help="timed iterations per cell and round")
+    p.add_argument("--timing-rounds", type=positive_int, default=3, help="rounds of timing, the cells interleaved")
 
 
 def time_cells(cells: Sequence[Cell], iterations: int, rounds: int) -> Dict[str, float]:
@@ -235,15 +235,19 @@ def load_all(cells: Sequence[Cell], out_root: Path) -> List[CellMeta]:
     return [(c, load_run(out_root / c.folder)) for c in cells]
 
 
+def link_from(doc: Path, path: Path) -> Path:
+    """``path`` as a link in the page ``doc``: relative to the page's folder when it lies below it."""
+    doc_dir, target = Path(doc).resolve().parent, Path(path).resolve()
+    return target.relative_to(doc_dir) if target.is_relative_to(doc_dir) else Path(path)
+
+
 def figure_markdown(cells: List[CellMeta], out_root: Path, args: argparse.Namespace, name: str,
                     title: str) -> List[str]:
     """Write a Fig. 2-style grid (rows = cells, first seed; columns = evaluations) and return its markdown."""
     path = Path(args.fig_dir) / f"{name}.png"
     if not figure_for(args.dataset, cells, out_root, path, title=title):
         return []
-    doc_dir = Path(args.doc).resolve().parent
-    rel = path.resolve().relative_to(doc_dir) if path.resolve().is_relative_to(doc_dir) else path
-    return [f"![{title}]({rel})", ""]
+    return [f"![{title}]({link_from(args.doc, path)})", ""]
 
 
 def start_page(title: str, intro: str, args: argparse.Namespace, cells: Sequence[Cell], command: str,

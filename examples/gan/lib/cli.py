@@ -57,6 +57,14 @@ def add_threads_flag(p: argparse.ArgumentParser) -> None:
                         "five times faster than two on a busy 2-core machine; see examples/gan/README.md)")
 
 
+def positive_int(text: str) -> int:
+    """An argparse ``type``: an integer >= 1 (anything else is an argparse error naming the value)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def check_threads(threads: int) -> None:
     """Raise ``ValueError`` unless ``threads >= 1``."""
     if threads < 1:

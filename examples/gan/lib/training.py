@@ -227,7 +227,10 @@ def make_iteration(cfg: TrainConfig, hooks: Optional[Hooks] = None, grad_mean: O
             if resampled_unroll:
                 u_x = batch["u_x"][j]
                 z = torch.cat([z, batch["u_z"][j].reshape(-1, z.shape[-1])])
-            fake, g_vjp = torch.func.vjp(lambda g_: generator_forward(g_, z, act), g)
+            if params_grad is not None:  # G's loss is differentiated by its parameters: no vjp to keep
+                fake = generator_forward(g, z, act)
+            else:
+                fake, g_vjp = torch.func.vjp(lambda g_: generator_forward(g_, z, act), g)
             if j == 0:
                 main_fake = fake[:x.shape[0]]
                 if d_hook_grad is not None:
