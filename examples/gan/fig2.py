@@ -2,7 +2,7 @@
 the ring.
 
     python examples/gan/fig2.py            # K = 0, K = 5 and the compute-matched control, 3 paired seeds
-    python examples/gan/fig2.py --paper    # App. A's learning rates (1e-4) and K = 10: hours, see mixture_app_a.md
+    python examples/gan/fig2.py --paper    # App. A's learning rates (1e-4) and K = 10: about an hour (mixture_app_a.md)
 
 Trains, on the paper's ring of 8 Gaussians, the plain GAN (K = 0), an unrolled GAN (K unrolled discriminator
 steps) and the compute-matched control (K + 1 committed discriminator steps per generator step, no unrolling:
@@ -14,8 +14,8 @@ configuration with its ``metrics.json``, ``metrics.csv``, ``density.png`` and ``
 (strict modes, HQ %, reverse KL, stable coverage) and a one-line verdict. ``--resume`` continues a killed run.
 
 The default setting is the one measured to converge on a CPU budget (docs/results/second_gradient.md): Adam at
-lr 1e-3 for D, G and the look-ahead steps. App. A's 1e-4 is ``--paper``: there, nothing settles within an hour
-of CPU (docs/results/mixture_app_a.md).
+lr 1e-3 for D, G and the look-ahead steps. App. A's 1e-4 is ``--paper``: there K = 10 settles too, but only
+after 6,500-9,500 iterations, about 50 minutes of one core (docs/results/mixture_app_a.md).
 """
 
 from __future__ import annotations

@@ -100,7 +100,7 @@ def smallest_stable_k(cells: List[ab.CellMeta], name: str, n_modes: int, min_hq:
 def write_report(args: argparse.Namespace, cells: List[Cell], log: Sequence[dict], command: str,
                  complete: bool) -> None:
     intro = ("Configurations: " + "; ".join(f"**{n}** = {CONFIG_TITLES[n]}" for n in args.configs) + ". "
-             "K = 0 is the plain GAN, the same for all three.")
+             "K = 0 is the plain GAN, the same for every configuration.")
     metas, n_modes, lines = ab.start_page("The second gradient term (Metz et al. 2017, App. B.2): measured over seeds",
                                           intro, args, cells, command, complete)
     for g_steps in args.regimes:

@@ -140,7 +140,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     doc = Path(args.doc)
     json_path = doc.with_suffix("") / "per_seed.json"
     runs.write_json(json_path, numbers)
-    lines = ["# Sharpness: fine-tuning a settled run one factor at a time", "", "Made by:", "", "```", command, "```",
+    lines = ["# Sharpness: fine-tuning a finished run one factor at a time", "", "Made by:", "", "```", command, "```",
              "", f"Source: `{args.source}` ({base.dataset}, K={base.K}{' control' if base.control else ''}, D lr "
              f"{base.d_lr:g}, G lr {base.g_lr:g}, look-ahead lr {base.lookahead_lr:g}, batch {base.batch}, "
              f"{base.loss} loss), seeds {seeds}, from iteration {start}. Each variant trains {args.steps} more "

@@ -26,8 +26,8 @@ from .sweeps import (NOTES_BEGIN, NOTES_END, Cell, CellMeta, checked_cells, figu
                      finite_records, fmt, kept_notes, load_run, page_status, run_cells, summary_stats, table)
 from .training import Trainer
 
-# The ablations need runs that converge within a CPU budget. With App. A's learning rates (1e-4) nothing settles
-# in a few thousand iterations (docs/results/mixture_app_a.md); with 1e-3 for D, G and the look-ahead steps, K = 5
+# The ablations need runs that converge within a CPU budget. With App. A's learning rates (1e-4) K = 10 settles only
+# after 6,500-9,500 iterations (docs/results/mixture_app_a.md); with 1e-3 for D, G and the look-ahead steps, K = 5
 # covers all 8 ring modes from about 1,250 iterations (docs/results/mixture.md), while K = 0 collapses. Every flag
 # can restore App. A.
 COMMON = dict(dataset="ring", d_lr=1e-3, g_lr=1e-3, unroll_lr=1e-3, eval_every=250, eval_samples=10_000)
@@ -264,7 +264,8 @@ def start_page(title: str, intro: str, args: argparse.Namespace, cells: Sequence
         f"({n_modes} modes), {len(args.seed_list)} paired seeds per row (seed s has the same initial parameters and "
         f"data in every row), trained together with `torch.func.vmap`. Adam β=(0.5, 0.999), batch 512, saturating "
         f"generator loss; D lr {args.d_lr:g}, G lr {args.g_lr:g}, look-ahead lr {args.unroll_lr:g} (App. A uses "
-        f"1e-4 for all three; at 1e-4 no run settles within a CPU budget, see [mixture_app_a.md](mixture_app_a.md)). "
+        f"1e-4 for all three; at 1e-4 K = 10 settles only after 6,500–9,500 iterations, see "
+        f"[mixture_app_a.md](mixture_app_a.md)). "
         f"One *iteration* is one D update followed by the G updates of the regime. Metrics on {args.eval_samples:,} "
         f"samples every {args.eval_every} iterations. **Stable coverage**: the first evaluation from which every "
         f"later one has all {n_modes} modes covered by the strict count (each mode gets at least 1% of the "
