@@ -21,20 +21,14 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from lib import runs
 from lib.cli import HelpFormatter
-from lib.metrics import METRIC_NAMES
-from lib.sweeps import table
+from lib.metrics import metric_records
+from lib.sweeps import finished_run, table
 
 
 def load_finished(folder: Path) -> Dict[str, Any]:
-    """A run folder's configuration, seeds and per-seed records; a run that is missing, unreadable or not
-    finished is refused (its numbers would change)."""
-    meta = runs.read_json(Path(folder) / "metrics.json")
-    if meta is None:
-        raise runs.RunError(f"{folder}: no readable metrics.json (is it a mixture.py run folder?)")
-    if meta.get("status") != "done":
-        raise runs.RunError(f"{folder}: the run is not finished (metrics.json says {meta.get('status')!r})")
-    records = [{k: r[k] for k in ("step", "seed", *METRIC_NAMES)} for r in meta["records"]]
-    return {"config": meta["config"], "seeds": meta["seeds"], "records": records}
+    """A finished run folder's configuration, seeds and per-seed metrics (refused if missing or unfinished)."""
+    meta = finished_run(folder)
+    return {"config": meta["config"], "seeds": meta["seeds"], "records": metric_records(meta["records"])}
 
 
 def per_seed_cell(records: Sequence[Dict[str, Any]], step: int) -> str:

@@ -25,10 +25,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from lib import REPO_ROOT, runs
 from lib.cli import HelpFormatter, add_threads_flag, parse_seeds
 from lib.data import make_mixture
-from lib.metrics import METRIC_NAMES
+from lib.metrics import metric_records
 from lib.runs import CHECKPOINT
-from lib.sweeps import (NOTES_BEGIN, NOTES_END, final_records, finite_records, fmt, kept_notes, summary_stats,
-                         table)
+from lib.sweeps import (NOTES_BEGIN, NOTES_END, final_records, finished_run, finite_records, fmt, kept_notes,
+                         summary_stats, table)
 from lib.training import CHECKPOINT_KEYS, TrainConfig, Trainer, index_state, stack_states
 
 # ---- configuration: (label, what changes) ----
@@ -54,9 +54,7 @@ def variant_config(base: TrainConfig, change: Dict[str, Any], steps: int) -> Tra
 def load_source(folder: Path, seeds: Optional[Sequence[int]]) -> Tuple[TrainConfig, List[int], Dict[str, Any]]:
     """A finished run's configuration, the chosen seeds, and their state and data streams at its last step."""
     ckpt = runs.load_checkpoint(folder / CHECKPOINT, CHECKPOINT_KEYS)
-    meta = runs.read_json(folder / "metrics.json")
-    if meta is None or meta.get("status") != "done":
-        raise runs.CheckpointError(f"{folder} is not a finished run (its metrics.json does not say done)")
+    meta = finished_run(folder)
     cfg = TrainConfig(**ckpt["config"])
     all_seeds = [int(s) for s in ckpt["seeds"]]
     chosen = all_seeds if seeds is None else list(seeds)
@@ -133,8 +131,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             meta = train_variant(cfg, seeds, source, Path(args.out) / name, not args.no_progress)
             rows.append(row(f"{label}, +{args.steps}", final_records(meta), n_modes))
             numbers["variants"].append({"label": label, "config": dataclasses.asdict(cfg),
-                                        "records": [{k: r[k] for k in ("step", "seed", *METRIC_NAMES)}
-                                                    for r in meta["records"]]})
+                                        "records": metric_records(meta["records"])})
     command = "python examples/gan/sharpness.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None
                                                                                       else argv))
     doc = Path(args.doc)

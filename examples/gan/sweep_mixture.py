@@ -29,7 +29,7 @@ from lib import REPO_ROOT, runs
 from lib import ablations as ab
 from lib.cli import HelpFormatter, add_threads_flag, parse_seeds
 from lib.data import make_mixture
-from lib.metrics import fully_covered
+from lib.metrics import fully_covered, metric_records
 from lib.plotting import histogram_extent
 from lib.runs import CHECKPOINT
 from lib.sweeps import (NOTES_BEGIN, NOTES_END, Cell, CellMeta, checked_cells, figure_for, final_records,
@@ -178,11 +178,9 @@ def observations(cells: List[CellMeta], n_modes: int) -> List[str]:
 
 def per_seed(meta: Dict[str, Any], n_modes: int) -> Dict[str, Any]:
     """A cell's numbers seed by seed: stable coverage and every evaluation's metrics."""
-    keys = ("modes", "modes_strict", "hq", "reverse_kl", "energy")
     return {"stable_coverage": dict(zip(sorted({r["seed"] for r in meta["records"]}),
                                         ab.stable_steps(meta, n_modes, ab.MIN_HQ))),
-            "records": [{"step": r["step"], "seed": r["seed"], **{k: r.get(k) for k in keys}}
-                        for r in meta["records"]]}
+            "records": metric_records(meta["records"])}
 
 
 def dominant_modes(snapshots: List[Tuple[int, torch.Tensor]], dataset: str) -> List[List[int]]:
@@ -234,8 +232,7 @@ def write_report(args: argparse.Namespace, cells: List[Cell], out_root: Path, lo
         "```", command, "```",
         "",
         f"Settings (App. A unless stated): generator 256→128→128→2 ({'/'.join(args.activations)}), discriminator "
-        f"input/4 "
-        f"→128 ReLU→logit, orthogonal init gain 0.8, Adam β=(0.5, 0.999), D lr {main_cfg.d_lr:g}, G lr "
+        f"input/4 →128 ReLU→logit, orthogonal init gain 0.8, Adam β=(0.5, 0.999), D lr {main_cfg.d_lr:g}, G lr "
         f"{main_cfg.g_lr:g}, **unrolled (look-ahead) Adam lr {main_cfg.lookahead_lr:g}** starting from D's current "
         f"Adam state, {main_cfg.loss} generator loss (G minimises -L_D), fixed unroll minibatch, batch "
         f"{main_cfg.batch}. One *iteration* = one D update then one G update on the same minibatch (the paper "

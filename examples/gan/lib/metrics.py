@@ -14,7 +14,7 @@ Definitions (used by every mixture experiment):
 
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -76,6 +76,12 @@ def all_metrics(samples: Tensor, reference: Tensor, centers: Tensor, std: float,
     metrics["energy"] = energy_distance(sub, reference[:energy_samples]) if torch.isfinite(sub).all() \
         else float("nan")
     return metrics
+
+
+def metric_records(records: Iterable[Mapping[str, Any]]) -> List[Dict[str, Any]]:
+    """Each evaluation's step, seed and metrics (:data:`METRIC_NAMES`), without the losses: the per-seed numbers
+    that results pages commit beside them."""
+    return [{"step": r["step"], "seed": r["seed"], **{k: r.get(k) for k in METRIC_NAMES}} for r in records]
 
 
 def fully_covered(record: Mapping[str, Any], n_modes: int, min_hq: float = 0.05) -> bool:

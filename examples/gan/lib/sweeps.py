@@ -74,6 +74,17 @@ def load_run(folder: Path) -> Optional[Dict[str, Any]]:
     return runs.read_json(Path(folder) / "metrics.json")
 
 
+def finished_run(folder: Path) -> Dict[str, Any]:
+    """A finished run's ``metrics.json``; a folder without a readable one, or a run still going, is refused with
+    a :class:`runs.RunError` (numbers read from it would change)."""
+    meta = load_run(folder)
+    if meta is None:
+        raise runs.RunError(f"{folder}: no readable metrics.json (is it a mixture.py run folder?)")
+    if meta.get("status") != "done":
+        raise runs.RunError(f"{folder}: the run is not finished (metrics.json says {meta.get('status')!r})")
+    return meta
+
+
 def run_cell(cell: Cell, folder: Path, progress: bool, log: List[Dict[str, Any]]) -> Dict[str, Any]:
     """Train one cell to its end (resuming its checkpoint, if any; a finished cell is left as it is) and append
     what it cost to ``log``. A diverged cell is reported and kept (its outputs stop where it diverged)."""
