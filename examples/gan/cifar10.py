@@ -99,7 +99,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                   + ex.markdown_table(rows, [("mean_distance", "mean pair distance")], key_names=("K",)))
         ex.finish(out, "cifar10", argv, settings, notes, records, rows, table, trainers, specs, start,
                   extra={"data": cifar.description, "diversity_table": diversity, "paper_table3": PAPER_TABLE3,
-                         "data_distance_profile": probe.data_profile})
+                         "data_distance_profile": probe.data_profile}, per_seed=args.per_seed)
     return 3 if any(r["status"] != "done" for r in records) else 0
 
 

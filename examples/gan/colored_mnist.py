@@ -155,7 +155,8 @@ def run(args: argparse.Namespace, settings: Dict[str, Any], out: Path, start: fl
                                   for label, (spec, _) in first.items()], out / "colors.png")
     ex.finish(out, "colored_mnist", argv, settings, notes, records, rows, table, trainers, specs, start,
               extra={"data": data.source, "data_color_std": [float(v) for v in data_colors.std(0)],
-                     "paper_table": {f"X={x}, K={k}": v for (x, k), v in PAPER_TABLE.items()}})
+                     "paper_table": {f"X={x}, K={k}": v for (x, k), v in PAPER_TABLE.items()}},
+              per_seed=args.per_seed)
     return 3 if any(r["status"] != "done" for r in records) else 0
 
 

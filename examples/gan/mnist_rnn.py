@@ -92,7 +92,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                   f"{diversity_md}")
         ex.finish(out, "mnist_rnn", argv, settings, notes, records, rows, table, trainers, specs, start,
                   extra={"data": mnist.description, "diversity_table": diversity,
-                         "data_distance_profile": probe.data_profile})
+                         "data_distance_profile": probe.data_profile}, per_seed=args.per_seed)
     return 3 if any(r["status"] != "done" for r in records) else 0
 
 

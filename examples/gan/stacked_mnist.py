@@ -161,7 +161,8 @@ def run(args: argparse.Namespace, settings: Dict[str, Any], out: Path, config: m
                               {(x, k): v for (x, k), v in PAPER_TABLE.items()}, ("X", "K"))
     ex.finish(out, "stacked_mnist", argv, settings, notes, records, rows, table, trainers, specs, start,
               extra={"data": data.source, "classifier": report, "paper_table": {f"X={x}, K={k}": v for (x, k), v
-                                                                                  in PAPER_TABLE.items()}})
+                                                                                  in PAPER_TABLE.items()}},
+              per_seed=args.per_seed)
     return status
 
 

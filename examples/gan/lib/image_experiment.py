@@ -2,7 +2,8 @@
 ``cifar10.py``) share around :mod:`image_training`: their flags (a reduced default, ``--paper`` for the paper's
 settings, explicit flags over both; ``--help`` shows each default), validation before any work, the run folder
 (:func:`session`: lock, ``--resume`` and the stored settings, through :mod:`runs`), the deviations from the paper,
-tables, and the outputs every script writes."""
+tables, and the outputs every script writes (``results.json``, the figures and, with ``--per-seed FILE``, each run's
+final numbers in a small file to commit beside a results page: :func:`per_seed_record`)."""
 
 from __future__ import annotations
 
@@ -39,6 +40,12 @@ LR_NOTE = ("learning rates: D {d_lr}, G {g_lr}; App. D's are 2e-4 and 1e-4, and 
            "for both because at App. D's rates these generators still output noise after 1,200-1,500 iterations")
 # Settings that do not change the numbers: never compared on --resume.
 NOT_COMPARED = ("out",)
+# --per-seed: lists of at most this many scalars are kept in a run's entry (RGB colour means, distance
+# quartiles); longer ones (loss curves, histograms, per-target errors) are left out.
+PER_SEED_MAX_LIST = 8
+# --per-seed: record fields left out although scalar: timings (they differ between any two runs) and the
+# divergence message, which names the checkpoint's path (``diverged_at`` keeps its iteration).
+PER_SEED_DROPPED = ("train_seconds", "seconds_per_iteration", "eval_seconds", "error")
 
 
 # ------------------------------------------------------------------------------------ tables
@@ -136,7 +143,30 @@ def parser(description: str, reduced: Mapping[str, Any], paper: Mapping[str, Any
                    help="runs trained at once, each in its own process with --threads threads (default: one per CPU "
                         "core for --device cpu where processes can fork, else 1); the numbers do not depend on it")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--per-seed", type=Path, default=None, metavar="FILE",
+                   help="also write every run's final numbers (no loss curves or snapshots) to FILE, a small JSON "
+                        "meant to be committed beside a results page, e.g. docs/results/stacked_mnist/"
+                        "per_seed.json; a rerun of the same command writes the same bytes")
     return p
+
+
+def check_per_seed_path(path: Path) -> Optional[str]:
+    """Why ``--per-seed`` cannot be written to ``path`` (None when it can): it must end in ``.json``, not be a
+    folder, and its parent folder must exist or be creatable (the nearest existing ancestor a writable folder).
+    Nothing is created."""
+    path = Path(path)
+    if path.suffix.lower() != ".json":
+        return f"--per-seed {path}: the file name must end in .json"
+    if path.is_dir():
+        return f"--per-seed {path}: is a folder; name a .json file"
+    ancestor = path.absolute().parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        return f"--per-seed {path}: its folder cannot be created ({ancestor} is a file)"
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        return f"--per-seed {path}: its folder cannot be written ({ancestor} is not writable)"
+    return None
 
 
 def add_diversity_flags(p: argparse.ArgumentParser, reduced: Mapping[str, Any], paper: Mapping[str, Any],
@@ -212,6 +242,10 @@ def parse(p: argparse.ArgumentParser, argv: Optional[Sequence[str]], reduced: Ma
         p.error(str(error))
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error(f"--device {args.device}: CUDA is not available here")
+    if args.per_seed is not None:
+        problem = check_per_seed_path(args.per_seed)
+        if problem:
+            p.error(problem)
     if data_parallel.world_size() > 1 and args.workers not in (None, 1):
         p.error(f"--workers {args.workers}: under torchrun every rank is one process training every run on its "
                 f"shard of each minibatch; use --workers 1")
@@ -340,14 +374,50 @@ def first_finished(specs: Sequence[RunSpec], trainers: Mapping[str, GANTrainer]
     return first
 
 
+def _is_scalar(value: Any) -> bool:
+    return value is None or isinstance(value, (bool, int, float, str))
+
+
+def per_seed_record(record: Mapping[str, Any]) -> Dict[str, Any]:
+    """One run's entry of the ``--per-seed`` file: its identifying fields (run, table-cell keys such as K and X,
+    seed, status, step, diverged_at) and final metrics, by one rule for every script: keep a field whose value is
+    a scalar (number, string, bool, null) or a list of at most :data:`PER_SEED_MAX_LIST` scalars; leave out
+    mappings (the run's ``config`` and ``eval_settings``, which the file's ``settings`` and ``eval_settings``
+    hold), longer lists (loss curves, histograms, per-target errors) and :data:`PER_SEED_DROPPED` (timings and the
+    divergence message with its path), so a rerun gives the same entry."""
+    kept: Dict[str, Any] = {}
+    for key, value in record.items():
+        if key in PER_SEED_DROPPED:
+            continue
+        if _is_scalar(value) or (isinstance(value, (list, tuple)) and len(value) <= PER_SEED_MAX_LIST
+                                 and all(_is_scalar(v) for v in value)):
+            kept[key] = list(value) if isinstance(value, tuple) else value
+    return kept
+
+
+def per_seed_payload(name: str, command: str, settings: Mapping[str, Any], records: Sequence[Mapping[str, Any]]
+                     ) -> Dict[str, Any]:
+    """What ``--per-seed`` writes: the experiment, the command, the settings, the evaluation settings the runs
+    share (when they all have the same) and every run's :func:`per_seed_record`, in the order the runs were
+    listed. No wall time, environment or timestamp: rerunning the command writes the same bytes."""
+    payload: Dict[str, Any] = {"experiment": name, "command": command, "settings": dict(settings)}
+    shared = [r.get("eval_settings") for r in records]
+    if records and shared[0] is not None and all(s == shared[0] for s in shared):
+        payload["eval_settings"] = shared[0]
+    payload["runs"] = [per_seed_record(r) for r in records]
+    return payload
+
+
 def finish(out: Path, name: str, argv: Optional[Sequence[str]], settings: Mapping[str, Any], notes: Sequence[str],
            records: Sequence[Mapping[str, Any]], rows: Sequence[Mapping[str, Any]], table: str,
            trainers: Mapping[str, GANTrainer], specs: Sequence[RunSpec], start: float,
-           extra: Optional[Mapping[str, Any]] = None, log: Callable[[str], None] = print) -> Dict[str, Any]:
+           extra: Optional[Mapping[str, Any]] = None, log: Callable[[str], None] = print,
+           per_seed: Optional[Path] = None) -> Dict[str, Any]:
     """Write ``results.json`` and the figures every script has, and print the table and the deviations.
 
     Figures: ``samples.png`` (final samples of each table cell's first finished seed), ``samples_over_training.png``
-    (Fig. 3-style rows per cell) and ``losses.png``.
+    (Fig. 3-style rows per cell) and ``losses.png``. With ``per_seed`` (the script's ``--per-seed``), also every
+    run's final numbers there (:func:`per_seed_payload`).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     first = first_finished(specs, trainers)
@@ -369,6 +439,8 @@ def finish(out: Path, name: str, argv: Optional[Sequence[str]], settings: Mappin
         "wall_seconds": round(time.perf_counter() - start, 1),
     }
     runs.write_json(out / "results.json", payload)
+    if per_seed is not None:
+        runs.write_json(Path(per_seed), per_seed_payload(name, payload["command"], settings, records))
     log("")
     log(table)
     log("")
@@ -380,6 +452,8 @@ def finish(out: Path, name: str, argv: Optional[Sequence[str]], settings: Mappin
         log(f"diverged runs (last good checkpoints kept): {', '.join(diverged)}")
     figures = ", ".join(sorted(path.name for path in Path(out).glob("*.png")))
     log(f"outputs in {out}: results.json, {figures}; per run: <run>/{CHECKPOINT}, <run>/{RESULT}")
+    if per_seed is not None:
+        log(f"per-seed numbers: {per_seed}")
     log(f"wall time {payload['wall_seconds']:.0f} s")
     return payload
 
