@@ -146,7 +146,7 @@ def parser(description: str, reduced: Mapping[str, Any], paper: Mapping[str, Any
     p.add_argument("--per-seed", type=Path, default=None, metavar="FILE",
                    help="also write every run's final numbers (no loss curves or snapshots) to FILE, a small JSON "
                         "meant to be committed beside a results page, e.g. docs/results/stacked_mnist/"
-                        "per_seed.json; a rerun of the same command writes the same bytes")
+                        "per_seed.json; a rerun of the same command writes the same bytes (default: none)")
     return p
 
 
