@@ -146,7 +146,8 @@ def parser(description: str, reduced: Mapping[str, Any], paper: Mapping[str, Any
     p.add_argument("--per-seed", type=Path, default=None, metavar="FILE",
                    help="also write every run's final numbers (no loss curves or snapshots) to FILE, a small JSON "
                         "meant to be committed beside a results page, e.g. docs/results/stacked_mnist/"
-                        "per_seed.json; a rerun of the same command writes the same bytes (default: none)")
+                        "per_seed.json; a rerun of the same command on the same machine writes the same bytes "
+                        "(default: none)")
     return p
 
 
@@ -399,7 +400,8 @@ def per_seed_payload(name: str, command: str, settings: Mapping[str, Any], recor
                      ) -> Dict[str, Any]:
     """What ``--per-seed`` writes: the experiment, the command, the settings, the evaluation settings the runs
     share (when they all have the same) and every run's :func:`per_seed_record`, in the order the runs were
-    listed. No wall time, environment or timestamp: rerunning the command writes the same bytes."""
+    listed. No wall time, environment or timestamp: rerunning the command on the same machine and torch build writes
+    the same bytes (across CPUs the numbers themselves can differ: examples/gan/README.md, *Same numbers*)."""
     payload: Dict[str, Any] = {"experiment": name, "command": command, "settings": dict(settings)}
     shared = [r.get("eval_settings") for r in records]
     if records and shared[0] is not None and all(s == shared[0] for s in shared):
