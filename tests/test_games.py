@@ -6,6 +6,7 @@ Everything is float64 so that gradients can be compared with central finite diff
 
 from __future__ import annotations
 
+import json
 import re
 import runpy
 import sys
@@ -387,6 +388,36 @@ def test_lola_is_the_first_order_part_of_the_exact_look_ahead() -> None:
     shaping_lola = (ipd.lola(mine, theirs, eta=eta) - ipd.naive(mine, theirs)) / eta
     torch.testing.assert_close(shaping_exact, shaping_lola, rtol=1e-4, atol=1e-6)
     assert shaping_lola.abs().max() > 1e-2
+
+
+def test_ipd_page_commits_every_seed_behind_its_table(tmp_path: Path, one_thread: None) -> None:
+    """The per-seed file beside the page holds what each row's mean, sd and paired gap are computed from, and
+    the same command writes the same bytes."""
+    doc = tmp_path / "ipd.md"
+    argv = ["--seeds", "3", "--updates", "2", "--doc", str(doc)]
+    default = torch.get_default_dtype()
+    try:
+        ipd.main(argv)
+        first = ipd.per_seed_path(doc).read_bytes()
+        ipd.main(argv)
+    finally:
+        torch.set_default_dtype(default)
+    assert ipd.per_seed_path(doc).read_bytes() == first
+    numbers = json.loads(first)
+    assert numbers["command"] == "python examples/games/ipd.py " + " ".join(argv)
+    assert [row["agents"] for row in numbers["pairings"]] == list(ipd.PAIRINGS)
+    page = doc.read_text()
+    assert ipd.per_seed_path(doc).name in page
+    for row in numbers["pairings"]:
+        assert all(len(row[key]) == 3 for key in ("reward_1", "reward_2", "cooperation_1", "cooperation_2"))
+        assert all(len(p) == 5 and all(0 <= x <= 1 for x in p) for p in row["p_cooperate_1"])
+        reward_1, reward_2 = torch.tensor(row["reward_1"]), torch.tensor(row["reward_2"])
+        gap = reward_1 - reward_2
+        table_row = next(line for line in page.splitlines() if line.startswith(f"| {row['agents']} |"))
+        cells = [c.strip() for c in table_row.strip("|").split("|")]
+        assert cells[1] == ipd.mean_sd(reward_1) and cells[2] == ipd.mean_sd(reward_2)
+        assert cells[3] == f"{gap.mean():+.3f} ± {gap.std() / 3 ** 0.5:.3f}"
+        assert cells[4] == ipd.mean_sd(torch.tensor(row["cooperation_1"]))
 
 
 # ---- the tutorial page runs, and shows the code it runs ----

@@ -18,15 +18,18 @@ Learners (each a function of (mine, theirs) returning the ascent direction of ``
 
 Seeds run together under ``torch.func.vmap``; seed s gives both agents the same initial logits in every pairing.
 
-    python examples/games/ipd.py --threads 1       # writes docs/results/games/ipd.md and ipd.png
+    python examples/games/ipd.py --threads 1       # writes docs/results/games/ipd.md, ipd.png, ipd_per_seed.json
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import shlex
+import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -129,13 +132,32 @@ def mean_sd(values: Tensor) -> str:
     return f"{values.mean():.2f} ± {values.std():.2f}"
 
 
-def main() -> None:
+def per_seed_path(doc: Path) -> Path:
+    """Where every seed's final numbers go: beside the page, ``<page>_per_seed.json``."""
+    return doc.with_name(f"{doc.stem}_per_seed.json")
+
+
+def per_seed_row(name: str, final: Tensor, cooperation_1: Tensor, cooperation_2: Tensor,
+                 p_cooperate_1: Tensor) -> Dict[str, Any]:
+    """One pairing's final numbers, seed by seed (index = seed), rounded to 6 decimals: what the table's means,
+    standard deviations and paired gaps are computed from."""
+    def rounded(values: Tensor) -> List[Any]:
+        return [round(v, 6) if isinstance(v, float) else [round(x, 6) for x in v] for v in values.tolist()]
+    return {"agents": name, "reward_1": rounded(final[:, 0]), "reward_2": rounded(final[:, 1]),
+            "cooperation_1": rounded(cooperation_1), "cooperation_2": rounded(cooperation_2),
+            "p_cooperate_1": rounded(p_cooperate_1)}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--seeds", type=int, default=SEEDS)
-    parser.add_argument("--updates", type=int, default=UPDATES)
-    parser.add_argument("--doc", type=Path, default=DOC)
-    args = parser.parse_args()
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (default: %(default)s)")
+    parser.add_argument("--seeds", type=int, default=SEEDS,
+                        help="runs per pairing, seeds 0..N-1 (default: %(default)s)")
+    parser.add_argument("--updates", type=int, default=UPDATES, help="updates per run (default: %(default)s)")
+    parser.add_argument("--doc", type=Path, default=DOC, help="the page to write; the figure and the per-seed "
+                        "numbers (<page>_per_seed.json) go beside it (default: %(default)s)")
+    args = parser.parse_args(argv)
+    command = " ".join(["python", "examples/games/ipd.py", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
     torch.set_num_threads(args.threads)
     torch.set_default_dtype(torch.float64)
 
@@ -146,6 +168,7 @@ def main() -> None:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     curves: Dict[str, Tensor] = {}
     policies: Dict[str, Tensor] = {}
+    per_seed: List[Dict[str, Any]] = []
     started = time.process_time()
     for name, (first, second) in PAIRINGS.items():
         begin = time.process_time()
@@ -155,15 +178,21 @@ def main() -> None:
         final = history[-1]
         policies[name] = policy = torch.sigmoid(end1).mean(0)
         gap = final[:, 0] - final[:, 1]
+        coop1, coop2 = cooperation(end1, end2), cooperation(end2, end1)
+        per_seed.append(per_seed_row(name, final, coop1, coop2, torch.sigmoid(end1)))
         lines.append("| " + " | ".join([
             name, mean_sd(final[:, 0]), mean_sd(final[:, 1]), f"{gap.mean():+.3f} ± {gap.std() / len(gap) ** 0.5:.3f}",
-            mean_sd(cooperation(end1, end2)),
-            mean_sd(cooperation(end2, end1)), ", ".join(f"{p:.2f}" for p in policy), f"{seconds:.1f}"]) + " |")
+            mean_sd(coop1), mean_sd(coop2), ", ".join(f"{p:.2f}" for p in policy), f"{seconds:.1f}"]) + " |")
         print(lines[-1], flush=True)
     minutes = (time.process_time() - started) / 60
 
     image = args.doc.with_suffix(".png")
     plot(curves, policies, image)
+    numbers_path = per_seed_path(args.doc)
+    numbers_path.write_text(json.dumps({
+        "command": command, "seeds": args.seeds, "updates": args.updates,
+        "p_cooperate_order": ["after CC", "after CD", "after DC", "after DD", "start"], "pairings": per_seed},
+        indent=1) + "\n")
     settings = (f"Iterated prisoner's dilemma, rewards (own, other) CC −1, CD −3, DC 0, DD −2, discount γ = {GAMMA}; "
                 f"exact values; both agents update together with learning rate δ = {DELTA:g} for {args.updates} "
                 f"updates, from logits ~ N(0, 1) (seed s: the same start in every row); look-ahead learning rate "
@@ -172,9 +201,10 @@ def main() -> None:
                 f"defection); the paired gap is mean ± standard error over seeds. Cooperation: (1 − γ)·(discounted "
                 f"frequency of the agent's C), mean ± sd. P(C) after XY: X is the agent's own last action.")
     common.write_page(args.doc, "Iterated prisoner's dilemma: LOLA and look-ahead agents on unroll",
-                      "python examples/games/ipd.py --threads 1", settings, notes=NOTES, sections=[
+                      command, settings, notes=NOTES, sections=[
                           "## Final rewards and cooperation", "", "\n".join(lines), "",
                           f"![reward per step over updates]({image.name})", "",
+                          f"Every seed's final numbers: [{numbers_path.name}]({numbers_path.name}).", "",
                           f"All pairings took {minutes:.1f} min of CPU time on one thread."])
 
 
