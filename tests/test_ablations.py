@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any, Dict, List
@@ -150,6 +151,7 @@ def test_second_gradient_sweep_end_to_end(tmp_path: Path) -> None:
     assert g5["config"]["g_steps"] == 5 and g5["config"]["average_over_steps"] and g5["status"] == "done"
     per_seed = json.loads((tmp_path / "second_gradient" / "per_seed.json").read_text())
     assert len(per_seed["rows"]) == 2 * 4 and all(row["seeds"] == [0, 1] for row in per_seed["rows"])  # K=0, 3 configs × K=2; 2 regimes
+    assert [row["iterations"] for row in per_seed["rows"]] == [4] * 4 + [2] * 4  # each regime's own length
     assert "per_seed.json" in page
 
     assert sg.main(argv) == 2  # the runs exist: continuing them needs --resume
@@ -171,12 +173,18 @@ def test_second_gradient_configurations_differ_in_what_they_train(tmp_path: Path
 def test_historical_averaging_sweep_end_to_end(tmp_path: Path) -> None:
     doc = tmp_path / "historical_averaging.md"
     argv = TINY + ["--steps", "4", "--sizes", "1", "5", "--periods", "1", "3", "--unrolled-ks", "2",
-                   "--out", str(tmp_path / "runs"), "--doc", str(doc)]
+                   "--timing-iterations", "2", "--timing-rounds", "1", "--out", str(tmp_path / "runs"),
+                   "--doc", str(doc)]
     assert ha.main(argv) == 0
     page = doc.read_text()
     assert "Status: **complete**" in page
     for label in ("last N=1", "last N=5", "5 every P=1", "5 every P=3", "unrolled K=2"):
         assert f"| {label} |" in page
+    # The cost column: timed side by side after the warm-up that fills the largest ensemble, over N=1's.
+    assert page.count("cost vs last N=1 (timed) |") == 3 and "after 5 untimed iterations" in page
+    assert re.search(r"\| last N=1 \|.*\| 1\.00× \|", page)
+    rows = json.loads((tmp_path / "historical_averaging" / "per_seed.json").read_text())["rows"]
+    assert all(row["s_per_iteration_timed"] > 0 for row in rows)
     # "5 every P=1" is "last N=5": one run folder serves both rows.
     assert len(list((tmp_path / "runs" / "ensembles").iterdir())) == 3
     ckpt = torch.load(next((tmp_path / "runs" / "ensembles").glob("*size5_every3*")) / CHECKPOINT,

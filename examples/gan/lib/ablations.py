@@ -132,12 +132,14 @@ def add_timing_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timing-rounds", type=positive_int, default=3, help="rounds of timing, the cells interleaved")
 
 
-def time_cells(cells: Sequence[Cell], iterations: int, rounds: int) -> Dict[str, float]:
+def time_cells(cells: Sequence[Cell], iterations: int, rounds: int, warmup: int = 1) -> Dict[str, float]:
     """Seconds per iteration of every cell (all its seeds vmapped, random draws included, no evaluation): the
-    median over ``rounds`` rounds of ``iterations`` iterations each, the cells interleaved within a round."""
+    median over ``rounds`` rounds of ``iterations`` iterations each, the cells interleaved within a round, after
+    ``warmup`` untimed iterations (first-call overheads; state that grows, such as an ensemble filling up)."""
     trainers = {c.folder: Trainer(c.cfg, c.seeds, hooks=c.hooks) for c in cells}
-    for trainer in trainers.values():  # warm up (first-call overheads)
-        trainer.state, _ = trainer.step_fn(trainer.state, trainer.draw_batch())
+    for trainer in trainers.values():
+        for _ in range(warmup):
+            trainer.state, _ = trainer.step_fn(trainer.state, trainer.draw_batch())
     samples: Dict[str, List[float]] = {name: [] for name in trainers}
     for _ in range(rounds):
         for name, trainer in trainers.items():
@@ -148,13 +150,15 @@ def time_cells(cells: Sequence[Cell], iterations: int, rounds: int) -> Dict[str,
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
-def timings(args: argparse.Namespace, cells: Sequence[Cell], complete: bool) -> Optional[Dict[str, float]]:
-    """The measured cost per iteration, timed once when the sweep is complete and kept in ``--out``."""
+def timings(args: argparse.Namespace, cells: Sequence[Cell], complete: bool,
+            warmup: int = 1) -> Optional[Dict[str, float]]:
+    """The measured cost per iteration (:func:`time_cells`), timed once when the sweep is complete and kept in
+    ``--out``."""
     path = Path(args.out) / TIMING_FILE
     known = runs.read_json(path) or {}
     if complete and any(c.folder not in known for c in cells):
         known.update(time_cells([c for c in cells if c.folder not in known], args.timing_iterations,
-                                args.timing_rounds))
+                                args.timing_rounds, warmup))
         runs.write_json(path, known)
     return known or None
 
@@ -208,23 +212,28 @@ def seed_numbers(meta: Dict[str, Any], n_modes: int, min_hq: float) -> Dict[str,
 
 
 def timed_results_table(metas: Sequence[CellMeta], args: argparse.Namespace, n_modes: int,
-                        log: Sequence[Dict[str, Any]], costs: Dict[str, float]) -> str:
+                        log: Sequence[Dict[str, Any]], costs: Dict[str, float],
+                        reference: Optional[Tuple[str, str]] = None) -> str:
     """:func:`results_table` with a last column: each cell's timed cost per iteration over the first cell's
-    (the plain GAN)."""
-    plain = costs.get(metas[0][0].folder)
+    (the plain GAN), or over ``reference`` = (its folder, its name in the header)."""
+    folder, name = reference or (metas[0][0].folder, "K=0")
+    plain = costs.get(folder)
     rows = []
     for cell, meta in metas:
         cost = costs.get(cell.folder)
         rows.append(result_row(cell.label, cell, meta, n_modes, args.min_hq, log)
                     + ["" if cost is None or plain is None else f"{cost / plain:.2f}×"])
-    return table(rows, RESULT_HEADER + ["cost vs K=0 (timed)"])
+    return table(rows, RESULT_HEADER + [f"cost vs {name} (timed)"])
 
 
 def per_seed_json(args: argparse.Namespace, metas: Sequence[CellMeta], n_modes: int, command: str,
                   costs: Dict[str, float]) -> List[str]:
-    """Write every row's per-seed numbers to ``<fig-dir>/per_seed.json``; the page's line that links it."""
+    """Write every row's per-seed numbers to ``<fig-dir>/per_seed.json``; the page's line that links it. Each row
+    names its own length (``iterations``): a sweep's rows need not share ``--steps`` (second_gradient.py's
+    five-G-step regime has ``--steps-g5``)."""
     numbers = {"command": command, "dataset": args.dataset, "iterations": args.steps, "min_hq": args.min_hq,
-               "rows": [{"label": c.label, "folder": c.folder, "s_per_iteration_timed": costs.get(c.folder),
+               "rows": [{"label": c.label, "folder": c.folder, "iterations": c.cfg.steps,
+                         "s_per_iteration_timed": costs.get(c.folder),
                          **seed_numbers(m, n_modes, args.min_hq)} for c, m in metas if m is not None]}
     runs.write_json(Path(args.fig_dir) / "per_seed.json", numbers)
     name = Path(args.fig_dir).name
