@@ -120,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--combine", choices=COMBINES, default="probabilities",
                    help="average the members' probabilities or their logits")
     p.add_argument("--loss", choices=LOSSES, default="saturating", help="the generator's loss")
+    ab.add_timing_flags(p)
     return p
 
 
@@ -142,15 +143,28 @@ def build_cells(args: argparse.Namespace) -> List[Cell]:
     return cells
 
 
+def timing_warmup(args: argparse.Namespace) -> int:
+    """Untimed iterations before the cost is timed: enough to fill the largest ensemble of the last N."""
+    return max(args.sizes + [PERIOD_ENSEMBLE])
+
+
 def write_report(args: argparse.Namespace, cells: List[Cell], log: Sequence[dict], command: str,
                  complete: bool) -> None:
     intro = (f"The generator trains against an ensemble of past discriminators (no unrolling); the ensemble "
              f"combines by averaging its members' **{args.combine}** (see `historical_averaging.py` for why "
              f"probabilities by default). Snapshots are taken after a D update; until an ensemble is full it "
-             f"holds the snapshots taken so far. Paper: {PAPER_CLAIM}.")
+             f"holds the snapshots taken so far. Paper: {PAPER_CLAIM}. **cost vs {cells[0].label}**: each cell's "
+             f"iteration (all seeds vmapped, no evaluation) timed in one process after training, the cells "
+             f"interleaved over {args.timing_rounds} rounds of {args.timing_iterations} iterations (median), after "
+             f"{timing_warmup(args)} untimed iterations so that every ensemble of the last N is full (an ensemble "
+             f"of {PERIOD_ENSEMBLE} every P holds fewer members while P > {timing_warmup(args) // PERIOD_ENSEMBLE}; "
+             f"once full it costs what the last {PERIOD_ENSEMBLE} do), divided by {cells[0].label}'s; the "
+             f"s / iteration column is the training wall time (evaluations and checkpoints included), taken while "
+             f"other jobs shared the machine.")
     metas, n_modes, lines = ab.start_page(
         "Historical averaging vs unrolling (Metz et al. 2017, App. B.1): measured over seeds", intro, args, cells,
         command, complete)
+    costs = ab.timings(args, cells, complete, warmup=timing_warmup(args)) or {}
     sections = [("last N=", "Ensembles of the last N discriminators (Fig. App.1)", "historical_averaging_last_n"),
                 (f"{PERIOD_ENSEMBLE} every P=", f"Ensembles of {PERIOD_ENSEMBLE}, one snapshot every P discriminator "
                                                 f"updates (Fig. App.2)", "historical_averaging_period"),
@@ -159,10 +173,11 @@ def write_report(args: argparse.Namespace, cells: List[Cell], log: Sequence[dict
         rows = [(c, m) for c, m in metas if c.label.startswith(prefix)]
         if not rows:
             continue
-        lines += [f"## {title}", "", ab.results_table(rows, args, n_modes, log), ""]
+        lines += [f"## {title}", "", ab.timed_results_table(rows, args, n_modes, log, costs,
+                                                             reference=(cells[0].folder, cells[0].label)), ""]
         lines += ab.figure_markdown(rows, Path(args.out), args, figure, f"{args.dataset}: {title} (seed "
                                                                     f"{args.seed_list[0]})")
-    lines += ab.per_seed_json(args, metas, n_modes, command, {})
+    lines += ab.per_seed_json(args, metas, n_modes, command, costs)
     ab.write_page(Path(args.doc), lines, log)
 
 
