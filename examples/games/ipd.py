@@ -176,10 +176,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         seconds = time.process_time() - begin
         curves[name] = history
         final = history[-1]
-        policies[name] = policy = torch.sigmoid(end1).mean(0)
+        p_cooperate = torch.sigmoid(end1)
+        policies[name] = policy = p_cooperate.mean(0)
         gap = final[:, 0] - final[:, 1]
         coop1, coop2 = cooperation(end1, end2), cooperation(end2, end1)
-        per_seed.append(per_seed_row(name, final, coop1, coop2, torch.sigmoid(end1)))
+        per_seed.append(per_seed_row(name, final, coop1, coop2, p_cooperate))
         lines.append("| " + " | ".join([
             name, mean_sd(final[:, 0]), mean_sd(final[:, 1]), f"{gap.mean():+.3f} ± {gap.std() / len(gap) ** 0.5:.3f}",
             mean_sd(coop1), mean_sd(coop2), ", ".join(f"{p:.2f}" for p in policy), f"{seconds:.1f}"]) + " |")

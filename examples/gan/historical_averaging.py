@@ -150,21 +150,22 @@ def timing_warmup(args: argparse.Namespace) -> int:
 
 def write_report(args: argparse.Namespace, cells: List[Cell], log: Sequence[dict], command: str,
                  complete: bool) -> None:
+    warmup = timing_warmup(args)
     intro = (f"The generator trains against an ensemble of past discriminators (no unrolling); the ensemble "
              f"combines by averaging its members' **{args.combine}** (see `historical_averaging.py` for why "
              f"probabilities by default). Snapshots are taken after a D update; until an ensemble is full it "
              f"holds the snapshots taken so far. Paper: {PAPER_CLAIM}. **cost vs {cells[0].label}**: each cell's "
              f"iteration (all seeds vmapped, no evaluation) timed in one process after training, the cells "
              f"interleaved over {args.timing_rounds} rounds of {args.timing_iterations} iterations (median), after "
-             f"{timing_warmup(args)} untimed iterations so that every ensemble of the last N is full (an ensemble "
-             f"of {PERIOD_ENSEMBLE} every P holds fewer members while P > {timing_warmup(args) // PERIOD_ENSEMBLE}; "
+             f"{warmup} untimed iterations so that every ensemble of the last N is full (an ensemble "
+             f"of {PERIOD_ENSEMBLE} every P holds fewer members while P > {warmup // PERIOD_ENSEMBLE}; "
              f"once full it costs what the last {PERIOD_ENSEMBLE} do), divided by {cells[0].label}'s; the "
              f"s / iteration column is the training wall time (evaluations and checkpoints included), taken while "
              f"other jobs shared the machine.")
     metas, n_modes, lines = ab.start_page(
         "Historical averaging vs unrolling (Metz et al. 2017, App. B.1): measured over seeds", intro, args, cells,
         command, complete)
-    costs = ab.timings(args, cells, complete, warmup=timing_warmup(args)) or {}
+    costs = ab.timings(args, cells, complete, warmup=warmup) or {}
     sections = [("last N=", "Ensembles of the last N discriminators (Fig. App.1)", "historical_averaging_last_n"),
                 (f"{PERIOD_ENSEMBLE} every P=", f"Ensembles of {PERIOD_ENSEMBLE}, one snapshot every P discriminator "
                                                 f"updates (Fig. App.2)", "historical_averaging_period"),
