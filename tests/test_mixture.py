@@ -256,7 +256,7 @@ def test_end_to_end_script_writes_every_output(tmp_path: Path, capsys: pytest.Ca
     (["--steps", "0"], "steps"),
     (["--control", "--stop-grad"], "control"),
     (["--dataset", "moons"], "invalid choice"),
-    (["--threads", "0"], "--threads must be >= 1"),
+    (["--threads", "0"], "argument --threads: must be >= 1"),
     (["--checkpoint-every", "0"], "--checkpoint-every must be >= 1"),
     (["--seeds", "0-1000000000"], "at most 1,000 are trained at once"),
 ])

@@ -323,7 +323,9 @@ def test_claim_refuses_a_file_in_the_way_and_removes_a_killed_writers_temporarie
     (tmp_path / "file").write_text("x")
     assert mixture.main(MIX + ["--out", str(tmp_path / "file")]) == 2
     assert "a file is in the way" in capsys.readouterr().err
-    leftover = tmp_path / "run" / "K0-seed0" / f".{runs.CHECKPOINT}.123.abcd.tmp"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    leftover = tmp_path / "run" / "K0-seed0" / f".{runs.CHECKPOINT}.unroll-{dead.pid}-0123abcd.tmp"
     leftover.parent.mkdir(parents=True)
     leftover.write_bytes(b"half")
     with runs.claim(tmp_path / "run", resume=False):

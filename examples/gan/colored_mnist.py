@@ -78,9 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     d = lambda name: ex.default_text(name, REDUCED, ALL_PAPER)  # noqa: E731
     p.add_argument("--sizes", type=ex.size_arg, nargs="+", default=None, metavar="X",
                    help=f"model size multipliers X {d('sizes')}")
-    p.add_argument("--eval-samples", type=int, default=None,
+    p.add_argument("--eval-samples", type=ex.BATCH, default=None,
                    help=f"samples (and data images) whose colours are compared {d('eval_samples')}")
-    p.add_argument("--js-samples", type=int, default=None,
+    p.add_argument("--js-samples", type=ex.BATCH, default=None,
                    help=f"Monte Carlo draws per KDE for the JS divergence {d('js_samples')}")
     ex.add_split_flag(p)
     return p

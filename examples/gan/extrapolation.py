@@ -34,7 +34,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import unroll
 from lib import ablations as ab
 from lib.sweeps import Cell, CellMeta
-from lib.training import Hooks, TrainConfig, d_inner_loss
+from lib.training import SIZE_FLAGS, Hooks, TrainConfig, d_inner_loss
 
 # ---- configuration ----
 ALPHAS = (1.0, 2.0, 5.0, 10.0)
@@ -56,8 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = ab.parser(__doc__)
     ab.add_common_flags(p, out="runs/extrapolation", doc="docs/results/extrapolation.md", steps=2000)
     p.add_argument("--alphas", type=float, nargs="+", default=list(ALPHAS), help="extrapolation factors")
-    p.add_argument("--ks", type=int, nargs="+", default=list(KS), help="unrolling steps of the reference rows")
-    p.add_argument("--control", type=int, nargs="*", default=list(CONTROL_KS),
+    p.add_argument("--ks", type=SIZE_FLAGS["K"], nargs="+", default=list(KS),
+                   help="unrolling steps of the reference rows")
+    p.add_argument("--control", type=SIZE_FLAGS["K"], nargs="*", default=list(CONTROL_KS),
                    help="compute-matched controls: D takes K + 1 committed steps per iteration (none: no control)")
     ab.add_timing_flags(p)
     return p

@@ -31,10 +31,12 @@ import torch
 
 from lib import runs
 from lib.ablations import MIN_HQ, describe_stable, n_modes_of, stable_steps
+from lib import cli
 from lib.cli import HelpFormatter, parse_seeds
 from lib.data import DATASETS
-from lib.sweeps import Cell, figure_for, final_records, finite_records, fmt, run_cell, summary_stats, table
-from lib.training import TrainConfig
+from lib.sweeps import (Cell, check_sweep, figure_for, final_records, finite_records, fmt, read_cell, run_cell,
+                        summary_stats, table)
+from lib.training import SIZE_FLAGS, TrainConfig
 
 # ---- configuration ----
 CONVERGING = dict(d_lr=1e-3, g_lr=1e-3, unroll_lr=1e-3, K=5, steps=2000)  # measured: K = 5 settles by ~1,250
@@ -48,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--paper", action="store_true",
                    help=f"App. A's settings: {PAPER} (default: the converging setting {CONVERGING})")
-    p.add_argument("--K", type=int, default=None, help="unrolled discriminator steps of the unrolled GAN")
+    p.add_argument("--K", type=SIZE_FLAGS["K"], default=None, help="unrolled discriminator steps of the unrolled GAN")
     p.add_argument("--steps", type=int, default=None, help="training iterations (one D + one G update)")
     p.add_argument("--seeds", default=SEEDS, help="paired seeds, e.g. 0-2 or 0,3,7")
     p.add_argument("--dataset", choices=DATASETS, default="ring", help="the 2-D mixture")
@@ -157,9 +159,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args, cells = parse_args(argv)
     out = Path(args.out)
     settings = {"cells": [dataclasses.asdict(c.cfg) for c in cells], "seeds": list(cells[0].seeds)}
-    with runs.claim(out, resume=args.resume, settings=settings):
+    with runs.claim(out, resume=args.resume, settings=settings, validate=lambda: check_sweep(cells, out)):
         costs = train_all(cells, out, args.workers, not args.no_progress)
-        metas = [(cell, runs.read_json(out / cell.folder / "metrics.json")) for cell in cells]
+        metas = [(cell, read_cell(cell, out / cell.folder)) for cell in cells]
         n_modes = n_modes_of(args.dataset)
         rows = [summarize(cell, meta, n_modes, costs.get(cell.label, float("nan"))) for cell, meta in metas]
         # The figure's rows: plain GAN first, then the unrolled GAN, then the control (as Fig. 2's two rows).

@@ -36,7 +36,7 @@ from torch import Tensor
 from lib import ablations as ab
 from lib.models import discriminator_forward
 from lib.sweeps import Cell
-from lib.training import LOSSES, Hooks, TrainConfig
+from lib.training import LOSSES, SIZE_FLAGS, Hooks, TrainConfig
 
 # ---- configuration ----
 SIZES = (1, 5, 20, 50)  # Fig. App.1: ensembles of the last N discriminators
@@ -112,10 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = ab.parser(__doc__)
     ab.add_common_flags(p, out="runs/historical_averaging", doc="docs/results/historical_averaging.md",
                         steps=3000)
-    p.add_argument("--sizes", type=int, nargs="+", default=list(SIZES), help="ensembles of the last N")
+    p.add_argument("--sizes", type=SIZE_FLAGS["ensemble"], nargs="+", default=list(SIZES),
+                   help="ensembles of the last N")
     p.add_argument("--periods", type=int, nargs="+", default=list(PERIODS),
                    help=f"ensembles of {PERIOD_ENSEMBLE}, one snapshot every P discriminator updates")
-    p.add_argument("--unrolled-ks", type=int, nargs="+", default=list(UNROLLED_KS),
+    p.add_argument("--unrolled-ks", type=SIZE_FLAGS["K"], nargs="+", default=list(UNROLLED_KS),
                    help="unrolled runs to compare with (full gradient)")
     p.add_argument("--combine", choices=COMBINES, default="probabilities",
                    help="average the members' probabilities or their logits")

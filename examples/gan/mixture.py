@@ -22,11 +22,12 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from lib import parallel, runs
-from lib.cli import MAX_SEEDS, HelpFormatter, add_threads_flag, check_threads, parse_seeds
+from lib import cli
+from lib.cli import MAX_SEEDS, HelpFormatter, add_threads_flag, parse_seeds
 from lib.data import DATASETS
 from lib.runs import CHECKPOINT
-from lib.training import (DEFAULT_CHECKPOINT_EVERY, LOSSES, UNROLL_BATCHES, TrainConfig, Trainer, TrainingDiverged,
-                          run_name)
+from lib.training import (DEFAULT_CHECKPOINT_EVERY, LOSSES, SIZE_FLAGS, UNROLL_BATCHES, TrainConfig, Trainer,
+                          TrainingDiverged, run_name)
 
 # ---- configuration: App. A unless a flag says otherwise ----
 DEFAULTS = TrainConfig()
@@ -38,10 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     d = DEFAULTS
     p.add_argument("--dataset", choices=DATASETS, default=d.dataset, help="the 2-D mixture")
-    p.add_argument("--weight-std", type=float, default=d.weight_std,
+    p.add_argument("--weight-std", type=cli.nonnegative_float, default=d.weight_std,
                    help="std of the non-uniform mode weights (0 = uniform; the PyTorch port's prior_std)")
-    p.add_argument("--weight-seed", type=int, default=d.weight_seed, help="seed of the mode-weight draw")
-    p.add_argument("--K", type=int, default=d.K, help="unrolled discriminator steps")
+    p.add_argument("--weight-seed", type=cli.seed, default=d.weight_seed, help="seed of the mode-weight draw")
+    p.add_argument("--K", type=SIZE_FLAGS["K"], default=d.K, help="unrolled discriminator steps")
     p.add_argument("--stop-grad", action="store_true", help="first term of Eq. 12 only (App. B.2)")
     p.add_argument("--average-over-steps", action="store_true",
                    help="G's loss averaged over the K unrolled discriminators (App. B.2)")
@@ -50,22 +51,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--control", action="store_true",
                    help="compute-matched control: K+1 committed D steps per G step (the K extra at the "
                         "--unroll-lr), no unrolling")
-    p.add_argument("--g-steps", type=int, default=d.g_steps, help="generator updates per discriminator update")
+    p.add_argument("--g-steps", type=SIZE_FLAGS["g_steps"], default=d.g_steps,
+                   help="generator updates per discriminator update")
     p.add_argument("--steps", type=int, default=d.steps, help="training iterations (one D + g-steps G updates)")
     p.add_argument("--seeds", default=DEFAULT_SEEDS,
                    help=f"e.g. 0-9 or 0,3,7: trained together (vmapped), at most {MAX_SEEDS}")
-    p.add_argument("--d-lr", type=float, default=d.d_lr, help="discriminator Adam learning rate (App. A)")
-    p.add_argument("--g-lr", type=float, default=d.g_lr, help="generator Adam learning rate (App. A)")
-    p.add_argument("--unroll-lr", type=float, default=None,
+    p.add_argument("--d-lr", type=cli.learning_rate, default=d.d_lr,
+                   help="discriminator Adam learning rate (App. A)")
+    p.add_argument("--g-lr", type=cli.learning_rate, default=d.g_lr, help="generator Adam learning rate (App. A)")
+    p.add_argument("--unroll-lr", type=cli.learning_rate, default=None,
                    help="learning rate of the K look-ahead Adam steps (default: --d-lr)")
     p.add_argument("--beta1", type=float, default=d.beta1, help="Adam beta1 of both players (App. A)")
     p.add_argument("--activation", choices=("relu", "tanh"), default=d.activation, help="generator activation")
     p.add_argument("--loss", choices=LOSSES, default=d.loss,
                    help="saturating: G minimises -L_D (App. A); nonsaturating: -log D(G(z))")
-    p.add_argument("--batch", type=int, default=d.batch, help="minibatch size (App. A)")
+    p.add_argument("--batch", type=SIZE_FLAGS["batch"], default=d.batch, help="minibatch size (App. A)")
     p.add_argument("--eval-every", type=int, default=d.eval_every,
                    help="iterations between evaluations (metrics, density.png and a checkpoint)")
-    p.add_argument("--eval-samples", type=int, default=d.eval_samples, help="generator samples per evaluation")
+    p.add_argument("--eval-samples", type=SIZE_FLAGS["eval_samples"], default=d.eval_samples,
+                   help="generator samples per evaluation")
     p.add_argument("--checkpoint-every", type=int, default=DEFAULT_CHECKPOINT_EVERY,
                    help="iterations between checkpoints besides those at evaluations (what a kill can lose)")
     p.add_argument("--out", default=None, help=f"output folder (default: {DEFAULT_OUT}/<settings>)")
@@ -90,7 +94,6 @@ def parse_args(argv: Optional[Sequence[str]] = None):
                           beta1=args.beta1, activation=args.activation, loss=args.loss, batch=args.batch,
                           eval_every=args.eval_every, eval_samples=args.eval_samples)
         cfg.validate()
-        check_threads(args.threads)
         if args.checkpoint_every < 1:
             raise ValueError(f"--checkpoint-every must be >= 1, got {args.checkpoint_every}")
     except ValueError as error:
@@ -118,8 +121,11 @@ def summarize(records: List[Dict], step: int, n_modes: int) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args, cfg, seeds, out = parse_args(argv)
     ranks = parallel.from_environment(cfg.batch)  # None without torchrun
+    # The checkpoint is read and checked (a throwaway Trainer) before claim stores the settings: a refused resume
+    # changes nothing.
+    check = (lambda: Trainer(cfg, seeds, out_dir=out, resume=True)) if args.resume else None
     with parallel.claim(out, ranks, resume=args.resume, settings={**dataclasses.asdict(cfg), "seeds": seeds},
-                        may_change=("steps",)):
+                        may_change=("steps",), validate=check):
         torch.set_num_threads(args.threads)
         trainer = Trainer(cfg, seeds, out_dir=out, resume=args.resume, progress=not args.no_progress,
                           checkpoint_every=args.checkpoint_every, parallel=ranks)

@@ -27,7 +27,7 @@ from typing import Dict, List, Optional, Sequence
 
 from lib import ablations as ab
 from lib.sweeps import Cell, table
-from lib.training import TrainConfig
+from lib.training import SIZE_FLAGS, TrainConfig
 
 # ---- configuration ----
 CONFIGS: Dict[str, Dict[str, bool]] = {
@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     ab.add_common_flags(p, out="runs/second_gradient", doc="docs/results/second_gradient.md", steps=2000)
     p.add_argument("--steps-g5", type=int, default=800,
                    help="iterations per run with five G updates per D update (each costs about five times more)")
-    p.add_argument("--ks", type=int, nargs="+", default=list(KS), help="unrolling steps (0 is shared by all)")
+    p.add_argument("--ks", type=SIZE_FLAGS["K"], nargs="+", default=list(KS),
+                   help="unrolling steps (0 is shared by all)")
     p.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS),
                    help="full: both terms of Eq. 12; stop_grad: the first only; stop_grad_avg: averaged over k")
     p.add_argument("--regimes", type=int, nargs="+", choices=REGIMES, default=list(REGIMES),

@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = ex.parser(__doc__, REDUCED, ALL_PAPER)
     p.add_argument("--sizes", type=ex.size_arg, nargs="+", default=None, metavar="X",
                    help=f"discriminator size multipliers {ex.default_text('sizes', REDUCED, ALL_PAPER)}")
-    p.add_argument("--eval-samples", type=int, default=None,
+    p.add_argument("--eval-samples", type=ex.BATCH, default=None,
                    help=f"generator samples labelled per run {ex.default_text('eval_samples', REDUCED, ALL_PAPER)}")
     ex.add_split_flag(p)
     p.add_argument("--classifier-cache", default=None,

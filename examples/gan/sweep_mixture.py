@@ -27,14 +27,15 @@ import torch
 
 from lib import REPO_ROOT, runs
 from lib import ablations as ab
+from lib import cli
 from lib.cli import HelpFormatter, add_threads_flag, parse_seeds
 from lib.data import make_mixture
 from lib.metrics import fully_covered, metric_records
 from lib.plotting import histogram_extent
 from lib.runs import CHECKPOINT
-from lib.sweeps import (NOTES_BEGIN, NOTES_END, Cell, CellMeta, checked_cells, figure_for, final_records,
-                        finite_records, fmt, kept_notes, load_run, page_status, run_cells, summary_stats, table)
-from lib.training import TrainConfig
+from lib.sweeps import (NOTES_BEGIN, NOTES_END, Cell, CellMeta, check_sweep, checked_cells, figure_for, final_records,
+                        finite_records, fmt, kept_notes, page_status, read_cell, run_cells, summary_stats, table)
+from lib.training import SIZE_FLAGS, TrainConfig
 
 # Published numbers (issue 3): VEEGAN Table 1 and PacGAN Table 1 (their GAN baselines and VEEGAN's "Unrolled").
 PUBLISHED = {
@@ -221,7 +222,7 @@ def write_report(args: argparse.Namespace, cells: List[Cell], out_root: Path, lo
                  command: str, complete: bool) -> None:
     doc = Path(args.doc)
     notes = kept_notes(doc)
-    metas = [(c, load_run(out_root / c.folder)) for c in cells]
+    metas = [(c, read_cell(c, out_root / c.folder)) for c in cells]
     status = page_status(metas, complete)
     main_cfg = next(c.cfg for c in cells if c.group == "main")
     lines = [
@@ -314,25 +315,27 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=["ring", "ring-veegan", "grid"], help="the main tables' datasets")
     p.add_argument("--activations", nargs="+", default=["relu"], choices=["relu", "tanh"],
                    help="generator activations of the main tables (one table each)")
-    p.add_argument("--weight-stds", type=float, nargs="+", default=[0.0],
+    p.add_argument("--weight-stds", type=cli.nonnegative_float, nargs="+", default=[0.0],
                    help="std of the non-uniform mode weights of the main tables (0 = uniform; one table each)")
-    p.add_argument("--ks", type=int, nargs="+", default=[0, 1, 5, 10], help="unrolled steps of the main tables")
-    p.add_argument("--control-ks", type=int, nargs="+", default=[10],
+    p.add_argument("--ks", type=SIZE_FLAGS["K"], nargs="+", default=[0, 1, 5, 10],
+                   help="unrolled steps of the main tables")
+    p.add_argument("--control-ks", type=SIZE_FLAGS["K"], nargs="+", default=[10],
                    help="one control per value k: k + 1 committed D steps per G step, no unrolling")
     p.add_argument("--seeds", default="0-9", help="paired seeds of the main tables (e.g. 0-9 or 0,3,7)")
     p.add_argument("--steps", type=int, default=2000, help="iterations per run on the rings")
     p.add_argument("--steps-grid", type=int, default=2000, help="iterations per run on the grid")
-    p.add_argument("--unroll-lr", type=float, default=1e-3, help="look-ahead lr of the main table")
-    p.add_argument("--d-lr", type=float, default=1e-4, help="discriminator Adam lr of every cell (App. A)")
-    p.add_argument("--g-lr", type=float, default=1e-4, help="generator Adam lr of every cell (App. A)")
+    p.add_argument("--unroll-lr", type=cli.learning_rate, default=1e-3, help="look-ahead lr of the main table")
+    p.add_argument("--d-lr", type=cli.learning_rate, default=1e-4, help="discriminator Adam lr of every cell (App. A)")
+    p.add_argument("--g-lr", type=cli.learning_rate, default=1e-4, help="generator Adam lr of every cell (App. A)")
     p.add_argument("--no-sensitivity", action="store_true", help="the main tables only")
     p.add_argument("--sens-seeds", default="0-3", help="paired seeds of the sensitivity table")
     p.add_argument("--sens-steps", type=int, default=2000, help="iterations per sensitivity run")
     p.add_argument("--eval-every", type=int, default=250, help="iterations between evaluations (and checkpoints)")
     p.add_argument("--horizons", type=int, nargs="+", default=HORIZONS,
                    help="iterations at which the page counts the seeds with full coverage")
-    p.add_argument("--eval-samples", type=int, default=10_000, help="generator samples per evaluation")
-    p.add_argument("--batch", type=int, default=512, help="minibatch size")
+    p.add_argument("--eval-samples", type=SIZE_FLAGS["eval_samples"], default=10_000,
+                   help="generator samples per evaluation")
+    p.add_argument("--batch", type=SIZE_FLAGS["batch"], default=512, help="minibatch size")
     ab.add_timing_flags(p)
     add_threads_flag(p)
     p.add_argument("--quick", action="store_true", help="one sensitivity cell only (smoke tests)")
@@ -351,7 +354,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     command = "python examples/gan/sweep_mixture.py " + " ".join(shlex.quote(a) for a in flags)
     out_root = Path(args.out)
     # Cells continue from their checkpoints without --resume: a sweep is rerun with the same command.
-    with runs.claim(out_root, resume=None):
+    with runs.claim(out_root, resume=None, validate=lambda: check_sweep(cells, out_root)):
         torch.set_num_threads(args.threads)
         log = run_cells(cells, out_root, not args.no_progress, args.report_only,
                         lambda log: write_report(args, cells, out_root, log, command, complete=False))

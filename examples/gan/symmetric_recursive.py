@@ -35,7 +35,7 @@ import unroll
 from lib import ablations as ab
 from lib.models import generator_forward
 from lib.sweeps import Cell
-from lib.training import Hooks, TrainConfig, d_inner_loss
+from lib.training import SIZE_FLAGS, Hooks, TrainConfig, d_inner_loss
 
 # ---- configuration ----
 KS = (1, 5)
@@ -75,7 +75,8 @@ HOOKS = {"symmetric": symmetric_hooks, "recursive": recursive_hooks}
 def build_parser() -> argparse.ArgumentParser:
     p = ab.parser(__doc__)
     ab.add_common_flags(p, out="runs/symmetric_recursive", doc="docs/results/symmetric_recursive.md", steps=2000)
-    p.add_argument("--ks", type=int, nargs="+", default=list(KS), help="look-ahead steps of every kind of unrolling")
+    p.add_argument("--ks", type=SIZE_FLAGS["K"], nargs="+", default=list(KS),
+                   help="look-ahead steps of every kind of unrolling")
     ab.add_timing_flags(p)
     return p
 

@@ -19,12 +19,14 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from . import REPO_ROOT, runs
+from . import cli
 from .cli import HelpFormatter, add_threads_flag, parse_seeds, positive_int
 from .data import DATASETS, make_mixture
 from .metrics import steps_to_stable_coverage
-from .sweeps import (NOTES_BEGIN, NOTES_END, Cell, CellMeta, checked_cells, figure_for, final_records,
-                     finite_records, fmt, kept_notes, load_run, page_status, run_cells, summary_stats, table)
-from .training import Trainer
+from .sweeps import (NOTES_BEGIN, NOTES_END, TIMING_FILE, Cell, CellMeta, check_sweep, checked_cells, figure_for,
+                     final_records, finite_records, fmt, kept_notes, page_status, read_cell, read_timing, run_cells,
+                     summary_stats, table)
+from .training import SIZE_FLAGS, Trainer
 
 # The ablations need runs that converge within a CPU budget. With App. A's learning rates (1e-4) K = 10 settles only
 # after 6,500-9,500 iterations (docs/results/mixture_app_a.md); with 1e-3 for D, G and the look-ahead steps, K = 5
@@ -32,7 +34,6 @@ from .training import Trainer
 # can restore App. A.
 COMMON = dict(dataset="ring", d_lr=1e-3, g_lr=1e-3, unroll_lr=1e-3, eval_every=250, eval_samples=10_000)
 MIN_HQ = 0.05
-TIMING_FILE = "timing.json"
 
 
 def add_common_flags(p: argparse.ArgumentParser, *, out: str, doc: str, steps: int, seeds: str = "0-4") -> None:
@@ -40,12 +41,12 @@ def add_common_flags(p: argparse.ArgumentParser, *, out: str, doc: str, steps: i
     p.add_argument("--dataset", choices=DATASETS, default=COMMON["dataset"], help="the 2-D mixture")
     p.add_argument("--seeds", default=seeds, help="paired seeds, trained together (e.g. 0-4)")
     p.add_argument("--steps", type=int, default=steps, help="training iterations per run")
-    p.add_argument("--d-lr", type=float, default=COMMON["d_lr"], help="discriminator Adam learning rate")
-    p.add_argument("--g-lr", type=float, default=COMMON["g_lr"], help="generator Adam learning rate")
-    p.add_argument("--unroll-lr", type=float, default=COMMON["unroll_lr"], help="look-ahead Adam lr")
+    p.add_argument("--d-lr", type=cli.learning_rate, default=COMMON["d_lr"], help="discriminator Adam learning rate")
+    p.add_argument("--g-lr", type=cli.learning_rate, default=COMMON["g_lr"], help="generator Adam learning rate")
+    p.add_argument("--unroll-lr", type=cli.learning_rate, default=COMMON["unroll_lr"], help="look-ahead Adam lr")
     p.add_argument("--eval-every", type=int, default=COMMON["eval_every"],
                    help="iterations between evaluations (and checkpoints)")
-    p.add_argument("--eval-samples", type=int, default=COMMON["eval_samples"],
+    p.add_argument("--eval-samples", type=SIZE_FLAGS["eval_samples"], default=COMMON["eval_samples"],
                    help="generator samples per evaluation")
     p.add_argument("--min-hq", type=float, default=MIN_HQ,
                    help="share of high-quality samples that 'stable coverage' requires besides all modes")
@@ -109,7 +110,7 @@ def _main_for(script: str, parser: argparse.ArgumentParser,
     args, cells = parse_and_check(parser, build_cells, argv)
     command = command_line(script, argv)
     resume = None if args.report_only else args.resume
-    with runs.claim(Path(args.out), resume=resume):
+    with runs.claim(Path(args.out), resume=resume, validate=lambda: check_sweep(cells, Path(args.out))):
         torch.set_num_threads(args.threads)
         log = run_cells(cells, Path(args.out), not args.no_progress, args.report_only,
                         lambda log: write_report(args, cells, log, command, complete=False))
@@ -155,7 +156,7 @@ def timings(args: argparse.Namespace, cells: Sequence[Cell], complete: bool,
     """The measured cost per iteration (:func:`time_cells`), timed once when the sweep is complete and kept in
     ``--out``."""
     path = Path(args.out) / TIMING_FILE
-    known = runs.read_json(path) or {}
+    known = read_timing(Path(args.out))
     if complete and any(c.folder not in known for c in cells):
         known.update(time_cells([c for c in cells if c.folder not in known], args.timing_iterations,
                                 args.timing_rounds, warmup))
@@ -241,7 +242,7 @@ def per_seed_json(args: argparse.Namespace, metas: Sequence[CellMeta], n_modes: 
 
 
 def load_all(cells: Sequence[Cell], out_root: Path) -> List[CellMeta]:
-    return [(c, load_run(out_root / c.folder)) for c in cells]
+    return [(c, read_cell(c, out_root / c.folder)) for c in cells]
 
 
 def link_from(doc: Path, path: Path) -> Path:

@@ -1,9 +1,14 @@
-"""Command-line pieces every script shares: a help formatter that shows every default, and ``--seeds`` ranges."""
+"""Command-line pieces every script shares: a help formatter that shows every default, ``--seeds`` ranges, and the
+argparse ``type=`` validators that refuse, at the command line, values a run cannot honour: learning rates that
+are infinite or NaN, seeds beyond 64 bits, thread counts far beyond the machine's cores, and sizes whose memory
+the machine does not have (each message names the flag, through argparse, and the memory it would need)."""
 
 from __future__ import annotations
 
 import argparse
-from typing import List
+import math
+import os
+from typing import Callable, List
 
 MAX_SEEDS = 1000
 """The most seeds one ``--seeds`` may name: they are trained at once (vmapped), each with its own parameters,
@@ -51,21 +56,103 @@ DEFAULT_THREADS = 1
 (``examples/gan/README.md`` has the command); the timings in the docs are for one."""
 
 
+def max_threads() -> int:
+    """The most ``--threads`` taken: four per CPU core (more threads than cores only slow torch down; tens of
+    thousands make it fail to start them)."""
+    return 4 * (os.cpu_count() or 1)
+
+
+def threads(text: str) -> int:
+    """An argparse ``type``: a thread count from 1 to :func:`max_threads`."""
+    value = _integer(text)
+    if not 1 <= value <= max_threads():
+        raise argparse.ArgumentTypeError(f"must be >= 1 and at most {max_threads()} (four per CPU core of this "
+                                         f"machine), got {value}")
+    return value
+
+
 def add_threads_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--threads", type=int, default=DEFAULT_THREADS,
+    p.add_argument("--threads", type=threads, default=DEFAULT_THREADS,
                    help="torch.set_num_threads: CPU threads per process (one is the fastest for these small models, "
                         "five times faster than two on a busy 2-core machine; see examples/gan/README.md)")
 
 
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
+
+
 def positive_int(text: str) -> int:
     """An argparse ``type``: an integer >= 1 (anything else is an argparse error naming the value)."""
-    value = int(text)
+    value = _integer(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
 
 
-def check_threads(threads: int) -> None:
-    """Raise ``ValueError`` unless ``threads >= 1``."""
-    if threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {threads}")
+def learning_rate(text: str) -> float:
+    """An argparse ``type``: a finite learning rate > 0 (an infinite one used to be taken, and the run stopped
+    as "diverged" at its first iteration)."""
+    value = _number(text)
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"learning rates must be > 0 and finite, got {text}")
+    return value
+
+
+def nonnegative_float(text: str) -> float:
+    """An argparse ``type``: a finite number >= 0 (e.g. ``--weight-std``; infinity used to end in a traceback)."""
+    value = _number(text)
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be finite and >= 0, got {text}")
+    return value
+
+
+def seed(text: str) -> int:
+    """An argparse ``type``: a seed torch's generators take, 0 <= seed < 2**64."""
+    value = _integer(text)
+    if not 0 <= value < 2 ** 64:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**64) (a torch generator seed), got {value}")
+    return value
+
+
+def physical_memory() -> int:
+    """This machine's physical memory in bytes (0 where the platform does not tell)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # pragma: no cover - not POSIX
+        return 0
+
+
+def _bytes(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return ""  # unreachable
+
+
+def sized(bytes_each: int, what: str) -> Callable[[str], int]:
+    """An argparse ``type``: an integer whose memory, at least ``bytes_each`` bytes per unit (a lower bound;
+    ``what`` names the unit and what it holds), fits in this machine's physical memory (its lower limit is the
+    configuration's to check). A size of 10**9 used to start the run and end in an allocator traceback after
+    work had begun."""
+    def parse(text: str) -> int:
+        value = _integer(text)
+        need, have = max(value, 0) * bytes_each, physical_memory()
+        if have and need > have:
+            raise argparse.ArgumentTypeError(
+                f"{value:,} needs at least {_bytes(need)} of memory ({_bytes(bytes_each)} per {what}), more than "
+                f"this machine's {_bytes(have)}")
+        return value
+
+    parse.__name__ = "int"  # argparse names the type in its own messages ("invalid int value")
+    return parse

@@ -182,16 +182,19 @@ def cache_path(path: Optional[PathLike] = None) -> Path:
 
 
 def load_cached(path: Path, config: ClassifierConfig, data_fingerprint: str) -> Optional[Tuple[DigitCNN, Dict]]:
-    """The cached model if ``path`` holds one trained with ``config`` on the same data, else ``None``."""
+    """The cached model if ``path`` holds one trained with ``config`` on the same data; ``None`` when there is
+    none, or it was trained with another configuration or data (it is then retrained and replaced). A file that
+    is not a classifier cache (unreadable, not a dict, weights of other shapes) is a :class:`runs.RunError` naming
+    it: it may be a user's file, and is never overwritten."""
     if not path.is_file():
         return None
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # an unreadable cache is simply rebuilt  # noqa: BLE001
-        return None
-    if blob.get("config") != dataclasses.asdict(config) or blob.get("fingerprint") != data_fingerprint:
+    blob = runs.load_checkpoint(path, ("config", "fingerprint", "state_dict", "report"),
+                                {"config": dict, "fingerprint": str, "state_dict": dict, "report": dict})
+    if blob["config"] != dataclasses.asdict(config) or blob["fingerprint"] != data_fingerprint:
         return None
     model = DigitCNN(config.width)
+    difference = runs.layout_difference(model.state_dict(), blob["state_dict"], "state_dict")
+    runs.require(difference is None, path, difference or "")
     model.load_state_dict(blob["state_dict"])
     model.eval()
     return model, blob["report"]

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from . import parallel as data_parallel
-from . import runs
-from .cli import HelpFormatter, add_threads_flag, check_threads
+from . import cli, runs
+from .cli import HelpFormatter, add_threads_flag
 from .image_models import parse_size, size_label
 from .image_training import (G_LOSSES, MAY_CHANGE, RESULT, Evaluate, GANConfig, GANTrainer, ImageGAN, RunSpec,
                              run_experiment)
@@ -46,6 +46,14 @@ PER_SEED_MAX_LIST = 8
 # --per-seed: record fields left out although scalar: timings (they differ between any two runs) and the
 # divergence message, which names the checkpoint's path (``diverged_at`` keeps its iteration).
 PER_SEED_DROPPED = ("train_seconds", "seconds_per_iteration", "eval_seconds", "error")
+
+
+# Lower bounds of the memory of one unit of an image size flag (float32), for cli.sized: the smallest images here
+# are MNIST's 28 x 28.
+_IMAGE_BYTES = 4 * 28 * 28
+BATCH = cli.sized(_IMAGE_BYTES, "image")
+"""argparse type of ``--batch`` and the scripts' sample counts (``--eval-samples``, ``--js-samples``)."""
+UNROLLED_STEPS = cli.sized(2 * _IMAGE_BYTES, "unrolled step, which keeps D's activations of at least 2 images")
 
 
 # ------------------------------------------------------------------------------------ tables
@@ -114,15 +122,15 @@ def parser(description: str, reduced: Mapping[str, Any], paper: Mapping[str, Any
     d = lambda name: default_text(name, reduced, paper)  # noqa: E731
     p.add_argument("--paper", action="store_true",
                    help="the paper's full configuration (explicit flags still override it)")
-    p.add_argument("--K", type=int, nargs="+", default=None, metavar="K",
+    p.add_argument("--K", type=UNROLLED_STEPS, nargs="+", default=None, metavar="K",
                    help=f"unrolled discriminator steps {d('K')}")
-    p.add_argument("--seeds", type=int, nargs="+", default=None, metavar="S", help=f"seeds {d('seeds')}")
+    p.add_argument("--seeds", type=cli.seed, nargs="+", default=None, metavar="S", help=f"seeds {d('seeds')}")
     p.add_argument("--steps", type=int, default=None,
                    help=f"training iterations, one D and one G update each {d('steps')}")
-    p.add_argument("--batch", type=int, default=None, help=f"minibatch size {d('batch')}")
-    p.add_argument("--d-lr", type=float, default=None, help=f"discriminator Adam learning rate {d('d_lr')}")
-    p.add_argument("--g-lr", type=float, default=None, help=f"generator Adam learning rate {d('g_lr')}")
-    p.add_argument("--unroll-lr", type=float, default=None,
+    p.add_argument("--batch", type=BATCH, default=None, help=f"minibatch size {d('batch')}")
+    p.add_argument("--d-lr", type=cli.learning_rate, default=None, help=f"discriminator Adam learning rate {d('d_lr')}")
+    p.add_argument("--g-lr", type=cli.learning_rate, default=None, help=f"generator Adam learning rate {d('g_lr')}")
+    p.add_argument("--unroll-lr", type=cli.learning_rate, default=None,
                    help="learning rate of the K look-ahead Adam steps (default: the discriminator's, as the paper)")
     p.add_argument("--beta1", type=float, default=None, help=f"Adam beta1 of both players {d('beta1')}")
     p.add_argument("--g-loss", choices=G_LOSSES, default=None,
@@ -234,7 +242,6 @@ def parse(p: argparse.ArgumentParser, argv: Optional[Sequence[str]], reduced: Ma
         if settings[name] < minimum:
             p.error(f"--{name.replace('_', '-')} must be >= {minimum}, got {settings[name]}")
     try:
-        check_threads(args.threads)
         for K in settings["K"]:
             for seed in settings["seeds"]:
                 make_config(settings, K, seed).validate()

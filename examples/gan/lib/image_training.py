@@ -51,6 +51,8 @@ G_LOSSES = ("nonsaturating", "minimax")
 RESULT = "result.json"
 CHECKPOINT_KEYS = ("config", "gan", "step", "G", "D", "g_opt", "d_opt", "rng", "losses", "snapshots",
                    "train_seconds")
+CHECKPOINT_TYPES = {"config": dict, "gan": str, "step": int, "G": dict, "D": dict, "g_opt": dict, "d_opt": dict,
+                    "rng": dict, "losses": Tensor, "snapshots": list, "train_seconds": (int, float)}
 # What may change when a run is resumed: its length and how often it is checkpointed.
 MAY_CHANGE = ("steps", "checkpoint_every")
 # Per-seed random streams: stream j of seed s is seeded with s * _STREAMS + j.
@@ -109,6 +111,20 @@ class ImageGAN:
     make_discriminator: Callable[[], nn.Module]
     sample_data: Callable[[int, torch.Generator], Tensor]
     latent_dim: int = LATENT_DIM
+
+
+def _check_adam_state(name: str, optimizer: torch.optim.Optimizer, module: nn.Module) -> None:
+    """Raise ``ValueError`` when a loaded Adam state does not fit ``module``'s parameters (torch takes moments of
+    another shape without a word, and the run would fail at its next step, after it had begun)."""
+    for param_name, param in module.named_parameters():
+        for key, value in optimizer.state.get(param, {}).items():
+            if key == "step":
+                if not (isinstance(value, Tensor) and value.numel() == 1 and float(value) >= 0
+                        and float(value) == round(float(value))):
+                    raise ValueError(f"{name} step count of {param_name} is {runs.brief(value)}")
+            elif not isinstance(value, Tensor) or value.shape != param.shape:
+                raise ValueError(f"{name} {key} of {param_name} is {runs.brief(value)}, the parameter has shape "
+                                 f"{tuple(param.shape)}")
 
 
 ImageTrainingDiverged = runs.Diverged
@@ -313,15 +329,20 @@ class GANTrainer:
         # device). Only the length of training and the checkpoint interval may change: anything else would mix
         # two runs.
         ckpt = runs.checkpoint_to_resume(path, CHECKPOINT_KEYS, self.settings(),
-                                         lambda ckpt: {**ckpt["config"], "model": ckpt["gan"]}, MAY_CHANGE)
+                                         lambda ckpt: {**ckpt["config"], "model": ckpt["gan"]}, MAY_CHANGE,
+                                         CHECKPOINT_TYPES)
+        step = runs.checkpoint_step(ckpt, path, self.cfg.steps)
+        runs.require(ckpt["losses"].shape == (step, 2), path,
+                     f"losses of shape {tuple(ckpt['losses'].shape)} for {step} iterations")
         with runs.reading(path):
             self.G.load_state_dict(ckpt["G"])
             self.D.load_state_dict(ckpt["D"])
-            self.g_opt.load_state_dict(ckpt["g_opt"])
-            self.d_opt.load_state_dict(ckpt["d_opt"])
+            for name, optimizer, module in (("g_opt", self.g_opt, self.G), ("d_opt", self.d_opt, self.D)):
+                optimizer.load_state_dict(ckpt[name])
+                _check_adam_state(name, optimizer, module)
             self.data_gen.set_state(ckpt["rng"]["data"])
             self.latent_gen.set_state(ckpt["rng"]["latent"])
-            self.step = self.checkpoint_step = int(ckpt["step"])
+            self.step = self.checkpoint_step = step
             self.losses = [(float(d), float(g)) for d, g in ckpt["losses"].tolist()]
             self.snapshots = [(int(step), images) for step, images in ckpt["snapshots"]]
             self.train_seconds = float(ckpt["train_seconds"])
@@ -438,6 +459,17 @@ def _train_in_workers(specs: Sequence[RunSpec], out_dir: Path, evaluate: Evaluat
         _WORK.clear()
 
 
+def _check_runs(specs: Sequence[RunSpec], out_dir: Path, device: str, eval_settings: Mapping[str, Any]) -> None:
+    """Every run's stored result and the checkpoints a resume will read, read as it reads them, before any run
+    trains or writes: a damaged file is refused (:class:`runs.RunError`) with nothing changed, not after other
+    runs were trained. (A diverged run's checkpoint is not read: its stored result is reused.)"""
+    for spec in specs:
+        run_dir = Path(out_dir) / spec.folder
+        cached = runs.read_json_file(run_dir / RESULT)
+        if not _reusable(cached, "diverged", spec.cfg, eval_settings) and (run_dir / CHECKPOINT).is_file():
+            GANTrainer(spec.gan, spec.cfg, run_dir, resume=True, device=device)  # reads; writes nothing
+
+
 def _reusable(cached: Optional[Mapping[str, Any]], status: str, cfg: GANConfig, eval_settings: Mapping[str, Any],
               step: Optional[int] = None) -> bool:
     """Whether a run's stored ``result.json`` was made by exactly these settings (and, if given, at ``step``)."""
@@ -469,6 +501,8 @@ def run_experiment(specs: Sequence[RunSpec], out_dir: Path, evaluate: Evaluate, 
         raise ValueError(f"workers must be 1 under torchrun (the ranks are the parallelism), got {workers}")
     writes = parallel is None or parallel.writes
     eval_settings = dict(eval_settings or {})
+    if resume:
+        _check_runs(specs, out_dir, device, eval_settings)
     if workers > 1 and len(specs) > 1:
         _train_in_workers(specs, out_dir, evaluate, resume, device, workers, progress, log, eval_settings)
         resume, progress, log = True, False, lambda line: None  # the runs are done: reload them quietly
@@ -476,7 +510,7 @@ def run_experiment(specs: Sequence[RunSpec], out_dir: Path, evaluate: Evaluate, 
     trainers: Dict[str, GANTrainer] = {}
     for i, spec in enumerate(specs):
         run_dir = Path(out_dir) / spec.folder
-        cached = runs.read_json(run_dir / RESULT) if resume else None
+        cached = runs.read_json_file(run_dir / RESULT) if resume else None
         if _reusable(cached, "diverged", spec.cfg, eval_settings):
             records.append(cached)  # training is deterministic: it would diverge at the same iteration again
             continue

@@ -4,16 +4,19 @@ named by its iteration and seed, and worker processes that die with their parent
 
 A script's life::
 
-    @runs.reports_errors                     # a RunError becomes one line on stderr and exit code 2
+    @runs.reports_errors                     # a RunError, OSError, dead worker or Ctrl-C: one line, exit 2 (130)
     def main(argv=None):
         args = parse_args(argv)              # flags only: argparse errors, nothing written
         with runs.claim(out, resume=args.resume, settings=settings, may_change=("steps",)):
             ...                              # train: runs.save_checkpoint / runs.load_checkpoint, runs.write_json
 
 :func:`claim` creates ``out``, takes its lock (a second writer is refused, the message names the holder's pid; the
-lock is an ``flock`` that the kernel drops when its process dies, so a killed run never leaves a stale lock),
-checks ``--resume`` against the checkpoints the folder holds, and compares the settings stored in
-``settings.json`` with the new ones (a difference is refused, naming the settings). :func:`load_checkpoint` reads
+lock is an ``flock`` that the kernel drops when its process dies, so a killed run never leaves a stale lock; a
+``.lock`` that is a symbolic link is refused, never followed), refuses a folder inside or above one another run
+holds, checks ``--resume`` against the checkpoints the folder holds, compares the settings stored in
+``settings.json`` with the new ones (a difference is refused, naming the settings), and lets the script check
+everything else it will read back, all before it writes anything; it removes only the temporary files of dead
+writers of its own. :func:`load_checkpoint` reads
 with ``torch.load(weights_only=True)``: a file that asks for anything but tensors and plain containers is refused
 unread, and a truncated, empty or garbage file is named in a clear error. :func:`first_nonfinite` finds the first
 NaN or infinity in losses, parameters or optimizer states, for :class:`Diverged`. :func:`run_in_workers` runs
@@ -25,6 +28,7 @@ Only the standard library and torch are used, so examples other than the GANs ca
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import io
 import json
@@ -32,11 +36,15 @@ import math
 import multiprocessing
 import os
 import pickle
+import re
 import secrets
+import signal
+import stat
 import sys
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, TypeVar
 
@@ -51,7 +59,10 @@ except ImportError:  # pragma: no cover - Windows: runs are not locked there
 CHECKPOINT = "checkpoint.pt"
 SETTINGS = "settings.json"
 LOCK = ".lock"
-_TMP_SUFFIX = ".tmp"
+# A temporary file of atomic_write_bytes: ``.<name>.unroll-<pid>-<8 hex>.tmp``, a name no user picks, carrying the
+# writer's pid so that claim can tell a dead writer's leftover from a live writer's file (or a user's).
+_TMP_PATTERN = re.compile(r"\.(?P<name>.+)\.unroll-(?P<pid>[1-9][0-9]{0,9})-[0-9a-f]{8}\.tmp")
+EXIT_INTERRUPTED = 130  # the shell's code for a process ended by Ctrl-C (128 + SIGINT)
 
 T = TypeVar("T")
 
@@ -97,16 +108,38 @@ class Diverged(FloatingPointError):
         return (type(self), (self.step, self.seed, self.which, self.value, self.checkpoint, self.checkpoint_step))
 
 
+def _fault_message(error: BaseException) -> Optional[Tuple[str, int]]:
+    """The one line and exit code a script ends with on ``error``; None for an error that is a bug (kept as a
+    traceback). Checkpoints are written atomically, so whatever stops a run leaves the last one whole."""
+    kept = "the checkpoints written so far are kept whole; --resume continues from the last"
+    if isinstance(error, RunError):
+        return str(error), 2
+    if isinstance(error, KeyboardInterrupt):
+        return f"interrupted; {kept}", EXIT_INTERRUPTED
+    if isinstance(error, BrokenProcessPool):
+        return f"a worker process died (killed, or out of memory); the other workers were stopped; {kept}", 2
+    if isinstance(error, OSError) and error.errno is not None:
+        where = f" ({error.filename})" if error.filename else ""
+        return f"{error.strerror or os.strerror(error.errno)}{where}; {kept}", 2
+    return None
+
+
 def reports_errors(main: Callable[..., int]) -> Callable[..., int]:
-    """Wrap a script's ``main(argv)``: a :class:`RunError` prints ``error: <message>`` to stderr and returns 2."""
+    """Wrap a script's ``main(argv)``: a :class:`RunError`, an operating-system error (a full disk, a file it may
+    not write), a dead worker process and Ctrl-C each print one line ``error: <message>`` to stderr and return 2
+    (130 for Ctrl-C). Locks are released by :func:`claim` as the error passes; other exceptions are bugs and
+    propagate with their traceback."""
 
     @functools.wraps(main)
     def wrapper(*args: Any, **kwargs: Any) -> int:
         try:
             return main(*args, **kwargs)
-        except RunError as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 2
+        except (RunError, KeyboardInterrupt, BrokenProcessPool, OSError) as error:
+            fault = _fault_message(error)
+            if fault is None:
+                raise
+            print(f"error: {fault[0]}", file=sys.stderr)
+            return fault[1]
 
     return wrapper
 
@@ -119,7 +152,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     readers and a later resume see the old file or the new one, never half of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{_TMP_SUFFIX}")
+    tmp = path.with_name(f".{path.name}.unroll-{os.getpid()}-{secrets.token_hex(4)}.tmp")
     try:
         with open(tmp, "xb") as f:
             f.write(data)
@@ -144,17 +177,46 @@ def strict_json(obj: Any) -> Any:
     return obj
 
 
+def json_bytes(obj: Any) -> bytes:
+    """What :func:`write_json` writes for ``obj``."""
+    return (json.dumps(strict_json(obj), indent=1, allow_nan=False) + "\n").encode()
+
+
 def write_json(path: Path, obj: Any) -> None:
     """Strict JSON (see :func:`strict_json`), written atomically."""
-    atomic_write_bytes(Path(path), (json.dumps(strict_json(obj), indent=1, allow_nan=False) + "\n").encode())
+    atomic_write_bytes(Path(path), json_bytes(obj))
 
 
 def read_json(path: Path) -> Optional[Any]:
-    """The JSON in ``path``, or None if it is missing or unreadable."""
+    """The JSON in ``path``, or None if it is missing or unreadable (for files whose loss costs nothing; the run
+    manager's own files are read with :func:`read_json_file`)."""
     try:
         return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
+
+
+def read_json_file(path: Path, expect: type = dict) -> Optional[Any]:
+    """The JSON in ``path`` (None when there is no such file), which must be an ``expect`` (a dict or a list).
+    Anything else (a folder, unreadable, truncated, not JSON, nested too deeply for Python, another type) raises
+    a :class:`RunError` naming the file: a run never guesses what a damaged file of its own meant."""
+    path = Path(path)
+    if not os.path.lexists(path):
+        return None
+    advice = "delete it (or restore a copy) or choose another --out"
+    try:
+        value = json.loads(path.read_text())
+    except IsADirectoryError:
+        raise RunError(f"{path} is a folder where a JSON file is expected; {advice}") from None
+    except OSError as error:
+        raise RunError(f"{path} cannot be read ({error.strerror or error}); {advice}") from None
+    except (ValueError, RecursionError) as error:
+        reason = "nested too deeply" if isinstance(error, RecursionError) else str(error).splitlines()[0][:120]
+        raise RunError(f"{path} is not valid JSON (truncated or corrupt: {reason}); {advice}") from None
+    if not isinstance(value, expect):
+        raise RunError(f"{path} holds a JSON {type(value).__name__} where a {expect.__name__} is expected; "
+                       f"{advice}")
+    return value
 
 
 def save_checkpoint(payload: Mapping[str, Any], path: Path) -> None:
@@ -165,12 +227,28 @@ def save_checkpoint(payload: Mapping[str, Any], path: Path) -> None:
     atomic_write_bytes(Path(path), buffer.getvalue())
 
 
-def load_checkpoint(path: Path, required: Sequence[str] = ()) -> Dict[str, Any]:
+ADVICE = "delete it (or restore a copy) to start that run over"
+
+
+def is_a(value: Any, kind: Any) -> bool:
+    """``isinstance`` in which a bool is not an int (``True`` is no iteration number)."""
+    if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+        return False
+    return isinstance(value, kind)
+
+
+def type_name(kind: Any) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join("None" if k is type(None) else k.__name__ for k in kinds)
+
+
+def load_checkpoint(path: Path, required: Sequence[str] = (), types: Optional[Mapping[str, Any]] = None
+                    ) -> Dict[str, Any]:
     """Read a checkpoint with ``torch.load(weights_only=True)`` onto the CPU. Raises :class:`CheckpointError`
     naming the file when it is missing, truncated, empty, corrupt, asks to build anything but tensors and plain
-    containers (refused before anything in it runs), or lacks one of the ``required`` keys."""
+    containers (refused before anything in it runs), lacks one of the ``required`` keys, or holds a value of
+    another type than ``types`` names for its key (a type or a tuple of types; a bool is not an int)."""
     path = Path(path)
-    advice = "delete it (or restore a copy) to start that run over"
     if not path.is_file():
         raise CheckpointError(f"there is no checkpoint {path}")
     try:
@@ -178,15 +256,43 @@ def load_checkpoint(path: Path, required: Sequence[str] = ()) -> Dict[str, Any]:
     except pickle.UnpicklingError as error:
         reason = str(error.__context__ or error).strip().splitlines()[-1]
         raise CheckpointError(f"{path} holds something other than tensors and plain data, or is corrupt "
-                              f"({reason}); it was refused without running anything in it; {advice}") from None
+                              f"({reason}); it was refused without running anything in it; {ADVICE}") from None
     except Exception as error:  # noqa: BLE001 - every way a file can be truncated or garbage
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
         raise CheckpointError(f"{path} is not a readable checkpoint: truncated or corrupt "
-                              f"({type(error).__name__}: {reason}); {advice}") from None
+                              f"({type(error).__name__}: {reason}); {ADVICE}") from None
     missing = [key for key in required if not isinstance(ckpt, dict) or key not in ckpt]
     if missing:
-        raise CheckpointError(f"{path} is not a checkpoint of this experiment (no {', '.join(missing)}); {advice}")
+        raise CheckpointError(f"{path} is not a checkpoint of this experiment (no {', '.join(missing)}); {ADVICE}")
+    for key, kind in (types or {}).items():
+        if key in ckpt and not is_a(ckpt[key], kind):
+            raise CheckpointError(f"{path}: its {key} is {type(ckpt[key]).__name__} {brief(ckpt[key])}, not "
+                                  f"{type_name(kind)}; {ADVICE}")
     return ckpt
+
+
+def brief(value: Any) -> str:
+    text = repr(value) if not isinstance(value, Tensor) else f"of shape {tuple(value.shape)}"
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def checkpoint_step(ckpt: Mapping[str, Any], path: Path, steps: int) -> int:
+    """The checkpoint's iteration ``ckpt["step"]``: a whole number from 0 to ``steps`` (the run's ``--steps``),
+    else a :class:`CheckpointError` naming the file (a negative or fractional iteration would continue from the
+    wrong place; one beyond ``--steps`` has nothing left to train)."""
+    step = ckpt["step"]
+    if not is_a(step, int) or step < 0:
+        raise CheckpointError(f"{path}: its iteration (step) is {brief(step)}, not a whole number >= 0; {ADVICE}")
+    if step > steps:
+        raise CheckpointError(f"{path} is at iteration {step}, beyond --steps {steps}: pass --steps {step} or more "
+                              f"to continue it")
+    return step
+
+
+def require(ok: bool, path: Path, problem: str) -> None:
+    """Raise a :class:`CheckpointError` ``"<path> does not fit this run (<problem>)"`` unless ``ok``."""
+    if not ok:
+        raise CheckpointError(f"{path} does not fit this run ({problem}); {ADVICE}")
 
 
 @contextlib.contextmanager
@@ -196,8 +302,7 @@ def reading(path: Path) -> Iterator[None]:
     try:
         yield
     except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as error:
-        raise CheckpointError(f"{path} does not fit this run ({type(error).__name__}: {error}); delete it (or "
-                              f"restore a copy) to start that run over") from None
+        raise CheckpointError(f"{path} does not fit this run ({type(error).__name__}: {error}); {ADVICE}") from None
 
 
 def layout_difference(expected: Any, got: Any, path: str = "state") -> Optional[str]:
@@ -246,35 +351,55 @@ def check_settings(saved: Mapping[str, Any], now: Mapping[str, Any], where: Path
 
 def checkpoint_to_resume(path: Optional[Path], required: Sequence[str], now: Mapping[str, Any],
                          saved: Callable[[Dict[str, Any]], Mapping[str, Any]],
-                         may_change: Sequence[str] = ()) -> Dict[str, Any]:
-    """The checkpoint a run resumes from: read by :func:`load_checkpoint` (with the ``required`` keys), and the
-    settings it was made with (``saved(checkpoint)``) the same as ``now`` but for ``may_change``."""
+                         may_change: Sequence[str] = (), types: Optional[Mapping[str, Any]] = None
+                         ) -> Dict[str, Any]:
+    """The checkpoint a run resumes from: read by :func:`load_checkpoint` (with the ``required`` keys, of the
+    ``types`` given), and the settings it was made with (``saved(checkpoint)``) the same as ``now`` but for
+    ``may_change``."""
     if path is None:
         raise RunError("resume needs an output folder")
-    ckpt = load_checkpoint(path, required)
-    check_settings(saved(ckpt), now, path.parent, may_change)
+    ckpt = load_checkpoint(path, required, types)
+    with reading(path):
+        stored = saved(ckpt)
+    check_settings(stored, now, path.parent, may_change)
     return ckpt
 
 
 # ------------------------------------------------------------------------------------------- the folder
 
 
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
 class RunLock:
     """An exclusive ``flock`` on ``<folder>/.lock``, which holds the owner's pid. The kernel releases it when the
-    owner exits or is killed, so a lock left by a dead process is simply taken over."""
+    owner exits or is killed, so a lock left by a dead process is simply taken over. The lock is opened with
+    ``O_NOFOLLOW`` and must be a plain file: a symbolic link there is refused, never followed (it would make the
+    run write its pid into the link's target)."""
 
     def __init__(self, folder: Path) -> None:
         self.path = Path(folder) / LOCK
         self.fd: Optional[int] = None
 
     def acquire(self) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | _NOFOLLOW | os.O_NONBLOCK, 0o644)
+        except OSError as error:
+            if error.errno not in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
+                raise
+            fd = None
+        if fd is None or not stat.S_ISREG(os.fstat(fd).st_mode):
+            if fd is not None:
+                os.close(fd)
+            raise RunError(f"{self.path} is not a plain file (a symbolic link, a folder, ...): a run's lock is a "
+                           f"file it makes itself, and another thing there is left untouched; remove it or choose "
+                           f"another --out")
         if fcntl is not None:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
                 os.close(fd)
-                holder = self.path.read_text().strip() or "unknown"
                 raise FolderLocked(f"{self.path.parent} is in use by another run (pid {holder}); two runs writing "
                                    f"one folder would overwrite each other's files: wait for it, stop it, or "
                                    f"choose another --out") from None
@@ -290,6 +415,73 @@ class RunLock:
             self.fd = None
 
 
+def lock_holder(lock: Path) -> Optional[str]:
+    """The pid written in the run lock ``lock`` when a process holds it, else None (no lock, a free one, not a
+    plain file, or one that holds no pid: another program's). Probed with a shared, non-blocking ``flock`` on a descriptor of its own, released at once."""
+    if fcntl is None:  # pragma: no cover - no locks on Windows
+        return None
+    try:
+        fd = os.open(lock, os.O_RDONLY | _NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
+            return holder if holder.isdigit() else None  # another program's lock file: not a run's
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def check_not_nested(out: Path) -> None:
+    """Refuse ``out`` when a folder above it or below it is held by another run: each run locks only its own
+    folder, and two runs in one tree (``mixture.py --out`` inside a cell that ``fig2.py`` trains, or a sweep
+    started above a running one) would overwrite each other's files."""
+    out = Path(out).resolve()
+    for folder in out.parents:
+        holder = lock_holder(folder / LOCK)
+        if holder is not None:
+            raise FolderLocked(f"--out {out} is inside {folder}, which another run holds (pid {holder}); a run "
+                               f"there may write into this folder: wait for it, stop it, or choose another --out")
+    for folder, subfolders, files in os.walk(out):  # does not follow symbolic links
+        if Path(folder) != out and LOCK in files:
+            holder = lock_holder(Path(folder) / LOCK)
+            if holder is not None:
+                raise FolderLocked(f"--out {out} contains {folder}, which another run holds (pid {holder}); this "
+                                   f"run could write into it: wait for it, stop it, or choose another --out")
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists (one of another user counts; a number that is no pid does too: only a
+    provably dead writer's files are removed)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def dead_writers_temporaries(out: Path) -> List[Path]:
+    """The temporary files :func:`atomic_write_bytes` left in ``out`` (or below) when its process was killed:
+    named by its exact pattern (``.<name>.unroll-<pid>-<8 hex>.tmp``) with the pid of no running process, and
+    plain files. A user's ``.draft.tmp``, or a live writer's temporary, is never among them."""
+    found = []
+    for folder, _, files in os.walk(out):
+        for name in files:
+            match = _TMP_PATTERN.fullmatch(name)
+            path = Path(folder) / name
+            if match and not _alive(int(match["pid"])) and stat.S_ISREG(path.lstat().st_mode):
+                found.append(path)
+    return found
+
+
 def has_checkpoints(folder: Path) -> bool:
     """Whether ``folder`` or any folder below it holds a checkpoint."""
     return any(Path(folder).rglob(CHECKPOINT))
@@ -297,14 +489,18 @@ def has_checkpoints(folder: Path) -> bool:
 
 @contextlib.contextmanager
 def claim(out: Path, resume: Optional[bool], settings: Optional[Mapping[str, Any]] = None,
-          may_change: Sequence[str] = ()) -> Iterator[Path]:
+          may_change: Sequence[str] = (), validate: Optional[Callable[[], None]] = None) -> Iterator[Path]:
     """Hold ``out`` for this process while the block runs.
 
-    Creates ``out`` and locks it (:class:`RunLock`); removes temporary files a killed writer left; then checks:
-    ``resume=True`` needs a checkpoint in ``out`` (or below), ``resume=False`` needs none, ``resume=None`` takes
-    either (sweeps continue their cells implicitly). ``settings`` (JSON-able) are compared with those stored in
-    ``out/settings.json`` when resuming (any difference outside ``may_change`` is refused, naming it) and then
-    stored. Problems raise :class:`RunError` before anything is written.
+    Creates ``out`` and locks it (:class:`RunLock`); refuses it when a folder above or below is held by another
+    run (:func:`check_not_nested`); then checks: ``resume=True`` needs a checkpoint in ``out`` (or below),
+    ``resume=False`` needs none, ``resume=None`` takes either (sweeps continue their cells implicitly).
+    ``settings`` (JSON-able) are compared with those stored in ``out/settings.json`` when resuming (any difference
+    outside ``may_change`` is refused, naming it; a damaged settings file is refused too). ``validate()`` then
+    checks whatever else the run will read back (its checkpoints and stored results) and raises
+    :class:`RunError` for anything it cannot use. Only when everything passed are a killed writer's temporary files
+    removed (:func:`dead_writers_temporaries`) and the settings stored: a refused run changes nothing but the pid
+    in ``.lock``.
     """
     out = Path(out)
     try:
@@ -316,18 +512,21 @@ def claim(out: Path, resume: Optional[bool], settings: Optional[Mapping[str, Any
     except OSError as error:
         raise RunError(f"--out {out}: cannot write there ({error.strerror or error})") from None
     try:
-        for tmp in out.rglob(f".*{_TMP_SUFFIX}"):  # the lock is ours: these are a killed writer's leftovers
-            tmp.unlink()
+        check_not_nested(out)
         held = has_checkpoints(out)
         if resume is True and not held:
             raise RunError(f"--resume: {out} holds no checkpoint to continue")
         if resume is False and held:
             raise RunError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-        if settings is not None:
-            saved = read_json(out / SETTINGS)
-            if held and saved is not None:
-                check_settings(saved, settings, out, may_change)
-            write_json(out / SETTINGS, settings)
+        saved = read_json_file(out / SETTINGS) if settings is not None else None
+        if settings is not None and held and saved is not None:
+            check_settings(saved, settings, out, may_change)
+        if validate is not None:
+            validate()
+        for tmp in dead_writers_temporaries(out):
+            tmp.unlink()
+        if settings is not None and (saved is None or (out / SETTINGS).read_bytes() != json_bytes(settings)):
+            write_json(out / SETTINGS, settings)  # unchanged bytes are not rewritten
         yield out
     finally:
         lock.release()
@@ -391,7 +590,10 @@ _TASK: Dict[str, Callable[[int], Any]] = {}
 
 def _die_with_parent(parent: int) -> None:
     """Worker initializer: exit at once when the parent is gone (else a killed parent leaves workers that go on
-    training and writing into a folder nobody holds)."""
+    training and writing into a folder nobody holds). Ctrl-C reaches every process of the terminal's group: the
+    workers ignore it and the parent, which stops them, reports it in one line."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked by the parent while it forked us
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(0.2)
@@ -417,8 +619,14 @@ def run_in_workers(task: Callable[[int], T], indices: Sequence[int], workers: in
     try:
         with ProcessPoolExecutor(workers, mp_context=context, initializer=_die_with_parent,
                                  initargs=(os.getpid(),)) as pool:
-            futures = [pool.submit(_call_task, i) for i in indices]
             try:
+                # Workers are forked while tasks are submitted: Ctrl-C waits until then, so that none is forked
+                # before it ignores it, and the pool is never left waiting on workers that ignore it.
+                signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+                try:
+                    futures = [pool.submit(_call_task, i) for i in indices]
+                finally:
+                    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
                 for future in as_completed(futures):
                     on_result(future.result())
             except BaseException:

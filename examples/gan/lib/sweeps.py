@@ -6,6 +6,7 @@ hand-written notes survive a rewrite."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import statistics
 import sys
@@ -17,13 +18,16 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from . import runs
-from .cli import check_threads
 from .data import make_mixture
 from .plotting import density_histogram, histogram_extent, plot_density_grid
 from .runs import CHECKPOINT
 from .training import Hooks, TrainConfig, Trainer, TrainingDiverged, run_name
 
 NOTES_BEGIN, NOTES_END = "<!-- notes -->", "<!-- /notes -->"
+METRICS = "metrics.json"
+LOG = "sweep_log.json"
+TIMING_FILE = "timing.json"
+STATUSES = ("running", "done", "diverged")
 
 
 @dataclass(frozen=True)
@@ -52,7 +56,6 @@ def checked_cells(parser: argparse.ArgumentParser, args: argparse.Namespace,
     """The sweep's cells from its flags; a bad flag (``ValueError`` from ``build_cells`` or a configuration) is
     an argparse error before anything is trained."""
     try:
-        check_threads(args.threads)
         cells = build_cells(args)
         for cell in cells:
             cell.cfg.validate()
@@ -85,10 +88,90 @@ def finished_run(folder: Path) -> Dict[str, Any]:
     return meta
 
 
+def cell_settings(cell: Cell) -> Dict[str, Any]:
+    """What makes a cell's numbers: its configuration and seeds (as its ``metrics.json`` stores them)."""
+    return {**dataclasses.asdict(cell.cfg), "seeds": list(cell.seeds)}
+
+
+def _metrics_problem(meta: Dict[str, Any]) -> Optional[str]:
+    """What makes a run's ``metrics.json`` unusable (None when nothing does)."""
+    if meta.get("status") not in STATUSES:
+        return f"its status is {meta.get('status')!r}, not one of {', '.join(STATUSES)}"
+    if not isinstance(meta.get("config"), dict) or not isinstance(meta.get("seeds"), list):
+        return "it has no config or no seeds"
+    records = meta.get("records")
+    if not isinstance(records, list) or not records:
+        return "it has no records"
+    if not all(isinstance(r, dict) and runs.is_a(r.get("step"), int) and r.get("seed") in meta["seeds"]
+               for r in records):
+        return "a record is not an evaluation of its seeds"
+    return None
+
+
+def read_cell(cell: Cell, folder: Path) -> Optional[Dict[str, Any]]:
+    """The cell's ``metrics.json`` (None before it ran). A damaged one, or one made by other settings than the
+    cell's (other seeds, batch, evaluation samples, ...), is a :class:`runs.RunError` naming the file and the
+    settings: its numbers would be reported under a command that did not make them."""
+    path = Path(folder) / METRICS
+    meta = runs.read_json_file(path)
+    if meta is None:
+        return None
+    problem = _metrics_problem(meta)
+    if problem:
+        raise runs.RunError(f"{path} is not a run's metrics ({problem}); delete {folder} (or restore a copy) to "
+                            f"train that cell again")
+    differences = runs.setting_differences({**meta["config"], "seeds": meta["seeds"]}, cell_settings(cell))
+    if differences:
+        raise runs.RunError(f"{folder} was trained with other settings than this command's "
+                            f"({'; '.join(differences)}): its numbers are not this command's; use the same flags, "
+                            f"or another --out")
+    return meta
+
+
+def _log_problem(log: List[Any]) -> Optional[str]:
+    keys = {"cell": str, "seconds": (int, float), "from_step": int, "to_step": int, "seeds": int}
+    for entry in log:
+        if not isinstance(entry, dict) or not all(runs.is_a(entry.get(k), t) for k, t in keys.items()):
+            return f"an entry {runs.brief(entry)} lacks one of {', '.join(keys)}"
+    return None
+
+
+def read_log(out_root: Path) -> List[Dict[str, Any]]:
+    """The sweep's cost log (:func:`run_cells`); empty before the first cell; a damaged one is refused."""
+    path = Path(out_root) / LOG
+    log = runs.read_json_file(path, list) or []
+    problem = _log_problem(log)
+    if problem:
+        raise runs.RunError(f"{path} is not a sweep's cost log ({problem}); delete it (or restore a copy)")
+    return log
+
+
+def read_timing(out_root: Path) -> Dict[str, float]:
+    """The cells' timed cost per iteration (``timing.json``, by cell folder); a damaged file is refused."""
+    path = Path(out_root) / TIMING_FILE
+    known = runs.read_json_file(path) or {}
+    if not all(runs.is_a(v, (int, float)) and v > 0 for v in known.values()):
+        raise runs.RunError(f"{path} is not a timing file (seconds per iteration by cell folder); delete it")
+    return known
+
+
+def check_sweep(cells: Sequence[Cell], out_root: Path) -> None:
+    """Everything a sweep will read back, checked before it writes anything (:func:`runs.claim`'s ``validate``):
+    every cell's ``metrics.json`` (:func:`read_cell`) and checkpoint (read as a resume reads it), the cost log and
+    the timings."""
+    for cell in cells:
+        folder = Path(out_root) / cell.folder
+        read_cell(cell, folder)
+        if (folder / CHECKPOINT).exists():
+            Trainer(cell.cfg, cell.seeds, out_dir=folder, hooks=cell.hooks, resume=True)  # reads; writes nothing
+    read_log(out_root)
+    read_timing(out_root)
+
+
 def run_cell(cell: Cell, folder: Path, progress: bool, log: List[Dict[str, Any]]) -> Dict[str, Any]:
     """Train one cell to its end (resuming its checkpoint, if any; a finished cell is left as it is) and append
     what it cost to ``log``. A diverged cell is reported and kept (its outputs stop where it diverged)."""
-    meta = load_run(folder)
+    meta = read_cell(cell, folder)
     if meta is not None and meta["status"] in ("done", "diverged"):
         return meta
     resume = (folder / CHECKPOINT).exists()
@@ -101,7 +184,7 @@ def run_cell(cell: Cell, folder: Path, progress: bool, log: List[Dict[str, Any]]
         print(f"{cell.folder}: {error}", file=sys.stderr)
     log.append({"cell": cell.folder, "seconds": time.time() - start, "from_step": start_step,
                 "to_step": trainer.step, "seeds": len(cell.seeds), "finished": time.strftime("%H:%M:%S")})
-    return load_run(folder)
+    return read_cell(cell, folder)
 
 
 def run_cells(cells: Sequence[Cell], out_root: Path, progress: bool, report_only: bool,
@@ -111,8 +194,8 @@ def run_cells(cells: Sequence[Cell], out_root: Path, progress: bool, report_only
     Returns the cost log (``sweep_log.json`` under ``out_root``), which survives restarts, so a resumed sweep
     still reports what every cell took. With ``report_only`` nothing is trained.
     """
-    log_path = out_root / "sweep_log.json"
-    log: List[Dict[str, Any]] = runs.read_json(log_path) or []
+    log_path = out_root / LOG
+    log = read_log(out_root)
     if not report_only:
         for i, cell in enumerate(cells):
             print(f"[{i + 1}/{len(cells)}] {cell.folder}", file=sys.stderr, flush=True)

@@ -27,11 +27,12 @@ import unroll
 
 from . import runs
 from .parallel import DataParallel
+from . import cli
 from .cli import MAX_SEEDS
 from .data import make_mixture
 from .metrics import METRIC_NAMES, all_metrics
-from .models import (LATENT_DIM, d_loss_from_logits, discriminator_forward, generator_forward, init_discriminator,
-                     init_generator, nonsaturating_g_loss)
+from .models import (HIDDEN, LATENT_DIM, d_loss_from_logits, discriminator_forward, generator_forward,
+                     init_discriminator, init_generator, nonsaturating_g_loss)
 from .plotting import FigureBudget, density_histogram, histogram_extent, plot_density_grid
 from .runs import CHECKPOINT
 
@@ -48,6 +49,21 @@ UNROLL_BATCHES = ("fixed", "resampled")
 _STREAMS = 16
 _INIT, _MAIN, _EXTRA, _EVAL = 0, 1, 2, 3
 _REFERENCE_SEED = 999_983  # data samples the energy distance compares against; shared by all seeds
+
+
+# Lower bounds of the memory one unit of a size flag takes (float32), for cli.sized: refused at the command line
+# when the machine has less. A sample: its latent, a data point and the generator's activations.
+_SAMPLE_BYTES = 4 * (LATENT_DIM + 2 * HIDDEN + 2 + 2)
+_D_BYTES = 4 * 4 * ((2 + 1) * HIDDEN + HIDDEN + 1)  # D's parameters, gradient and two Adam moments
+SIZE_FLAGS = {
+    "batch": cli.sized(_SAMPLE_BYTES, "minibatch sample"),
+    "eval_samples": cli.sized(_SAMPLE_BYTES, "evaluation sample"),
+    "g_steps": cli.sized(2 * _SAMPLE_BYTES, "generator step, whose minibatch has at least 2 samples"),
+    "K": cli.sized(_D_BYTES, "unrolled step, which keeps a copy of D and its Adam state"),
+    "ensemble": cli.sized(_D_BYTES // 4, "discriminator kept"),
+}
+"""argparse types of the mixture scripts' size flags (``--batch``, ``--eval-samples``, ``--g-steps``, ``--K`` and
+its lists, ``historical_averaging.py --sizes``)."""
 
 
 @dataclass(frozen=True)
@@ -90,8 +106,10 @@ class TrainConfig:
             (self.batch >= 2, f"batch must be >= 2, got {self.batch}"),
             (self.eval_every >= 1, f"eval_every must be >= 1, got {self.eval_every}"),
             (self.eval_samples >= 100, f"eval_samples must be >= 100, got {self.eval_samples}"),
-            (self.weight_std >= 0, f"weight_std must be >= 0, got {self.weight_std}"),
-            (all(lr > 0 for lr in (self.d_lr, self.g_lr, self.lookahead_lr)), "learning rates must be > 0"),
+            (0 <= self.weight_std < math.inf, f"weight_std must be finite and >= 0, got {self.weight_std}"),
+            (0 <= self.weight_seed < 2 ** 64, f"weight_seed must be in [0, 2**64), got {self.weight_seed}"),
+            (all(0 < lr < math.inf for lr in (self.d_lr, self.g_lr, self.lookahead_lr)),
+             "learning rates must be finite and > 0"),
             (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "betas must be in [0, 1)"),
             (self.loss in LOSSES, f"loss must be one of {LOSSES}, got {self.loss!r}"),
             (self.unroll_batches in UNROLL_BATCHES, f"unroll_batches must be one of {UNROLL_BATCHES}"),
@@ -289,6 +307,8 @@ STATE_PARTS = {"g": "generator parameters", "d": "discriminator parameters", "g_
                "d_opt": "discriminator Adam state", "extra": "hook state"}
 LOSS_NAMES = {"d_loss": "discriminator loss", "g_loss": "generator loss"}
 CHECKPOINT_KEYS = ("config", "seeds", "step", "state", "rng", "records", "snapshots", "last_losses")
+CHECKPOINT_TYPES = {"config": dict, "seeds": list, "step": int, "state": dict, "rng": dict, "records": list,
+                    "snapshots": list, "last_losses": (dict, type(None))}
 DEFAULT_CHECKPOINT_EVERY = 100
 
 
@@ -457,19 +477,47 @@ class Trainer:
         path = self.checkpoint_path
         # Only the length of training may change on resume; anything else would silently mix two runs.
         ckpt = runs.checkpoint_to_resume(path, CHECKPOINT_KEYS, self.settings(),
-                                         lambda ckpt: {**ckpt["config"], "seeds": ckpt["seeds"]}, ("steps",))
+                                         lambda ckpt: {**ckpt["config"], "seeds": ckpt["seeds"]}, ("steps",),
+                                         CHECKPOINT_TYPES)
+        step = runs.checkpoint_step(ckpt, path, self.cfg.steps)
         difference = runs.layout_difference(self.state, ckpt["state"])
         if difference:
             raise runs.CheckpointError(f"{path} does not fit this run ({difference})")
+        self._check_contents(ckpt, step)
         with runs.reading(path):
             for name, gens in self.streams.items():
                 if len(ckpt["rng"][name]) != len(gens):
                     raise ValueError(f"{len(ckpt['rng'][name])} {name} random streams for {len(gens)}")
                 for g, rng_state in zip(gens, ckpt["rng"][name]):
                     g.set_state(rng_state)
-            self.state, self.step, self.records = ckpt["state"], int(ckpt["step"]), list(ckpt["records"])
+            self.state, self.step, self.records = ckpt["state"], step, list(ckpt["records"])
             self.snapshots, self.last_losses = list(ckpt["snapshots"]), ckpt["last_losses"]
         self.checkpoint_step = self.step
+
+    def _check_contents(self, ckpt: Dict[str, Any], step: int) -> None:
+        """What the layout check does not see, checked before anything is used: Adam step counts, records,
+        snapshots and losses of this run's seeds, none after the checkpoint's iteration (a checkpoint with
+        garbage there used to be applied, and rewritten with it, before the run failed)."""
+        path, n = self.checkpoint_path, len(self.seeds)
+        for player in ("g_opt", "d_opt"):
+            count = ckpt["state"][player]["step"]
+            runs.require(bool(torch.all((count >= 0) & (count == count.round()))), path,
+                         f"{player} step counts {count.tolist()} are not whole numbers >= 0")
+        for record in ckpt["records"]:
+            runs.require(isinstance(record, dict) and runs.is_a(record.get("step"), int)
+                         and 0 <= record["step"] <= step and record.get("seed") in self.seeds, path,
+                         f"a metrics record {runs.brief(record)} is not one of this run's evaluations")
+        template = density_histogram(torch.zeros(1, 2), self.extent)
+        for snapshot in ckpt["snapshots"]:
+            ok = isinstance(snapshot, (tuple, list)) and len(snapshot) == 2 and runs.is_a(snapshot[0], int) \
+                and 0 <= snapshot[0] <= step and isinstance(snapshot[1], Tensor) \
+                and snapshot[1].shape == (n, *template.shape) and snapshot[1].dtype == template.dtype
+            runs.require(ok, path, f"a density snapshot {runs.brief(snapshot)} is not {n} int32 histograms "
+                                   f"{tuple(template.shape)} of an iteration up to {step}")
+        if ckpt["last_losses"] is not None:
+            expected = {name: torch.zeros(n * self._copies) for name in LOSS_NAMES}
+            difference = runs.layout_difference(expected, ckpt["last_losses"], "last_losses")
+            runs.require(difference is None, path, difference or "")
 
     def write_outputs(self, status: str) -> None:
         if not self.writes:
