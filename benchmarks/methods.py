@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 import inspect
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -164,18 +164,21 @@ MAKERS: Dict[str, Callable[[Problem, int], GradFn]] = {
 
 # Variants of the unroll method carry ``surrogate_loss`` options in their name, so that a name alone (e.g. the
 # argument of the memory subprocess) says what to build: "unroll:truncate=10:checkpoint" is
-# ``make_unroll(problem, K, truncate=10, checkpoint=True)``. Options are written in this order, each at most once.
+# ``make_unroll(problem, K, truncate=10, checkpoint=True)``, and "unroll:checkpoint=8" keeps at most 8 stored states.
+# Options are written in this order, each at most once.
 OPTION_SEPARATOR = ":"
-UNROLL_OPTIONS: Dict[str, type] = {"truncate": int, "checkpoint": bool}  # bool options are flags (no "=value")
+UNROLL_OPTIONS: Dict[str, type] = {"truncate": int, "checkpoint": bool}  # a bare flag is True; checkpoint=N an int
 
 
-def unroll_method(*, truncate: Optional[int] = None, checkpoint: bool = False) -> str:
+def unroll_method(*, truncate: Optional[int] = None, checkpoint: Union[bool, int] = False) -> str:
     """The method name of ``make_unroll`` with these ``surrogate_loss`` options; :func:`parse_method` inverts it."""
     parts = ["unroll"]
     if truncate is not None:
         parts.append(f"truncate={int(truncate)}")
-    if checkpoint:
+    if checkpoint is True:
         parts.append("checkpoint")
+    elif checkpoint:
+        parts.append(f"checkpoint={int(checkpoint)}")
     return OPTION_SEPARATOR.join(parts)
 
 
@@ -194,15 +197,15 @@ def parse_method(method: str) -> Tuple[str, Dict[str, object]]:
             raise ValueError(f"method {method!r}: unknown option {name!r}; options are {tuple(UNROLL_OPTIONS)}")
         if name in options:
             raise ValueError(f"method {method!r}: option {name!r} given twice")
-        if kind is bool:
-            if has_value:
-                raise ValueError(f"method {method!r}: {name} is a flag, write it without a value")
+        if kind is bool and not has_value:
             options[name] = True
         else:
             try:
-                options[name] = kind(value)
+                options[name] = int(value)
             except ValueError:
                 raise ValueError(f"method {method!r}: {name} needs an integer value, got {value!r}") from None
+            if kind is bool and options[name] < 1:  # type: ignore[operator]
+                raise ValueError(f"method {method!r}: {name}=N keeps N >= 1 stored states")
     canonical = unroll_method(**options) if parts else base  # type: ignore[arg-type]
     if canonical != method:  # one name per variant, so that its result rows never split
         raise ValueError(f"method {method!r}: write it as {canonical!r} (options in the order "

@@ -102,10 +102,12 @@ def test_method_names_carry_unroll_options() -> None:
     assert name == "unroll:truncate=10:checkpoint" and parse_method(name) == ("unroll", {"truncate": 10,
                                                                                         "checkpoint": True})
     assert parse_method("higher") == ("higher", {}) and describe(name) == "truncate=10, checkpoint=True"
+    assert parse_method(unroll_method(checkpoint=8)) == ("unroll", {"checkpoint": 8})
+    assert describe("unroll:checkpoint=8") == "checkpoint=8"
     assert warm_up(name) == ("unroll:truncate=1:checkpoint", 2) and warm_up("torchopt") == ("torchopt", 1)
     for bad, message in [("unroll:checkpoint:truncate=3", "write it as 'unroll:truncate=3:checkpoint'"),
                          ("unroll:truncate=x", "truncate needs an integer"), ("higher:checkpoint", "only unroll"),
-                         ("unroll:foo", "unknown option 'foo'"), ("unroll:checkpoint=1", "is a flag"),
+                         ("unroll:foo", "unknown option 'foo'"), ("unroll:checkpoint=0", "N >= 1"),
                          ("unroll:truncate=2:truncate=3", "given twice"), ("sgd", "unknown method")]:
         with pytest.raises(ValueError, match=message):
             parse_method(bad)

@@ -28,6 +28,20 @@ def check_truncate(truncate: Any, K: int) -> int | None:
     return int(truncate)
 
 
+def check_checkpoint(checkpoint: Any) -> bool | int:
+    """``checkpoint`` must be a bool (False: plain unroll; True: every state stored) or an int N >= 1 (at most N
+    stored states)."""
+    if isinstance(checkpoint, bool):
+        return checkpoint
+    if not isinstance(checkpoint, numbers.Integral):
+        raise TypeError(f"checkpoint must be True, False or an int N >= 1 (the most unrolled states stored at once), "
+                        f"got {type(checkpoint).__name__}: {checkpoint!r}")
+    if checkpoint < 1:
+        raise ValueError(f"checkpoint=N must keep at least one stored state (N >= 1), got {checkpoint}; "
+                         f"checkpoint=False is the plain unroll")
+    return int(checkpoint)
+
+
 def check_tensor_mapping(mapping: Any, what: str, *, floating: bool) -> None:
     """``mapping`` must be a non-empty ``Mapping[str, Tensor]``; floating point if ``floating``."""
     if not isinstance(mapping, Mapping):

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
+import contextlib
+import functools
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.utils._pytree as pytree
-import torch.utils.checkpoint
 from torch import Tensor
 
-from ._flat import FlatLayout, layout_for
-from ._checks import check_same_keys, check_scalar_loss, check_tensor_mapping, check_truncate, check_unroll_steps
+from . import _schedule
+from ._checkpoint import CheckpointedSteps
+from ._flat import layout_for
+from ._checks import (check_checkpoint, check_same_keys, check_scalar_loss, check_tensor_mapping, check_truncate,
+                      check_unroll_steps)
 from ._types import Params, State
 from .optimizer import Optimizer
 
@@ -36,9 +41,9 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def unrolled_params(inner_fn: LossFn, K: int, stop_grad: bool = False, *, optimizer: Optimizer,
-                    step_args: Optional[StepArgs] = None, check_finite: bool = True, checkpoint: bool = False,
-                    transform_grads: Optional[TransformGrads] = None, truncate: Optional[int] = None
-                    ) -> Callable[..., Tuple[Dict[str, Tensor], State]]:
+                    step_args: Optional[StepArgs] = None, check_finite: bool = True,
+                    checkpoint: Union[bool, int] = False, transform_grads: Optional[TransformGrads] = None,
+                    truncate: Optional[int] = None) -> Callable[..., Tuple[Dict[str, Tensor], State]]:
     r"""Return ``run(params, state, *args, buffers=None) -> (params_K, state_K)``: K steps of ``optimizer`` on ``inner_fn``.
 
     .. math:: \theta^0 = \theta,\qquad \theta^{k+1} = \mathrm{step}(\theta^k, \nabla_\theta\, \mathrm{inner\_fn}(\theta^k, *args_k))
@@ -57,14 +62,19 @@ def unrolled_params(inner_fn: LossFn, K: int, stop_grad: bool = False, *, optimi
             uses ``args`` at every step (the paper's fixed minibatch). Return fresh batches to re-sample.
         check_finite: raise :class:`NonFiniteLossError` naming the step if an inner loss is NaN or infinite.
             The check costs one synchronisation per call and is skipped under ``torch.func.vmap``.
-        checkpoint: recompute each unrolled step during the backward pass (non-reentrant
-            :func:`torch.utils.checkpoint.checkpoint`) instead of keeping its activations, for roughly one more
-            forward pass per step. Same values and gradients. Memory still grows with K, but only by what each step
-            hands to the next (θ^k and the optimizer buffers, a few copies of the parameters per step), not by
-            the inner loss's activations and double-backward graph: the saving is large when activations dominate
-            (big batches, small players) and small for very long unrolls of tiny models. To bound memory in K,
-            use ``truncate``. Not available under ``torch.func`` transforms (they do not support saved-tensor
-            hooks).
+        checkpoint: bound the memory of the differentiated steps by recomputing them in the backward pass; same
+            values and gradients as ``False`` (the plain unroll, which keeps every step's activations and
+            double-backward graph). An int ``N >= 1`` keeps at most N states θ^k (with their optimizer state)
+            besides the first at any moment, recomputing the others with the fewest steps possible (binomial
+            checkpointing, Griewank & Walther's *revolve*): memory about ``(N + 1)`` states plus one step's graph,
+            whatever K; time about ``(r + 1)`` forward steps per step, where r is the smallest integer with
+            ``comb(N + r, N) >= K`` (so ``N`` of order ``log K`` gives ``r`` of order ``log K``). ``True`` keeps
+            every state (N = K - 1: memory grows with K by one state per step, one recomputation per step).
+            ``inner_fn``, ``step_args`` and ``transform_grads`` run again in the backward pass, with the random
+            number generators restored, so they must compute the same way each time. Tensors they use that
+            require grad are found as they pass through torch operations; one that cannot be seen is an error in
+            the backward pass, never a lost gradient. The result cannot be differentiated twice. Not available
+            under ``torch.func`` transforms (refused before any work).
         transform_grads: ``transform_grads(grads, k) -> grads`` is applied to the inner gradient of every unrolled
             step ``k`` (0-based) before the optimizer step, inside the differentiated computation: e.g. clipping by
             global norm, noise, or :func:`unroll.distributed.all_reduce_mean` across ranks. It must return the
@@ -73,24 +83,21 @@ def unrolled_params(inner_fn: LossFn, K: int, stop_grad: bool = False, *, optimi
             treated as a constant (truncated backpropagation through the unroll), so memory and backward time grow
             with T instead of K. ``None`` or ``K``: the full gradient; ``0``: the same gradient as ``stop_grad``.
     """
-    K = check_unroll_steps(K)
-    _check_callables(inner_fn, optimizer, step_args, transform_grads)
-    truncate = check_truncate(truncate, K)
+    spec = _checked_spec(inner_fn, K, stop_grad, optimizer, step_args, check_finite, checkpoint, transform_grads,
+                         truncate)
 
     def run(params: Params, state: State, *args: Any, buffers: Optional[Mapping[str, Tensor]] = None
             ) -> Tuple[Dict[str, Tensor], State]:
-        last = None
-        for last in _trajectory(inner_fn, K, stop_grad, optimizer, step_args, check_finite, checkpoint,
-                                transform_grads, truncate, params, state, args, buffers):
-            pass
-        return (dict(params), state) if last is None else (last.params(), last.state())
+        end = _unroll(spec, params, state, args, _copy_buffers(params, buffers))
+        return end.params, end.state
 
     return run
 
 
 def surrogate_loss(inner_fn: LossFn, K: int, stop_grad: bool = False, *, optimizer: Optimizer,
                    outer_fn: Optional[LossFn] = None, step_args: Optional[StepArgs] = None,
-                   average_over_steps: bool = False, check_finite: bool = True, checkpoint: bool = False,
+                   average_over_steps: bool = False, check_finite: bool = True,
+                   checkpoint: Union[bool, int] = False,
                    transform_grads: Optional[TransformGrads] = None, truncate: Optional[int] = None
                    ) -> Callable[..., Tensor]:
     r"""Return ``surrogate(params, state, *args, buffers=None, outer_args=None) -> value``, the outer player's unrolled loss.
@@ -122,9 +129,8 @@ def surrogate_loss(inner_fn: LossFn, K: int, stop_grad: bool = False, *, optimiz
     the caller's tensors are left untouched. ``outer_args`` (a tuple) gives ``outer_fn`` its own arguments, e.g.
     validation data in meta-learning while ``inner_fn`` trains on ``args``.
     """
-    K = check_unroll_steps(K)
-    _check_callables(inner_fn, optimizer, step_args, transform_grads)
-    truncate = check_truncate(truncate, K)
+    spec = _checked_spec(inner_fn, K, stop_grad, optimizer, step_args, check_finite, checkpoint, transform_grads,
+                         truncate)
     if outer_fn is not None and not callable(outer_fn):
         raise TypeError(f"outer_fn must be callable or None, got {type(outer_fn).__name__}")
 
@@ -144,17 +150,16 @@ def surrogate_loss(inner_fn: LossFn, K: int, stop_grad: bool = False, *, optimiz
         if outer_args is not None and outer_fn is None:
             raise ValueError("outer_args needs an outer_fn: the default outer loss is -inner_fn on args")
         outer_call_args = args if outer_args is None else outer_args
-        buffers = _copy_buffers(params, buffers)
-        trajectory = _trajectory(inner_fn, K, stop_grad, optimizer, step_args, check_finite, checkpoint,
-                                 transform_grads, truncate, params, state, args, buffers, buffers_copied=True)
-        if not average_over_steps or K == 0:
-            last = None
-            for last in trajectory:
-                pass
-            params_k = dict(params) if last is None else last.params()
-            return outer({**params_k, **buffers}, *outer_call_args)
-        values = [outer({**step.params(), **buffers}, *outer_call_args) for step in trajectory]
-        return torch.stack(values).mean()
+
+        def outer_at(params_k: Dict[str, Tensor], buffers_k: Dict[str, Tensor]) -> Tensor:
+            return outer({**params_k, **buffers_k}, *outer_call_args)
+
+        averaged = average_over_steps and spec.K > 0
+        end = _unroll(spec, params, state, args, _copy_buffers(params, buffers), outer_at if averaged else None)
+        if averaged:
+            assert end.outer_values is not None
+            return end.outer_values.mean()
+        return outer_at(end.params, end.buffers)
 
     return surrogate
 
@@ -171,15 +176,22 @@ def train_step(loss_fn: LossFn, *, optimizer: Optimizer, transform_grads: Option
     ``torch.func.vmap`` (several seeds at once; batch ``state["step"]`` too). In-place updates of ``buffers``
     (BatchNorm running statistics) go to copies, as in the unroll.
     """
-    _check_callables(loss_fn, optimizer, None, transform_grads)
+    spec = _checked_spec(loss_fn, 1, True, optimizer, None, check_finite, False, transform_grads, None)
 
     def step(params: Params, state: State, *args: Any, buffers: Optional[Mapping[str, Tensor]] = None
              ) -> Tuple[Dict[str, Tensor], State, Tensor]:
-        (only,) = _trajectory(loss_fn, 1, True, optimizer, None, check_finite, False, transform_grads, None, params,
-                              state, args, buffers)
-        return only.params(), only.state(), only.loss
+        end = _unroll(spec, params, state, args, _copy_buffers(params, buffers))
+        return end.params, end.state, end.losses[0]
 
     return step
+
+
+def _checked_spec(inner_fn: Any, K: Any, stop_grad: bool, optimizer: Any, step_args: Any, check_finite: bool,
+                  checkpoint: Any, transform_grads: Any, truncate: Any) -> _Unroll:
+    K = check_unroll_steps(K)
+    _check_callables(inner_fn, optimizer, step_args, transform_grads)
+    return _Unroll(inner_fn, K, optimizer, bool(stop_grad), step_args, check_finite, check_checkpoint(checkpoint),
+                   transform_grads, check_truncate(truncate, K))
 
 
 def _check_callables(inner_fn: Any, optimizer: Any, step_args: Any, transform_grads: Any = None) -> None:
@@ -206,107 +218,160 @@ def _copy_buffers(params: Params, buffers: Optional[Mapping[str, Tensor]]) -> Di
     return {name: b.detach().clone() for name, b in buffers.items()}
 
 
-class _UnrolledStep:
-    """theta^k and state^k, kept packed until asked for (unpacking is only needed at the end); ``loss`` is the
-    inner loss at theta^{k-1}, the value the step's gradient came from (detached)."""
+@dataclass(frozen=True)
+class _Unroll:
+    """The options of one unroll, checked once by the public entry points."""
 
-    def __init__(self, layout: FlatLayout, optimizer: Optimizer, params: Dict[str, Tensor], state: State,
-                 loss: Tensor) -> None:
-        self._layout, self._optimizer, self._params, self._state = layout, optimizer, params, state
-        self.loss = loss
+    inner_fn: LossFn
+    K: int
+    optimizer: Optimizer
+    stop_grad: bool = False
+    step_args: Optional[StepArgs] = None
+    check_finite: bool = True
+    checkpoint: Union[bool, int] = False
+    transform_grads: Optional[TransformGrads] = None
+    truncate: Optional[int] = None
 
-    def params(self) -> Dict[str, Tensor]:
-        return self._layout.unpack(self._params)
+    @property
+    def first_tracked(self) -> int:
+        """Steps before this one are constants: all of them under ``stop_grad``, the first K - T under
+        ``truncate=T``."""
+        if self.stop_grad:
+            return self.K
+        return self.K - (self.K if self.truncate is None else self.truncate)
 
-    def state(self) -> State:
-        return self._layout.unpack_state(self._state, self._optimizer.buffers)
+
+class _Carry(NamedTuple):
+    """What one unrolled step hands to the next: theta^k and state^k (packed), the buffers, and, when the outer
+    loss is averaged over the steps, its values at theta^1..theta^k."""
+
+    params: Dict[str, Tensor]
+    state: State
+    buffers: Dict[str, Tensor]
+    outer_values: Optional[Tensor] = None
 
 
-def _trajectory(inner_fn: LossFn, K: int, stop_grad: bool, optimizer: Optimizer, step_args: Optional[StepArgs],
-                check_finite: bool, checkpoint: bool, transform_grads: Optional[TransformGrads],
-                truncate: Optional[int], params: Params, state: State, args: Tuple[Any, ...],
-                buffers: Optional[Mapping[str, Tensor]], buffers_copied: bool = False) -> Iterator[_UnrolledStep]:
-    """Yield theta^k, state^k for k = 1..K, after checking every input once.
+def _differentiable(carry: _Carry) -> List[bool]:
+    """Gradients flow through the parameters, the optimizer state and the outer values; never through buffers."""
+    flags = _Carry(*(pytree.tree_map_only(Tensor, lambda t, on=on: on and t.is_floating_point(), part)
+                     for part, on in zip(carry, (True, True, False, True))))
+    return pytree.tree_leaves(flags)
 
-    Steps ``k < first_tracked`` are constants (no graph to params, state or args): all of them under
-    ``stop_grad``, the first K - T under ``truncate=T``.
-    """
-    if not buffers_copied:
-        buffers = _copy_buffers(params, buffers)
-    assert buffers is not None
+
+@dataclass
+class _Unrolled:
+    """The end of an unroll: theta^K, state^K and buffers unpacked, the inner losses at theta^0..theta^{K-1}
+    (detached), and the outer values when they were asked for."""
+
+    params: Dict[str, Tensor]
+    state: State
+    buffers: Dict[str, Tensor]
+    losses: Tensor
+    outer_values: Optional[Tensor]
+
+
+EachStep = Callable[[Dict[str, Tensor], Dict[str, Tensor]], Tensor]
+"""``each_step(params_k, buffers) -> value``: evaluated at theta^1..theta^K inside the unroll (and inside its
+recomputations under ``checkpoint``), so that nothing outside keeps every theta^k alive."""
+
+
+def _unroll(spec: _Unroll, params: Params, state: State, args: Tuple[Any, ...], buffers: Dict[str, Tensor],
+            each_step: Optional[EachStep] = None) -> _Unrolled:
+    """Run ``spec.K`` steps from (``params``, ``state``); ``buffers`` is the caller's private copy (in-place updates
+    by ``inner_fn`` land there, or in per-step copies under checkpointing, where steps run again)."""
+    optimizer, K = spec.optimizer, spec.K
     optimizer.check_state(params, state)
+    inference = torch.is_inference_mode_enabled()
+    functorch = _under_torch_func()
+    records_graph = torch.is_grad_enabled() and not inference
+    checkpointed = bool(spec.checkpoint) and records_graph and spec.first_tracked < K
+    if checkpointed and functorch:
+        raise RuntimeError("checkpoint cannot run under torch.func transforms (grad/vmap), which do not support "
+                           "the custom autograd function that checkpointing joins to the graph; use "
+                           "checkpoint=False there")
     if K == 0:
-        return
+        return _Unrolled(dict(params), state, buffers, torch.zeros(0), None)
     layout = layout_for(params, optimizer.packable)
-    first_tracked = K if stop_grad else K - (K if truncate is None else truncate)
 
     def transformed(packed_grads: Dict[str, Tensor], k: int) -> Dict[str, Tensor]:
-        if transform_grads is None:
+        if spec.transform_grads is None:
             return packed_grads
         grads = layout.unpack(packed_grads)
-        new_grads = transform_grads(grads, k)
+        new_grads = spec.transform_grads(grads, k)
         _check_transformed(new_grads, grads, k)
         return layout.pack(new_grads)
 
     # Buffers are an explicit (non-differentiated) input: torch.func forbids in-place updates of captured tensors.
     def loss(packed: Dict[str, Tensor], buffers: Dict[str, Tensor], *args_k: Any) -> Tuple[Tensor, Tensor]:
-        value = inner_fn({**layout.unpack(packed), **buffers}, *args_k)
+        value = spec.inner_fn({**layout.unpack(packed), **buffers}, *args_k)
         check_scalar_loss(value, "inner_fn")
         return value, value.detach()
 
-    def autograd_grads(packed: Dict[str, Tensor], create_graph: bool, *args_k: Any
-                       ) -> Tuple[Dict[str, Tensor], Tensor]:
-        with torch.enable_grad():
-            inputs = {n: t if t.requires_grad else t.detach().requires_grad_() for n, t in packed.items()}
-            value = loss(inputs, buffers, *args_k)[0]
-            grads = (torch.autograd.grad(value, list(inputs.values()), create_graph=create_graph, allow_unused=True)
-                     if value.requires_grad else (None,) * len(inputs))
-        return {n: torch.zeros_like(t) if g is None else g for (n, t), g in zip(packed.items(), grads)}, value.detach()
-
-    inference = torch.is_inference_mode_enabled()
-    if _under_torch_func() or inference:
+    if functorch or inference:
         # Inside torch.func.grad/vmap the inner gradient must be a transform too; under inference_mode autograd
         # records nothing, while torch.func.grad still differentiates.
         func_grad = torch.func.grad(loss, has_aux=True)
 
-        def inner_grads(packed: Dict[str, Tensor], tracked: bool, *args_k: Any) -> Tuple[Dict[str, Tensor], Tensor]:
+        def inner_grads(packed: Dict[str, Tensor], buffers: Dict[str, Tensor], tracked: bool, *args_k: Any
+                        ) -> Tuple[Dict[str, Tensor], Tensor]:
             grads, value = func_grad(packed, buffers, *args_k)
             return (grads if tracked else _detach(grads)), value
     else:
         # Plain autograd does the same arithmetic as torch.func.grad without its per-operation wrapping (up to 15 %
         # of a small discriminator's unroll, docs/benchmarks.md), and records the graph of the inner gradient
         # only when a backward pass can use it (not for constant steps or under torch.no_grad).
-        grad_enabled = torch.is_grad_enabled()
+        def inner_grads(packed: Dict[str, Tensor], buffers: Dict[str, Tensor], tracked: bool, *args_k: Any
+                        ) -> Tuple[Dict[str, Tensor], Tensor]:
+            with torch.enable_grad():
+                inputs = {n: t if t.requires_grad else t.detach().requires_grad_() for n, t in packed.items()}
+                value = loss(inputs, buffers, *args_k)[0]
+                grads = (torch.autograd.grad(value, list(inputs.values()), create_graph=records_graph and tracked,
+                                             allow_unused=True)
+                         if value.requires_grad else (None,) * len(inputs))
+            return ({n: torch.zeros_like(t) if g is None else g for (n, t), g in zip(packed.items(), grads)},
+                    value.detach())
 
-        def inner_grads(packed: Dict[str, Tensor], tracked: bool, *args_k: Any) -> Tuple[Dict[str, Tensor], Tensor]:
-            return autograd_grads(packed, grad_enabled and tracked, *args_k)
-
-    def recomputable_step(packed: Dict[str, Tensor], state: State, k: int, *args_k: Any
-                          ) -> Tuple[Dict[str, Tensor], State, Tensor]:
-        # torch.func.grad refuses saved-tensor hooks, which checkpointing relies on: autograd.grad only.
-        grads, value = autograd_grads(packed, True, *args_k)
-        return (*optimizer.apply(packed, transformed(grads, k), state), value)
-
-    params_k, state_k = layout.pack(params), layout.pack_state(state, optimizer.buffers)
-    losses: List[Tensor] = []
-    for k in range(K):
-        tracked = k >= first_tracked
-        if first_tracked > 0 and k in (0, first_tracked):
-            # Constant steps take constant inputs, and theta^{first_tracked} enters the tracked steps as a constant
-            # (stop_grad, truncate): no graph to params, state or tensor hyperparameters before it.
-            params_k, state_k = _detach((params_k, state_k))
-        args_k = args if step_args is None else _call_step_args(step_args, k, args)
+    def step(carry: _Carry, k: int, tracked: bool) -> Tuple[_Carry, Tensor]:
+        """theta^{k+1} from theta^k; ``carry.buffers`` is updated in place by ``inner_fn``."""
+        args_k = args if spec.step_args is None else _call_step_args(spec.step_args, k, args)
         if not tracked:
             args_k = _detach(args_k)
-        if checkpoint and tracked and not inference:  # no backward pass follows inference_mode
-            params_k, state_k, value = _checkpointed(recomputable_step, params_k, state_k, k, *args_k)
-        else:
-            grads, value = inner_grads(params_k, tracked, *args_k)
-            params_k, state_k = optimizer.apply(params_k, transformed(grads, k), state_k)
-        losses.append(value)
-        if check_finite and k == K - 1:
-            _raise_if_nonfinite(losses)
-        yield _UnrolledStep(layout, optimizer, params_k, state_k, value)
+        grads, value = inner_grads(carry.params, carry.buffers, tracked, *args_k)
+        # A constant step records no graph at all: not to params or args (detached above), nor to tensor
+        # hyperparameters or tensors that transform_grads closes over.
+        with contextlib.nullcontext() if tracked else torch.no_grad():
+            new_params, new_state = optimizer.apply(carry.params, transformed(grads, k), carry.state)
+        outer_values = carry.outer_values
+        if each_step is not None:
+            outer_k = each_step(layout.unpack(new_params), carry.buffers).reshape(1)
+            outer_values = outer_k if outer_values is None else torch.cat([outer_values, outer_k])
+        return _Carry(new_params, new_state, carry.buffers, outer_values), value.reshape(1)
+
+    def rerunnable(carry: _Carry, k: int, tracked: bool) -> Tuple[_Carry, Tensor]:
+        # A step that runs again must start from its own buffers, not from those its first run updated in place.
+        return step(carry._replace(buffers={n: b.clone() for n, b in carry.buffers.items()}), k, tracked)
+
+    carry = _Carry(layout.pack(params), layout.pack_state(state, optimizer.buffers), buffers)
+    if spec.first_tracked > 0:
+        # Constant steps take constant inputs (stop_grad, truncate): no graph to params or state before them.
+        carry = carry._replace(params=_detach(carry.params), state=_detach(carry.state))
+    values = []
+    for k in range(spec.first_tracked if checkpointed else K):
+        carry, value = step(carry, k, k >= spec.first_tracked)
+        values.append(value)
+    if checkpointed:
+        tracked = K - spec.first_tracked
+        slots = tracked if spec.checkpoint is True else spec.checkpoint
+        steps = CheckpointedSteps(_schedule.plan(tracked, slots), spec.first_tracked,
+                                  record=functools.partial(rerunnable, tracked=True),
+                                  advance=functools.partial(rerunnable, tracked=False), differentiable=_differentiable)
+        carry, tracked_values = steps.run(carry)
+        values.extend(tracked_values)
+    losses = torch.cat(values)
+    if spec.check_finite:
+        _raise_if_nonfinite(losses)
+    return _Unrolled(layout.unpack(carry.params), layout.unpack_state(carry.state, optimizer.buffers),
+                     carry.buffers, losses, carry.outer_values)
 
 
 def _check_transformed(new_grads: Any, grads: Mapping[str, Tensor], k: int) -> None:
@@ -325,17 +390,6 @@ def _under_torch_func() -> bool:
     return peek is None or peek() is not None
 
 
-def _checkpointed(step: Callable[..., Any], *inputs: Any) -> Any:
-    try:
-        return torch.utils.checkpoint.checkpoint(step, *inputs, use_reentrant=False)
-    except RuntimeError as error:
-        if "saved tensor hooks" in str(error):
-            raise RuntimeError("checkpoint=True cannot run under torch.func transforms (grad/vmap), which do not "
-                               "support the saved-tensor hooks that checkpointing uses; use checkpoint=False "
-                               "there") from error
-        raise
-
-
 def _call_step_args(step_args: StepArgs, k: int, args: Tuple[Any, ...]) -> Tuple[Any, ...]:
     args_k = step_args(k, *args)
     if not isinstance(args_k, tuple):
@@ -347,8 +401,9 @@ def _detach(tree: Any) -> Any:
     return pytree.tree_map_only(Tensor, Tensor.detach, tree)
 
 
-def _raise_if_nonfinite(losses: List[Tensor]) -> None:
-    finite = torch.isfinite(torch.stack(losses))
+def _raise_if_nonfinite(losses: Union[Tensor, Sequence[Tensor]]) -> None:
+    """Raise :class:`NonFiniteLossError` naming the first unrolled step whose loss (one per step) is not finite."""
+    finite = torch.isfinite(losses if isinstance(losses, Tensor) else torch.stack(list(losses)))
     try:
         all_finite = bool(finite.all())
     except RuntimeError:
