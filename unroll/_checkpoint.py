@@ -90,15 +90,25 @@ class _OutsideTensors(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        for t in pytree.tree_leaves((args, kwargs)):
-            if (isinstance(t, Tensor) and t.requires_grad and self._inside.get(id(t)) is not t
-                    and self.found.get(id(t)) is not t):
+        for t in _tensors((args, kwargs)):
+            if t.requires_grad and self._inside.get(id(t)) is not t and self.found.get(id(t)) is not t:
                 self.found[id(t)] = t
         out = func(*args, **kwargs)
-        for t in pytree.tree_leaves(out):
-            if isinstance(t, Tensor):
-                self._inside[id(t)] = t
+        for t in _tensors(out):
+            self._inside[id(t)] = t
         return out
+
+
+def _tensors(tree: Any) -> Iterator[Tensor]:
+    """The tensors in an operation's arguments or results (cheaper than a general pytree walk, on every op)."""
+    if isinstance(tree, Tensor):
+        yield tree
+    elif isinstance(tree, (list, tuple)):
+        for item in tree:
+            yield from _tensors(item)
+    elif isinstance(tree, dict):
+        for item in tree.values():
+            yield from _tensors(item)
 
 
 class CheckpointedSteps:
@@ -136,17 +146,22 @@ class CheckpointedSteps:
                                      spec), values
 
     def state_at(self, i: int) -> _StoredState:
-        """State i, keeping only the states the schedule stores while step i is reversed."""
-        needed = stored_positions(self.schedule, i)
-        for position in [p for p in self.stored if p not in needed]:
-            del self.stored[position]
-        for position in needed:
-            if position not in self.stored:
-                self.stored[position] = self._advanced_to(position)
+        """State i, keeping only the states the schedule stores while step i is reversed.
+
+        The backward pass reverses steps last to first, and the states stored for step i are those stored for
+        step i + 1 up to i, then deeper ones: the stored positions form a stack, popped above i and pushed with
+        the states advanced to (only then is the plan consulted)."""
+        while next(reversed(self.stored)) > i:
+            self.stored.popitem()
+        if i not in self.stored:
+            top = next(reversed(self.stored))
+            for position in stored_positions(self.schedule, i):
+                if position > top:
+                    self.stored[position] = self._advanced_to(position)
         return self.stored[i]
 
     def _advanced_to(self, position: int) -> _StoredState:
-        start = max(p for p in self.stored if p < position)
+        start = next(reversed(self.stored))  # the highest stored state, below position
         stored = self.stored[start]
         with stored.rng.restored(), torch.no_grad():
             carry = stored.carry()
