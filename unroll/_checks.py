@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import numbers
-from typing import Any, Iterable, Mapping, Tuple
+from typing import Any, Iterable, Iterator, Mapping, Tuple
 
 import torch
 
@@ -122,10 +123,92 @@ def check_hyperparameter(value: Any, label: str, *, low: float | None = 0.0, hig
 def check_adam_hyperparameters(lr: Any, betas: Any, eps: Any, weight_decay: Any) -> Tuple[Any, Any]:
     """The checks torch.optim's Adam-family constructors (Adam, AdamW, Adamax, NAdam, RAdam) share, in their
     order; returns ``(beta1, beta2)``."""
-    beta1, beta2 = betas
+    beta1, beta2 = _pair(betas, "betas", "(beta1, beta2), e.g. betas=(0.9, 0.999)")
     check_hyperparameter(lr, "learning rate")
     check_hyperparameter(eps, "epsilon value")
     check_hyperparameter(beta1, "beta parameter at index 0", high=1.0)
     check_hyperparameter(beta2, "beta parameter at index 1", high=1.0)
     check_hyperparameter(weight_decay, "weight_decay value")
     return beta1, beta2
+
+
+def _pair(value: Any, label: str, example: str) -> Tuple[Any, Any]:
+    """``value`` unpacked into two, with an error naming ``label`` instead of Python's unpacking error."""
+    try:
+        size = None if isinstance(value, (str, bytes)) else len(value)
+    except TypeError:  # no len(): a number, a 0-dim tensor
+        size = None
+    if size is None:
+        raise TypeError(f"{label} must be a pair {example}, got {type(value).__name__}: {value!r}")
+    if size != 2:
+        raise ValueError(f"{label} must be a pair {example}, got {size} values: {value!r}")
+    return value[0], value[1]
+
+
+def check_like_params(params: Mapping[str, torch.Tensor], other: Mapping[str, torch.Tensor], what: str) -> None:
+    """Each ``other[name]`` must have the dtype and device of ``params[name]``: a mismatch would either fail deep
+    inside an update or silently promote the result (float32 state with float64 params)."""
+    for name, p in params.items():
+        t = other[name]
+        if t.dtype != p.dtype:
+            raise TypeError(f"{what}[{name!r}] has dtype {t.dtype} but params[{name!r}] has dtype {p.dtype}; "
+                            f"convert one of them (e.g. a fresh opt.init(params) after changing the params' dtype)")
+        if t.device != p.device:
+            raise ValueError(f"{what}[{name!r}] is on {t.device} but params[{name!r}] is on {p.device}")
+
+
+def check_beside_params(value: torch.Tensor, what: str, params: Mapping[str, torch.Tensor]) -> None:
+    """A tensor combined with every parameter (the step count, a tensor hyperparameter) must be on the params'
+    device, or be a 0-dim CPU tensor, which torch combines with tensors on any device."""
+    if value.dim() == 0 and value.device.type == "cpu":
+        return
+    for name, p in params.items():
+        if value.device != p.device:
+            raise ValueError(f"{what} is on {value.device} but params[{name!r}] is on {p.device}; put it on the "
+                             f"params' device (or make it a 0-dim CPU tensor)")
+
+
+def check_tensor_hyperparameters(hyperparams: Mapping[str, Any], params: Mapping[str, torch.Tensor],
+                                 optimizer: str) -> None:
+    """Tensor hyperparameters (a learned learning rate) must sit beside the params (:func:`check_beside_params`),
+    and floating-point ones must have the params' dtype wherever torch would promote the update to theirs: a
+    0-dim one of another dtype (torch.optim's float32 tensor ``lr`` with float64 params) leaves a parameter that
+    is not 0-dim in its dtype, so only that case is let through."""
+    for label, value in _tensors_in(hyperparams):
+        check_beside_params(value, f"{optimizer}: hyperparameter {label}", params)
+        if not value.is_floating_point():
+            continue
+        for name, p in params.items():
+            if value.dtype != p.dtype and (value.dim() > 0 or p.dim() == 0):
+                raise TypeError(f"{optimizer}: hyperparameter {label} has dtype {value.dtype} but params[{name!r}] "
+                                f"has dtype {p.dtype}, so the update would become "
+                                f"{torch.promote_types(value.dtype, p.dtype)}; give it the params' dtype "
+                                f"(e.g. .to({p.dtype}))")
+
+
+def _tensors_in(tree: Any, label: str = "") -> Iterator[Tuple[str, torch.Tensor]]:
+    """``(label, tensor)`` for every tensor in nested mappings, tuples and lists, labelled like ``betas[0]``."""
+    if isinstance(tree, torch.Tensor):
+        yield label, tree
+    elif isinstance(tree, (tuple, list)):
+        for i, value in enumerate(tree):
+            yield from _tensors_in(value, f"{label}[{i}]")
+    elif not isinstance(tree, (bool, int, float, str)) and isinstance(tree, Mapping):  # cheap checks first
+        for key, value in tree.items():
+            yield from _tensors_in(value, f"{label}[{key!r}]" if label else str(key))
+
+
+def check_step_count(step: torch.Tensor, what: str = "state['step']") -> None:
+    """The step count must be a whole number >= 0 (every entry of a stacked one). Reading it costs one host
+    synchronisation; under ``torch.func.vmap`` it cannot be read and is not checked."""
+    if step.dtype == torch.bool or step.is_complex():
+        raise TypeError(f"{what} must be a real-valued tensor counting the steps taken, got dtype {step.dtype}")
+    try:
+        # One read of the usual 0-dim count is far cheaper than tensor comparisons; a stacked one needs those.
+        values = [step.item()] if step.dim() == 0 else step.detach().flatten().tolist()
+    except RuntimeError:
+        return  # a vmap-batched count cannot be read
+    bad = [v for v in values if not (v >= 0 and math.isfinite(v) and float(v).is_integer())]
+    if bad:
+        raise ValueError(f"{what} must be a whole number of steps taken (>= 0), got "
+                         f"{bad[0] if step.dim() == 0 else bad}")

@@ -299,13 +299,21 @@ def _state_from_torch(torch_optimizer: torch.optim.Optimizer, optimizer: Optimiz
             value = torch_state.get(buffer)
             if value is not None:
                 state[buffer][name] = value.detach().clone()
+            elif step > 0:
+                # A fresh buffer (zeros) is right only before the first step; later it would silently restart
+                # the optimizer's statistics for this parameter.
+                raise ValueError(f"from_torch: the torch.optim state of parameter {name!r} is at step {step} but has "
+                                 f"no {buffer!r}; a state with every buffer is needed to continue it")
     return state
 
 
 def _torch_step(param_state: Dict[str, Any]) -> int:
     if "step" in param_state:
         step = param_state["step"]
-        return int(step.item()) if isinstance(step, Tensor) else int(step)
+        value = float(step.item()) if isinstance(step, Tensor) else float(step)
+        if not (value >= 0 and value.is_integer()):
+            raise ValueError(f"from_torch: a torch.optim state has step {value}, not a whole number of steps >= 0")
+        return int(value)
     # torch.optim.SGD keeps no step count; its momentum buffer exists once a step was taken, and our SGD only
     # needs to know whether this is the first step.
     return 0 if param_state.get("momentum_buffer") is None else 1

@@ -8,7 +8,8 @@ from typing import Any, Callable, Dict, Mapping, Tuple
 import torch
 from torch import Tensor
 
-from ._checks import check_same_keys, check_scalars, check_shapes, check_tensor_mapping
+from ._checks import (check_beside_params, check_like_params, check_same_keys, check_scalars, check_shapes,
+                      check_step_count, check_tensor_hyperparameters, check_tensor_mapping)
 from ._types import Grads, Params, Scalar, State
 
 TensorUpdate = Callable[[Tensor, Tensor, Dict[str, Tensor], Tensor], Tuple[Tensor, Dict[str, Tensor]]]
@@ -91,9 +92,12 @@ class Optimizer:
         check_tensor_mapping(grads, "grads", floating=True)
         check_same_keys(params, grads, "grads")
         check_shapes(params, grads, "grads")
+        check_like_params(params, grads, "grads")
 
     def check_state(self, params: Params, state: State) -> None:
-        """Raise a clear error if ``state`` is not a state of this optimizer for ``params``."""
+        """Raise a clear error if ``state`` is not a state of this optimizer for ``params``: its entries, names and
+        shapes, buffers in their parameter's dtype and on its device, tensor hyperparameters in the params' dtype
+        and beside them, and a step count that is a whole number >= 0 (one host read of it, skipped under vmap)."""
         check_tensor_mapping(params, "params", floating=True)
         if not isinstance(state, Mapping):
             raise TypeError(f"state must be the dict returned by {self.name}.init, got {type(state).__name__}")
@@ -104,9 +108,18 @@ class Optimizer:
             check_tensor_mapping(state[buffer], f"state[{buffer!r}]", floating=True)
             check_same_keys(params, state[buffer], f"state[{buffer!r}]")
             if buffer in self.scalar_buffers:
+                # Kept in the step count's dtype, and on the CPU by torch.optim (NAdam's mu_product), as the step.
                 check_scalars(state[buffer], f"state[{buffer!r}]")
+                for name, value in state[buffer].items():
+                    check_beside_params(value, f"state[{buffer!r}][{name!r}]", params)
             else:
                 check_shapes(params, state[buffer], f"state[{buffer!r}]")
+                check_like_params(params, state[buffer], f"state[{buffer!r}]")
+        # The step count's dtype follows torch.optim's rule (float32 unless the default dtype is float64) whatever
+        # the params' dtype, so only its device and value are checked.
+        check_beside_params(state["step"], "state['step']", params)
+        check_tensor_hyperparameters(self.hyperparams, params, self.name)
+        check_step_count(state["step"])
 
     def apply(self, params: Params, grads: Grads, state: State) -> Tuple[Dict[str, Tensor], State]:
         """:meth:`step` without the input checks, for hot loops that checked their inputs once."""

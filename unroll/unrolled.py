@@ -5,7 +5,8 @@ from __future__ import annotations
 import contextlib
 import functools
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import (Any, Callable, Collection, Dict, List, Literal, Mapping, NamedTuple, Optional, Sequence, Tuple,
+                    Union, overload)
 
 import torch
 import torch.utils._pytree as pytree
@@ -14,6 +15,7 @@ from torch import Tensor
 from . import _schedule
 from ._checkpoint import CheckpointedSteps
 from ._flat import layout_for
+from ._live import FirstCallGuarded
 from ._checks import (check_checkpoint, check_same_keys, check_scalar_loss, check_tensor_mapping, check_truncate,
                       check_unroll_steps)
 from ._types import Params, State
@@ -31,13 +33,20 @@ optimizer step, inside the differentiated computation (clipping, noise, an all-r
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The inner loss became NaN or infinite during unrolling; ``step`` is the (0-based) unrolled step."""
+    """The inner loss, or the inner gradient, became NaN or infinite during unrolling; ``step`` is the (0-based)
+    unrolled step, ``what`` is ``"loss"`` or ``"gradient"`` and ``value`` the non-finite value (for a gradient,
+    its smallest or largest entry: NaN, inf or -inf)."""
 
-    def __init__(self, step: int, value: float) -> None:
-        super().__init__(f"inner_fn returned a non-finite loss ({value}) at unrolled step {step} "
-                         f"(0-based, i.e. when computing theta^{step + 1} from theta^{step})")
+    def __init__(self, step: int, value: float, what: str = "loss") -> None:
+        where = f"at unrolled step {step} (0-based, i.e. when computing theta^{step + 1} from theta^{step})"
+        if what == "gradient":
+            super().__init__(f"the gradient of inner_fn has a non-finite entry ({value}) {where}, although its "
+                             f"loss there is finite")
+        else:
+            super().__init__(f"inner_fn returned a non-finite loss ({value}) {where}")
         self.step = step
         self.value = value
+        self.what = what
 
 
 def unrolled_params(inner_fn: LossFn, K: int, stop_grad: bool = False, *, optimizer: Optimizer,
@@ -54,14 +63,18 @@ def unrolled_params(inner_fn: LossFn, K: int, stop_grad: bool = False, *, optimi
 
     Args:
         inner_fn: the loss the inner player minimises, ``inner_fn(params, *args)`` returning a scalar tensor.
-            ``params`` holds the parameters merged with ``buffers``, ready for ``torch.func.functional_call``.
+            ``params`` holds the parameters merged with ``buffers``, ready for ``torch.func.functional_call``;
+            call that with ``strict=True``, so that a name missing from the mapping is an error instead of a silent
+            fall-back to the module's own tensor (see "Buffers" below).
         K: number of unrolled steps (>= 0).
         stop_grad: treat the unrolled parameters as constants (the paper's stop-gradient ablation, App. B.2).
         optimizer: the inner player's optimizer, e.g. ``unroll.adam(1e-4, betas=(0.5, 0.999))``.
         step_args: ``step_args(k, *args) -> args_k`` supplies the arguments of unrolled step ``k``; the default
             uses ``args`` at every step (the paper's fixed minibatch). Return fresh batches to re-sample.
-        check_finite: raise :class:`NonFiniteLossError` naming the step if an inner loss is NaN or infinite.
-            The check costs one synchronisation per call and is skipped under ``torch.func.vmap``.
+        check_finite: raise :class:`NonFiniteLossError` naming the step if an inner loss, or the inner gradient
+            the optimizer receives, is NaN or infinite (the first of them, so a NaN gradient at step k is reported
+            at step k, not as the NaN loss it causes at step k + 1). The check costs one synchronisation per call
+            and is skipped under ``torch.func.vmap``.
         checkpoint: bound the memory of the differentiated steps by recomputing them in the backward pass; same
             values and gradients as ``False`` (the plain unroll, which keeps every step's activations and
             double-backward graph). An int ``N >= 1`` keeps at most N states θ^k (with their optimizer state)
@@ -82,6 +95,18 @@ def unrolled_params(inner_fn: LossFn, K: int, stop_grad: bool = False, *, optimi
         truncate: differentiate only the last ``truncate`` unrolled steps (0 <= truncate <= K): θ^{K-T} is
             treated as a constant (truncated backpropagation through the unroll), so memory and backward time grow
             with T instead of K. ``None`` or ``K``: the full gradient; ``0``: the same gradient as ``stop_grad``.
+
+    The result requires grad only when something outside the unroll that requires grad reaches it (``params``,
+    ``state``, ``args``, tensors the functions close over, tensor hyperparameters), as any torch computation: with
+    none, ``backward()`` raises torch's "does not require grad" error instead of silently doing nothing.
+
+    Buffers: ``buffers`` (e.g. ``dict(D.named_buffers())``) are merged into the mapping ``inner_fn`` receives and
+    never optimised; in-place updates to them (BatchNorm running statistics) go to copies, so the caller's tensors
+    are left untouched. ``torch.func.functional_call`` falls back to the module's own tensor for every name the
+    mapping lacks, so without ``buffers=`` a module in training mode would update its live running statistics at
+    every unrolled step. The first ``inner_fn`` call of each unroll is watched for that: a module run with tensors
+    of the mapping whose forward pass changes a buffer the mapping does not hold gets the buffer restored, and the
+    call raises ``RuntimeError`` naming it. Pass frozen parameters (not optimised) in ``buffers`` too.
     """
     spec = _checked_spec(inner_fn, K, stop_grad, optimizer, step_args, check_finite, checkpoint, transform_grads,
                          truncate)
@@ -126,8 +151,12 @@ def surrogate_loss(inner_fn: LossFn, K: int, stop_grad: bool = False, *, optimiz
 
     ``buffers`` (e.g. ``dict(D.named_buffers())``) are merged into the params mapping that ``inner_fn`` and
     ``outer_fn`` see, never optimised; in-place updates to them (BatchNorm running statistics) go to copies, so
-    the caller's tensors are left untouched. ``outer_args`` (a tuple) gives ``outer_fn`` its own arguments, e.g.
-    validation data in meta-learning while ``inner_fn`` trains on ``args``.
+    the caller's tensors are left untouched. Pass them whenever the module has buffers, and call
+    ``torch.func.functional_call(module, params, args, strict=True)``: a module's own buffer that the mapping lacks
+    and that its forward pass changes (BatchNorm in training mode) is restored and refused with ``RuntimeError``
+    at the first ``inner_fn`` call and at the ``outer_fn`` call (see :func:`unrolled_params`). ``outer_args`` (a
+    tuple) gives ``outer_fn`` its own arguments, e.g. validation data in meta-learning while ``inner_fn`` trains on
+    ``args``. The value requires grad only when something outside the unroll that requires grad reaches it.
     """
     spec = _checked_spec(inner_fn, K, stop_grad, optimizer, step_args, check_finite, checkpoint, transform_grads,
                          truncate)
@@ -151,8 +180,10 @@ def surrogate_loss(inner_fn: LossFn, K: int, stop_grad: bool = False, *, optimiz
             raise ValueError("outer_args needs an outer_fn: the default outer loss is -inner_fn on args")
         outer_call_args = args if outer_args is None else outer_args
 
+        guarded_outer = FirstCallGuarded(outer, "inner_fn" if outer_fn is None else "outer_fn")
+
         def outer_at(params_k: Dict[str, Tensor], buffers_k: Dict[str, Tensor]) -> Tensor:
-            return outer({**params_k, **buffers_k}, *outer_call_args)
+            return guarded_outer({**params_k, **buffers_k}, *outer_call_args)
 
         averaged = average_over_steps and spec.K > 0
         end = _unroll(spec, params, state, args, _copy_buffers(params, buffers), outer_at if averaged else None)
@@ -164,8 +195,26 @@ def surrogate_loss(inner_fn: LossFn, K: int, stop_grad: bool = False, *, optimiz
     return surrogate
 
 
+CommittedStep = Callable[..., Tuple[Dict[str, Tensor], State, Tensor]]
+"""``step(params, state, *args, buffers=None) -> (new_params, new_state, loss)``."""
+
+CommittedStepWithBuffers = Callable[..., Tuple[Dict[str, Tensor], State, Tensor, Dict[str, Tensor]]]
+"""``step(params, state, *args, buffers=None) -> (new_params, new_state, loss, new_buffers)``."""
+
+
+@overload
 def train_step(loss_fn: LossFn, *, optimizer: Optimizer, transform_grads: Optional[TransformGrads] = None,
-               check_finite: bool = True) -> Callable[..., Tuple[Dict[str, Tensor], State, Tensor]]:
+               check_finite: bool = True, return_buffers: Literal[False] = False) -> CommittedStep: ...
+
+
+@overload
+def train_step(loss_fn: LossFn, *, optimizer: Optimizer, transform_grads: Optional[TransformGrads] = None,
+               check_finite: bool = True, return_buffers: Literal[True]) -> CommittedStepWithBuffers: ...
+
+
+def train_step(loss_fn: LossFn, *, optimizer: Optimizer, transform_grads: Optional[TransformGrads] = None,
+               check_finite: bool = True, return_buffers: bool = False
+               ) -> Union[CommittedStep, CommittedStepWithBuffers]:
     r"""Return ``step(params, state, *args, buffers=None) -> (new_params, new_state, loss)``: one committed step.
 
     .. math:: \theta' = \mathrm{step}(\theta, \nabla_\theta\, \mathrm{loss\_fn}(\theta, *args))
@@ -174,13 +223,18 @@ def train_step(loss_fn: LossFn, *, optimizer: Optimizer, transform_grads: Option
     gradient machinery, checks and ``transform_grads`` as one unrolled step. ``loss`` is ``loss_fn`` at ``params``
     (detached). The results are constants: nothing is differentiated through a committed step. Composes with
     ``torch.func.vmap`` (several seeds at once; batch ``state["step"]`` too). In-place updates of ``buffers``
-    (BatchNorm running statistics) go to copies, as in the unroll.
+    (BatchNorm running statistics) go to copies, as in the unroll; with ``return_buffers=True`` the step returns
+    them too, ``(new_params, new_state, loss, new_buffers)``, so that the committed step's statistics can be kept
+    (``new_buffers`` is ``{}`` without ``buffers``). A module's own buffer that the mapping lacks and that
+    ``loss_fn`` changes is restored and refused, as in :func:`unrolled_params`.
     """
     spec = _checked_spec(loss_fn, 1, True, optimizer, None, check_finite, False, transform_grads, None)
 
     def step(params: Params, state: State, *args: Any, buffers: Optional[Mapping[str, Tensor]] = None
-             ) -> Tuple[Dict[str, Tensor], State, Tensor]:
+             ) -> Tuple[Any, ...]:
         end = _unroll(spec, params, state, args, _copy_buffers(params, buffers))
+        if return_buffers:
+            return end.params, end.state, end.losses[0], end.buffers
         return end.params, end.state, end.losses[0]
 
     return step
@@ -301,9 +355,11 @@ def _unroll(spec: _Unroll, params: Params, state: State, args: Tuple[Any, ...], 
         _check_transformed(new_grads, grads, k)
         return layout.pack(new_grads)
 
+    guarded_inner = FirstCallGuarded(spec.inner_fn, "inner_fn")
+
     # Buffers are an explicit (non-differentiated) input: torch.func forbids in-place updates of captured tensors.
     def loss(packed: Dict[str, Tensor], buffers: Dict[str, Tensor], *args_k: Any) -> Tuple[Tensor, Tensor]:
-        value = spec.inner_fn({**layout.unpack(packed), **buffers}, *args_k)
+        value = guarded_inner({**layout.unpack(packed), **buffers}, *args_k)
         check_scalar_loss(value, "inner_fn")
         return value, value.detach()
 
@@ -319,17 +375,25 @@ def _unroll(spec: _Unroll, params: Params, state: State, args: Tuple[Any, ...], 
     else:
         # Plain autograd does the same arithmetic as torch.func.grad without its per-operation wrapping (up to 15 %
         # of a small discriminator's unroll, docs/benchmarks.md), and records the graph of the inner gradient
-        # only when a backward pass can use it (not for constant steps or under torch.no_grad).
+        # only when a backward pass can use it (not for constant steps or under torch.no_grad) and something
+        # outside the step requires grad: a graph to the fresh leaves alone would make the result require grad
+        # with nothing to differentiate.
         def inner_grads(packed: Dict[str, Tensor], buffers: Dict[str, Tensor], tracked: bool, *args_k: Any
                         ) -> Tuple[Dict[str, Tensor], Tensor]:
             with torch.enable_grad():
-                inputs = {n: t if t.requires_grad else t.detach().requires_grad_() for n, t in packed.items()}
+                fresh = [t.detach().requires_grad_() for t in packed.values() if not t.requires_grad]
+                leaves = iter(fresh)
+                inputs = {n: t if t.requires_grad else next(leaves) for n, t in packed.items()}
                 value = loss(inputs, buffers, *args_k)[0]
-                grads = (torch.autograd.grad(value, list(inputs.values()), create_graph=records_graph and tracked,
+                create_graph = (records_graph and tracked
+                                and (len(fresh) < len(inputs) or _reaches_outside(value, fresh, args_k)))
+                grads = (torch.autograd.grad(value, list(inputs.values()), create_graph=create_graph,
                                              allow_unused=True)
                          if value.requires_grad else (None,) * len(inputs))
             return ({n: torch.zeros_like(t) if g is None else g for (n, t), g in zip(packed.items(), grads)},
                     value.detach())
+
+    loss_dtype = [torch.get_default_dtype()]  # inner_fn's, set by every step
 
     def step(carry: _Carry, k: int, tracked: bool) -> Tuple[_Carry, Tensor]:
         """theta^{k+1} from theta^k; ``carry.buffers`` is updated in place by ``inner_fn``."""
@@ -340,12 +404,19 @@ def _unroll(spec: _Unroll, params: Params, state: State, args: Tuple[Any, ...], 
         # A constant step records no graph at all: not to params or args (detached above), nor to tensor
         # hyperparameters or tensors that transform_grads closes over.
         with contextlib.nullcontext() if tracked else torch.no_grad():
-            new_params, new_state = optimizer.apply(carry.params, transformed(grads, k), carry.state)
+            grads = transformed(grads, k)
+            new_params, new_state = optimizer.apply(carry.params, grads, carry.state)
         outer_values = carry.outer_values
         if each_step is not None:
             outer_k = each_step(layout.unpack(new_params), carry.buffers).reshape(1)
             outer_values = outer_k if outer_values is None else torch.cat([outer_values, outer_k])
-        return _Carry(new_params, new_state, carry.buffers, outer_values), value.reshape(1)
+        loss_dtype[0] = value.dtype
+        record = value.reshape(1)
+        if spec.check_finite:
+            # [loss, the gradient's extremes]: they ride along with the loss to the one synchronisation at the end,
+            # so that a NaN gradient is reported at its own step, not as the NaN loss of the next one.
+            record = torch.cat([record, *_extremes(grads)])
+        return _Carry(new_params, new_state, carry.buffers, outer_values), record
 
     def rerunnable(carry: _Carry, k: int, tracked: bool) -> Tuple[_Carry, Tensor]:
         # A step that runs again must start from its own buffers, not from those its first run updated in place.
@@ -367,11 +438,12 @@ def _unroll(spec: _Unroll, params: Params, state: State, args: Tuple[Any, ...], 
                                   advance=functools.partial(rerunnable, tracked=False), differentiable=_differentiable)
         carry, tracked_values = steps.run(carry)
         values.extend(tracked_values)
-    losses = torch.cat(values)
+    records = torch.stack(values)
     if spec.check_finite:
-        _raise_if_nonfinite(losses)
+        _raise_if_nonfinite(records)
+    # torch.cat may have promoted the records to the gradients' dtype; the losses keep inner_fn's (exactly).
     return _Unrolled(layout.unpack(carry.params), layout.unpack_state(carry.state, optimizer.buffers),
-                     carry.buffers, losses, carry.outer_values)
+                     carry.buffers, records[:, 0].to(loss_dtype[0]), carry.outer_values)
 
 
 def _check_transformed(new_grads: Any, grads: Mapping[str, Tensor], k: int) -> None:
@@ -401,14 +473,45 @@ def _detach(tree: Any) -> Any:
     return pytree.tree_map_only(Tensor, Tensor.detach, tree)
 
 
-def _raise_if_nonfinite(losses: Union[Tensor, Sequence[Tensor]]) -> None:
-    """Raise :class:`NonFiniteLossError` naming the first unrolled step whose loss (one per step) is not finite."""
-    finite = torch.isfinite(losses if isinstance(losses, Tensor) else torch.stack(list(losses)))
+def _raise_if_nonfinite(records: Union[Tensor, Sequence[Tensor]]) -> None:
+    """Raise :class:`NonFiniteLossError` naming the first unrolled step whose loss (``records[k]`` or
+    ``records[k, 0]``) or, after it, inner gradient (its extremes, ``records[k, 1:]``) is not finite."""
+    table = records if isinstance(records, Tensor) else torch.stack(list(records))
+    table = table.reshape(table.shape[0], -1)
+    finite = torch.isfinite(table)
     try:
         all_finite = bool(finite.all())
     except RuntimeError:
         # Under torch.func.vmap the losses differ per batch entry and cannot be branched on; skip the check.
         return
     if not all_finite:
-        step = int((~finite).nonzero()[0, 0])
-        raise NonFiniteLossError(step, float(losses[step]))
+        step, column = divmod(int((~finite).flatten().nonzero()[0, 0]), table.shape[1])
+        if column == 0:
+            raise NonFiniteLossError(step, float(table[step, 0]))
+        raise NonFiniteLossError(step, float(table[step, column]), "gradient")
+
+
+def _extremes(grads: Mapping[str, Tensor]) -> List[Tensor]:
+    """Each gradient's smallest and largest entry (shape ``(1,)``): finite exactly when every entry is, since
+    both propagate NaN. ``aminmax`` is one pass, several times cheaper than ``isfinite(g).all()``."""
+    return [m.reshape(1) for g in grads.values() if g.numel() > 0 for m in torch.aminmax(g.detach())]
+
+
+def _reaches_outside(value: Tensor, fresh: Collection[Tensor], args: Tuple[Any, ...]) -> bool:
+    """Whether ``value`` depends on a tensor that requires grad besides the ``fresh`` leaves made for this step:
+    one in ``args``, or one the function closes over (found by walking the graph to its leaves)."""
+    if any(isinstance(t, Tensor) and t.requires_grad for t in pytree.tree_leaves(args)):
+        return True
+    ours = {id(t) for t in fresh}
+    seen = set()
+    todo = [value.grad_fn] if value.grad_fn is not None else []
+    while todo:
+        node = todo.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)  # an AccumulateGrad node: a leaf
+        if variable is not None and id(variable) not in ours:
+            return True
+        todo.extend(next_node for next_node, _ in node.next_functions if next_node is not None)
+    return False
