@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         raise SystemExit(f"error: {path} holds a {results.get('device')} run; use another --json")
     results.update(device=args.device, machine=_machine(args.device), command=_command())
     cells = results.setdefault("cells", {})
-    results["state_bytes"] = {model: state_bytes(model) for model in args.models}
+    results.setdefault("state_bytes", {}).update({model: state_bytes(model) for model in args.models})
     for model in args.models:
         for K in args.ks:
             for method in methods(args.budgets):
@@ -272,6 +272,8 @@ def render(results: Dict[str, Any], figure: Optional[str]) -> str:
              f"{', '.join(f'{x:.2f}' for x in machine['load_average'])}.", ""]
     if figure:
         lines += [f"![peak memory and time against K]({figure})", ""]
+    if results.get("note"):
+        lines += [f"**Note:** {results['note']}", ""]
     lines += ["One generator gradient of the benchmark GANs (`benchmarks/models.py`: the mixture GAN of App. A and "
               "the conv GAN), the discriminator's Adam unrolled K steps, differentiated through every step: the "
               "plain unroll, `checkpoint=True` (every state stored, each step recomputed once) and `checkpoint=N` "
@@ -308,6 +310,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--json", default="runs/long_horizon.json", help="raw results, written cell by cell")
     parser.add_argument("--resume", action="store_true", help="keep the cells already in --json")
     parser.add_argument("--render-only", action="store_true", help="write the page from --json, measuring nothing")
+    parser.add_argument("--note", help="a paragraph printed on the page (kept in --json)")
     parser.add_argument("--out", help="write the page here (its figure beside it, same name, .png)")
     args = parser.parse_args(argv)
     if min(args.ks) < 2 or min(args.budgets) < 1 or args.reps < 1:
@@ -317,6 +320,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         results = json.loads(Path(args.json).read_text())
     else:
         results = run(args)
+    if args.note:
+        results["note"] = args.note
+        _write_json(Path(args.json), results)
     figure = None
     if args.out:
         out = Path(args.out)

@@ -631,8 +631,13 @@ def run_in_workers(task: Callable[[int], T], indices: Sequence[int], workers: in
                     on_result(future.result())
             except BaseException:
                 pool.shutdown(wait=False, cancel_futures=True)
-                for child in set(context.active_children()) - before:
+                workers_left = set(context.active_children()) - before
+                for child in workers_left:
                     child.terminate()
+                for child in workers_left:  # one that outlives SIGTERM would keep the pool's shutdown waiting
+                    child.join(timeout=5)
+                    if child.is_alive():
+                        child.kill()
                 raise
     finally:
         _TASK.clear()
