@@ -337,6 +337,14 @@ def test_ctrl_c_ends_in_one_line_with_code_130_keeping_the_checkpoint(mix_copy: 
         pass
 
 
+def as_from_a_terminal() -> None:
+    """A foreground command started from a shell gets Ctrl-C's default handling; a child inherits its parent's
+    disposition and mask, and the test process's may differ (pytest, or a test before this one, may ignore or
+    block SIGINT), in which case Python would not turn Ctrl-C into KeyboardInterrupt at all."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 @pytest.mark.skipif(not runs.can_fork(), reason="workers need the 'fork' start method")
 def test_ctrl_c_ends_a_parallel_run_in_one_line(tmp_path: Path) -> None:
     """Ctrl-C reaches the whole process group: the workers ignore it, the parent stops them and says so once."""
@@ -345,7 +353,7 @@ def test_ctrl_c_ends_a_parallel_run_in_one_line(tmp_path: Path) -> None:
     process = subprocess.Popen([sys.executable, str(GAN / "cifar10.py"), *IMG_ANY_WORKERS, "--workers", "2",
                                 "--steps", "100000", "--K", "0", "1", "--data-dir", str(cifar), "--out", str(out)],
                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)
+                               start_new_session=True, preexec_fn=as_from_a_terminal)
     try:
         wait_for(lambda: len(children(process.pid)) >= 2)
         os.killpg(process.pid, signal.SIGINT)
