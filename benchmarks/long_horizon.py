@@ -213,8 +213,8 @@ def targets(results: Dict[str, Any]) -> List[str]:
 
 
 def floors(results: Dict[str, Any], model: str) -> List[str]:
-    """The physical floor of checkpoint=N: one step's graph and activations (the plain unroll at the smallest
-    K, scaled to one step) plus N + 1 stored states."""
+    """What checkpoint=N cannot go below: one step's backward pass (that step's activations and graph, about the
+    plain unroll's peak per step, and as much again in the gradients it computes) plus N + 1 stored states."""
     cells = results["cells"][model]
     plain = cells.get("unroll", {})
     measured = sorted((int(k), c) for k, c in plain.items() if "peak_bytes" in c)
@@ -228,12 +228,12 @@ def floors(results: Dict[str, Any], model: str) -> List[str]:
         if not method.startswith("unroll:checkpoint="):
             continue
         n = int(method.rsplit("=", 1)[1])
-        floor = one_step + (n + 1) * state
+        floor = 2 * one_step + (n + 1) * state
         worst = max((c["peak_bytes"] for c in per_k.values() if "peak_bytes" in c), default=None)
         if worst is not None:
-            lines.append(f"- {model}, {describe(method)}: floor {_mib(floor)} MiB (one step {_mib(one_step)} + "
-                         f"{n + 1} states × {_mib(state)}); largest peak measured {_mib(worst)} MiB "
-                         f"({worst / floor:.1f}× the floor).")
+            lines.append(f"- {model}, {describe(method)}: floor {_mib(floor)} MiB (2 × one step's "
+                         f"{_mib(one_step)} + {n + 1} states × {_mib(state)}); largest peak measured "
+                         f"{_mib(worst)} MiB ({worst / floor:.2f}× the floor).")
     return lines
 
 
@@ -285,8 +285,9 @@ def render(results: Dict[str, Any], figure: Optional[str]) -> str:
         lines += [f"## {model}", "", *table(results, model), ""]
     lines += ["## Targets", "", *(targets(results) or ["- not measured in this run"]), "",
               "## How close to the floor", "",
-              "With N stored states, memory cannot go below one step's activations and graph (what the backward "
-              "pass of one step needs) plus N + 1 states (θ^k and its Adam buffers). Measured:", "",
+              "With N stored states, memory cannot go below what the backward pass of one step needs (that step's "
+              "activations and graph, the plain unroll's peak at the smallest K divided by K, and about as much "
+              "again for the gradients it computes) plus N + 1 states (θ^k and its Adam buffers). Measured:", "",
               *[line for model in results["cells"] for line in floors(results, model)], ""]
     return "\n".join(lines)
 
