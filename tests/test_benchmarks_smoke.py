@@ -221,3 +221,36 @@ def test_optional_method_matches_unroll(method: str) -> None:
     result = compare(make(method, problem, 3)(), make_unroll(problem, 3)())
     assert not result["nan"]
     assert result["max_rel"] <= TOLERANCE, result
+
+
+def test_long_horizon_page_extrapolates_skips_and_states_targets(tmp_path: Path) -> None:
+    from benchmarks import long_horizon
+
+    def cell(seconds: float, mib: float) -> Dict[str, Any]:
+        return {"seconds": [seconds], "peak_bytes": int(mib * 2 ** 20)}
+
+    results = {
+        "device": "cpu", "command": "python -m benchmarks.long_horizon ...", "state_bytes": {"conv": 3 * 2 ** 20},
+        "machine": {"cpu": "test", "cpus": 2, "gpu": None, "torch": "x", "date": "today", "load_average": [0, 0, 0]},
+        "cells": {"conv": {"unroll": {"10": cell(1, 100), "100": cell(10, 1000)},
+                           "unroll:checkpoint": {"10": cell(1, 30), "100": cell(10, 60), "1000": cell(100, 320)},
+                           "unroll:checkpoint=8": {"10": cell(1, 30), "100": cell(12, 31), "1000": cell(140, 31)}}},
+    }
+    guess = long_horizon.extrapolated(results["cells"], "conv", "unroll", 1000)
+    assert guess is not None and guess["peak_bytes"] == 10_000 * 2 ** 20 and guess["from"] == [10, 100]
+    results["cells"]["conv"]["unroll"]["1000"] = {"skipped": guess}
+    page = long_horizon.render(results, None)
+    assert "| 1,000 | plain unroll (checkpoint=False) | ~100 (not run) | | ~10,000.0 (not run) | |" in page
+    assert "| 1,000 | checkpoint=8 | 140.00 | 1.40× | 31.0 | 0.097× |" in page
+    assert "checkpoint=8: memory 0.097× and time 1.40× checkpoint=True's" in page and "): met." in page
+    assert "floor" in page
+
+
+def test_long_horizon_probe_measures_one_gradient() -> None:
+    from benchmarks import long_horizon
+
+    if memory.supported("cpu") is not None:
+        pytest.skip(f"peak memory cannot be measured here: {memory.supported('cpu')}")
+    measured = long_horizon.probe("mixture", unroll_method(checkpoint=2), 3, 2, "cpu")
+    assert len(measured["seconds"]) == 2 and all(s > 0 for s in measured["seconds"])
+    assert measured["peak_bytes"] >= 0
