@@ -142,6 +142,7 @@ class CheckpointedSteps:
         self._last = [t for t in last_leaves if isinstance(t, Tensor)]
         self.last_carry = carry
         joined = iter(_Reversal.apply(self, len(inputs), *inputs, *self.outside))  # type: ignore[no-untyped-call]
+        self._last, self.last_carry = [], None  # the graph holds them now; no cycle through this object
         return pytree.tree_unflatten([next(joined) if isinstance(t, Tensor) else t for t in last_leaves],
                                      spec), values
 
