@@ -11,7 +11,7 @@ constant learning rate tuned on the distillation half), and measures accuracy on
 Data: the MNIST *test* split (10,000 digits), divided once into a distillation half and a held-out half (the paper
 used the 60,000-digit train split).
 
-    python examples/distill/distill.py --ipc 1 --init fixed     # 600 outer steps, ~10-15 min on one thread
+    python examples/distill/distill.py --ipc 1 --init fixed     # 600 outer steps: 10.5 min on one thread
     python examples/distill/distill.py --ipc 10 --init random   # the same
     python examples/distill/distill.py --ipc 10 --init random --checkpoint 10   # ~3x slower, ~1/3 the memory
     python examples/distill/distill.py --ipc 10 --init random --window 20   # RaT-BPTT: 20 of K steps differentiated
