@@ -26,6 +26,7 @@ import torch.utils._pytree as pytree
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
+from ._graph import foreign_leaf
 from ._schedule import Segment, stored_positions
 
 Step = Callable[[Any, int], Tuple[Any, Tensor]]
@@ -220,19 +221,9 @@ def _add(a: Optional[Tensor], b: Optional[Tensor]) -> Optional[Tensor]:
 def _check_reaches_only(pairs: Sequence[Tuple[Tensor, Tensor]], wrt: Sequence[Tensor], step: int) -> None:
     """Raise if the graph of a rerun step reaches a leaf that requires grad other than ``wrt``: its gradient would
     be lost."""
-    known = {id(t) for t in wrt}
-    stops = {t.grad_fn for t in wrt if t.grad_fn is not None}
-    seen = set()
-    todo = [o.grad_fn for o, _ in pairs if o.grad_fn is not None]
-    while todo:
-        node = todo.pop()
-        if node in seen or node in stops:
-            continue
-        seen.add(node)
-        variable = getattr(node, "variable", None)
-        if variable is not None and id(variable) not in known:
-            raise RuntimeError(f"checkpoint: unrolled step {step} depends on a tensor of shape "
-                               f"{tuple(variable.shape)} that requires grad and that the unroll did not see "
-                               f"passed to a torch operation; its gradient would be lost. Pass it in args or "
-                               f"use checkpoint=False")
-        todo.extend(next_node for next_node, _ in node.next_functions if next_node is not None)
+    variable = foreign_leaf([o for o, _ in pairs], wrt)
+    if variable is not None:
+        raise RuntimeError(f"checkpoint: unrolled step {step} depends on a tensor of shape "
+                           f"{tuple(variable.shape)} that requires grad and that the unroll did not see "
+                           f"passed to a torch operation; its gradient would be lost. Pass it in args or "
+                           f"use checkpoint=False")

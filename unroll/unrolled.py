@@ -15,6 +15,7 @@ from torch import Tensor
 from . import _schedule
 from ._checkpoint import CheckpointedSteps
 from ._flat import layout_for
+from ._graph import foreign_leaf
 from ._live import FirstCallGuarded
 from ._checks import (check_checkpoint, check_same_keys, check_scalar_loss, check_tensor_mapping, check_truncate,
                       check_unroll_steps)
@@ -502,16 +503,4 @@ def _reaches_outside(value: Tensor, fresh: Collection[Tensor], args: Tuple[Any, 
     one in ``args``, or one the function closes over (found by walking the graph to its leaves)."""
     if any(isinstance(t, Tensor) and t.requires_grad for t in pytree.tree_leaves(args)):
         return True
-    ours = {id(t) for t in fresh}
-    seen = set()
-    todo = [value.grad_fn] if value.grad_fn is not None else []
-    while todo:
-        node = todo.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        variable = getattr(node, "variable", None)  # an AccumulateGrad node: a leaf
-        if variable is not None and id(variable) not in ours:
-            return True
-        todo.extend(next_node for next_node, _ in node.next_functions if next_node is not None)
-    return False
+    return foreign_leaf([value], fresh) is not None
