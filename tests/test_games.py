@@ -311,6 +311,36 @@ def test_unrolled_game_stop_grad_and_no_mutation(mlp_params, mlp_forward) -> Non
     assert states["g"]["step"].item() == 0 and new_states["g"]["step"].item() == 3
 
 
+def test_unrolled_game_stop_grad_records_no_graph_to_tensor_hyperparameters() -> None:
+    """Under stop_grad every step is a constant: a learning rate that requires grad must not reach the result (it
+    did when the optimizer's update ran with autograd on), while the tracked game still differentiates it."""
+    lr = torch.tensor(0.1, dtype=DTYPE, requires_grad=True)
+    losses = {"d": lambda p: -bilinear(p["g"]["x"], p["d"]["y"]) + p["d"]["y"].pow(2).sum()}
+    players = {"g": {"x": torch.tensor([1.5], dtype=DTYPE)}, "d": {"y": torch.tensor([0.5], dtype=DTYPE)}}
+    opt = unroll.sgd(lr)
+    states = {"d": opt.init(players["d"])}
+    constant, _ = unroll.unrolled_game(losses, 3, True, optimizers={"d": opt})(players, states)
+    assert not constant["d"]["y"].requires_grad
+    tracked, _ = unroll.unrolled_game(losses, 3, optimizers={"d": opt})(players, states)
+    (lr_grad,) = torch.autograd.grad(tracked["d"]["y"].sum(), lr)
+    # y_{k+1} = y_k - lr (2 y_k - x) is linear: y_K = x/2 + (1 - 2 lr)^K (y_0 - x/2).
+    expected = 3 * (1 - 2 * 0.1) ** 2 * (-2) * (0.5 - 0.75)
+    assert lr_grad.item() == pytest.approx(expected, rel=1e-12)
+    assert torch.allclose(constant["d"]["y"], tracked["d"]["y"].detach(), rtol=0, atol=0)
+
+
+def test_unrolled_game_reports_a_nan_gradient_at_its_own_step_and_player() -> None:
+    """A loss that is finite while its gradient is not (sqrt at 0) is named with its player and unrolled step."""
+    losses = {"g": lambda p: (p["g"]["x"] * p["d"]["y"]).sum(),
+              "d": lambda p: (p["d"]["y"] - 1.0).abs().sqrt().sum()}
+    players = {"g": {"x": torch.tensor([1.0], dtype=DTYPE)}, "d": {"y": torch.tensor([1.0], dtype=DTYPE)}}
+    opt = unroll.sgd(0.1)
+    states = {p: opt.init(players[p]) for p in ("g", "d")}
+    with pytest.raises(unroll.NonFiniteLossError, match=r"gradient of losses\['d'\] .* at unrolled step 0 ") as info:
+        unroll.unrolled_game(losses, 2, optimizers={"g": opt, "d": opt})(players, states)
+    assert info.value.what == "gradient" and info.value.step == 0
+
+
 def test_unrolled_game_errors(mlp_params, mlp_forward) -> None:
     players, losses, args = mlp_game(mlp_params, mlp_forward)
     opt = unroll.sgd(0.1)

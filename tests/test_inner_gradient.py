@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 import unroll
-from unroll.unrolled import _under_torch_func
+from unroll._engine import under_torch_func
 
 K = 3
 
@@ -33,10 +33,10 @@ def _loss(params: Dict[str, Tensor], x: Tensor) -> Tensor:
 
 
 def test_detects_torch_func_transforms() -> None:
-    assert not _under_torch_func()
+    assert not under_torch_func()
     seen = []
-    torch.func.vmap(lambda t: seen.append(_under_torch_func()) or t)(torch.ones(2))
-    torch.func.grad(lambda t: seen.append(_under_torch_func()) or t.sum())(torch.ones(2))
+    torch.func.vmap(lambda t: seen.append(under_torch_func()) or t)(torch.ones(2))
+    torch.func.grad(lambda t: seen.append(under_torch_func()) or t.sum())(torch.ones(2))
     assert seen == [True, True]
 
 

@@ -24,7 +24,8 @@ from .param_groups import param_groups
 from .radam import radam
 from .rmsprop import rmsprop
 from .sgd import sgd
-from .unrolled import NonFiniteLossError, surrogate_loss, train_step, unrolled_params
+from ._engine import NonFiniteLossError
+from .unrolled import surrogate_loss, train_step, unrolled_params
 from ._types import Grads, Params, State
 
 __version__ = "0.2.0"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable, Dict, List, Mapping, Tuple
 
 import torch
@@ -10,8 +11,7 @@ from torch import Tensor
 from ._checks import check_same_keys, check_scalar_loss, check_tensor_mapping, check_unroll_steps
 from ._types import Params, State
 from .optimizer import Optimizer
-from .unrolled import NonFiniteLossError, _detach, _under_torch_func
-from .unrolled import _raise_if_nonfinite as _raise_if_any_nonfinite
+from ._engine import detach, gradient_fn, raise_if_nonfinite, step_record, under_torch_func
 
 Players = Mapping[str, Params]
 """Every player's parameters, keyed by player: ``{"g": {"w": ...}, "d": {"w": ...}}``."""
@@ -74,59 +74,34 @@ def unrolled_game(losses: Mapping[str, GameLoss], K: int, stop_grad: bool = Fals
         current = {p: dict(params) for p, params in players.items()}
         new_states = {p: states[p] for p in movers}
         if stop_grad:
-            current, new_states, args = _detach((current, new_states, args))
-        gradient = _gradient_fn(stop_grad)
-        values: List[Tensor] = []
+            current, new_states, args = detach((current, new_states, args))
+        differentiate = gradient_fn(functorch=under_torch_func() or torch.is_inference_mode_enabled(),
+                                    records_graph=torch.is_grad_enabled())
+        records: List[Tensor] = []
         for _ in range(K):
             start, current = current, dict(current)
             for p in movers:
                 # Simultaneous: every player differentiates at theta^k; alternating: at the latest parameters.
-                grads, value = gradient(losses[p], p, current if alternating else start, args)
-                values.append(value)
-                current[p], new_states[p] = optimizers[p].apply(start[p], grads, new_states[p])
-        if check_finite and values:
-            _raise_if_nonfinite(values, movers)
+                grads, value = differentiate(_own_loss(losses[p], p, current if alternating else start),
+                                             start[p], not stop_grad, args)
+                records.append(step_record(value, grads) if check_finite else value)
+                # Under stop_grad the step records no graph at all, not even to tensor hyperparameters.
+                with torch.no_grad() if stop_grad else contextlib.nullcontext():
+                    current[p], new_states[p] = optimizers[p].apply(start[p], grads, new_states[p])
+        if check_finite and records:
+            raise_if_nonfinite(records, lambda k: (k // len(movers), f"losses[{movers[k % len(movers)]!r}]"))
         return current, new_states
 
     return run
 
 
-GradientFn = Callable[[GameLoss, str, Dict[str, Dict[str, Tensor]], Tuple[Any, ...]],
-                      Tuple[Dict[str, Tensor], Tensor]]
-
-
-def _gradient_fn(stop_grad: bool) -> GradientFn:
-    """``gradient(loss, p, players, args) -> (grad of loss w.r.t. players[p], detached loss)``."""
-
-    def loss_of_own(loss: GameLoss, p: str, players: Dict[str, Dict[str, Tensor]], args: Tuple[Any, ...]
-                    ) -> Callable[[Dict[str, Tensor]], Tuple[Tensor, Tensor]]:
-        def value_of(own: Dict[str, Tensor]) -> Tuple[Tensor, Tensor]:
-            value = loss({**players, p: own}, *args)
-            check_scalar_loss(value, f"losses[{p!r}]")
-            return value, value.detach()
-        return value_of
-
-    if _under_torch_func() or torch.is_inference_mode_enabled():
-        # Inside torch.func transforms the gradient must be a transform too (as in unroll.surrogate_loss).
-        def func_gradient(loss: GameLoss, p: str, players: Dict[str, Dict[str, Tensor]], args: Tuple[Any, ...]
-                          ) -> Tuple[Dict[str, Tensor], Tensor]:
-            grads, value = torch.func.grad(loss_of_own(loss, p, players, args), has_aux=True)(players[p])
-            return (_detach(grads) if stop_grad else grads), value
-        return func_gradient
-
-    # The graph of each gradient is recorded only when a backward pass can use it.
-    create_graph = torch.is_grad_enabled() and not stop_grad
-
-    def autograd_gradient(loss: GameLoss, p: str, players: Dict[str, Dict[str, Tensor]], args: Tuple[Any, ...]
-                          ) -> Tuple[Dict[str, Tensor], Tensor]:
-        with torch.enable_grad():
-            own = {n: t if t.requires_grad else t.detach().requires_grad_() for n, t in players[p].items()}
-            value, detached = loss_of_own(loss, p, players, args)(own)
-            grads = (torch.autograd.grad(value, list(own.values()), create_graph=create_graph, allow_unused=True)
-                     if value.requires_grad else (None,) * len(own))
-        return {n: torch.zeros_like(t) if g is None else g for (n, t), g in zip(own.items(), grads)}, detached
-
-    return autograd_gradient
+def _own_loss(loss: GameLoss, p: str, players: Dict[str, Dict[str, Tensor]]) -> Callable[..., Tensor]:
+    """Player ``p``'s loss as a function of its own parameters, the other players' held at ``players``."""
+    def value_of(own: Dict[str, Tensor], *args: Any) -> Tensor:
+        value = loss({**players, p: own}, *args)
+        check_scalar_loss(value, f"losses[{p!r}]")
+        return value
+    return value_of
 
 
 def _check_game(losses: Any, optimizers: Any) -> None:
@@ -157,15 +132,3 @@ def _check_players(players: Any, states: Any, optimizers: Mapping[str, Optimizer
     check_same_keys(optimizers, states, "states", "optimizers (the moving players)")
     for p, opt in optimizers.items():
         opt.check_state(players[p], states[p])
-
-
-def _raise_if_nonfinite(values: List[Tensor], movers: List[str]) -> None:
-    """unroll.surrogate_loss's check, with the error naming the player and the unrolled step."""
-    try:
-        _raise_if_any_nonfinite(values)
-    except NonFiniteLossError as error:
-        step, player = divmod(error.step, len(movers))
-        named = NonFiniteLossError(step, error.value)
-        named.args = (f"losses[{movers[player]!r}] returned a non-finite loss ({error.value}) at unrolled step "
-                      f"{step} (0-based)",)
-        raise named from None

@@ -5,8 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from dataclasses import dataclass
-from typing import (Any, Callable, Collection, Dict, List, Literal, Mapping, NamedTuple, Optional, Sequence, Tuple,
-                    Union, overload)
+from typing import Any, Callable, Dict, List, Literal, Mapping, NamedTuple, Optional, Tuple, Union, overload
 
 import torch
 import torch.utils._pytree as pytree
@@ -14,8 +13,8 @@ from torch import Tensor
 
 from . import _schedule
 from ._checkpoint import CheckpointedSteps
+from ._engine import detach, gradient_fn, raise_if_nonfinite, step_record, under_torch_func
 from ._flat import layout_for
-from ._graph import foreign_leaf
 from ._live import FirstCallGuarded
 from ._checks import (check_checkpoint, check_same_keys, check_scalar_loss, check_tensor_mapping, check_truncate,
                       check_unroll_steps)
@@ -31,23 +30,6 @@ StepArgs = Callable[..., Tuple[Any, ...]]
 TransformGrads = Callable[[Dict[str, Tensor], int], Mapping[str, Tensor]]
 """``transform_grads(grads, k) -> grads``: applied to the inner gradient of unrolled step ``k`` (0-based) before the
 optimizer step, inside the differentiated computation (clipping, noise, an all-reduce across ranks, ...)."""
-
-
-class NonFiniteLossError(FloatingPointError):
-    """The inner loss, or the inner gradient, became NaN or infinite during unrolling; ``step`` is the (0-based)
-    unrolled step, ``what`` is ``"loss"`` or ``"gradient"`` and ``value`` the non-finite value (for a gradient,
-    its smallest or largest entry: NaN, inf or -inf)."""
-
-    def __init__(self, step: int, value: float, what: str = "loss") -> None:
-        where = f"at unrolled step {step} (0-based, i.e. when computing theta^{step + 1} from theta^{step})"
-        if what == "gradient":
-            super().__init__(f"the gradient of inner_fn has a non-finite entry ({value}) {where}, although its "
-                             f"loss there is finite")
-        else:
-            super().__init__(f"inner_fn returned a non-finite loss ({value}) {where}")
-        self.step = step
-        self.value = value
-        self.what = what
 
 
 def unrolled_params(inner_fn: LossFn, K: int, stop_grad: bool = False, *, optimizer: Optimizer,
@@ -337,7 +319,7 @@ def _unroll(spec: _Unroll, params: Params, state: State, args: Tuple[Any, ...], 
     optimizer, K = spec.optimizer, spec.K
     optimizer.check_state(params, state)
     inference = torch.is_inference_mode_enabled()
-    functorch = _under_torch_func()
+    functorch = under_torch_func()
     records_graph = torch.is_grad_enabled() and not inference
     checkpointed = bool(spec.checkpoint) and records_graph and spec.first_tracked < K
     if checkpointed and functorch:
@@ -359,40 +341,14 @@ def _unroll(spec: _Unroll, params: Params, state: State, args: Tuple[Any, ...], 
     guarded_inner = FirstCallGuarded(spec.inner_fn, "inner_fn")
 
     # Buffers are an explicit (non-differentiated) input: torch.func forbids in-place updates of captured tensors.
-    def loss(packed: Dict[str, Tensor], buffers: Dict[str, Tensor], *args_k: Any) -> Tuple[Tensor, Tensor]:
+    def loss(packed: Dict[str, Tensor], buffers: Dict[str, Tensor], *args_k: Any) -> Tensor:
         value = guarded_inner({**layout.unpack(packed), **buffers}, *args_k)
         check_scalar_loss(value, "inner_fn")
-        return value, value.detach()
+        return value
 
-    if functorch or inference:
-        # Inside torch.func.grad/vmap the inner gradient must be a transform too; under inference_mode autograd
-        # records nothing, while torch.func.grad still differentiates.
-        func_grad = torch.func.grad(loss, has_aux=True)
-
-        def inner_grads(packed: Dict[str, Tensor], buffers: Dict[str, Tensor], tracked: bool, *args_k: Any
-                        ) -> Tuple[Dict[str, Tensor], Tensor]:
-            grads, value = func_grad(packed, buffers, *args_k)
-            return (grads if tracked else _detach(grads)), value
-    else:
-        # Plain autograd does the same arithmetic as torch.func.grad without its per-operation wrapping (up to 15 %
-        # of a small discriminator's unroll, docs/benchmarks.md), and records the graph of the inner gradient
-        # only when a backward pass can use it (not for constant steps or under torch.no_grad) and something
-        # outside the step requires grad: a graph to the fresh leaves alone would make the result require grad
-        # with nothing to differentiate.
-        def inner_grads(packed: Dict[str, Tensor], buffers: Dict[str, Tensor], tracked: bool, *args_k: Any
-                        ) -> Tuple[Dict[str, Tensor], Tensor]:
-            with torch.enable_grad():
-                fresh = [t.detach().requires_grad_() for t in packed.values() if not t.requires_grad]
-                leaves = iter(fresh)
-                inputs = {n: t if t.requires_grad else next(leaves) for n, t in packed.items()}
-                value = loss(inputs, buffers, *args_k)[0]
-                create_graph = (records_graph and tracked
-                                and (len(fresh) < len(inputs) or _reaches_outside(value, fresh, args_k)))
-                grads = (torch.autograd.grad(value, list(inputs.values()), create_graph=create_graph,
-                                             allow_unused=True)
-                         if value.requires_grad else (None,) * len(inputs))
-            return ({n: torch.zeros_like(t) if g is None else g for (n, t), g in zip(packed.items(), grads)},
-                    value.detach())
+    # Inside torch.func.grad/vmap the inner gradient must be a transform too; under inference_mode autograd records
+    # nothing, while torch.func.grad still differentiates.
+    differentiate = gradient_fn(functorch=functorch or inference, records_graph=records_graph)
 
     loss_dtype = [torch.get_default_dtype()]  # inner_fn's, set by every step
 
@@ -400,8 +356,8 @@ def _unroll(spec: _Unroll, params: Params, state: State, args: Tuple[Any, ...], 
         """theta^{k+1} from theta^k; ``carry.buffers`` is updated in place by ``inner_fn``."""
         args_k = args if spec.step_args is None else _call_step_args(spec.step_args, k, args)
         if not tracked:
-            args_k = _detach(args_k)
-        grads, value = inner_grads(carry.params, carry.buffers, tracked, *args_k)
+            args_k = detach(args_k)
+        grads, value = differentiate(loss, carry.params, tracked, (carry.buffers, *args_k))
         # A constant step records no graph at all: not to params or args (detached above), nor to tensor
         # hyperparameters or tensors that transform_grads closes over.
         with contextlib.nullcontext() if tracked else torch.no_grad():
@@ -412,11 +368,7 @@ def _unroll(spec: _Unroll, params: Params, state: State, args: Tuple[Any, ...], 
             outer_k = each_step(layout.unpack(new_params), carry.buffers).reshape(1)
             outer_values = outer_k if outer_values is None else torch.cat([outer_values, outer_k])
         loss_dtype[0] = value.dtype
-        record = value.reshape(1)
-        if spec.check_finite:
-            # [loss, the gradient's extremes]: they ride along with the loss to the one synchronisation at the end,
-            # so that a NaN gradient is reported at its own step, not as the NaN loss of the next one.
-            record = torch.cat([record, *_extremes(grads)])
+        record = step_record(value, grads) if spec.check_finite else value.reshape(1)
         return _Carry(new_params, new_state, carry.buffers, outer_values), record
 
     def rerunnable(carry: _Carry, k: int, tracked: bool) -> Tuple[_Carry, Tensor]:
@@ -426,7 +378,7 @@ def _unroll(spec: _Unroll, params: Params, state: State, args: Tuple[Any, ...], 
     carry = _Carry(layout.pack(params), layout.pack_state(state, optimizer.buffers), buffers)
     if spec.first_tracked > 0:
         # Constant steps take constant inputs (stop_grad, truncate): no graph to params or state before them.
-        carry = carry._replace(params=_detach(carry.params), state=_detach(carry.state))
+        carry = carry._replace(params=detach(carry.params), state=detach(carry.state))
     values = []
     for k in range(spec.first_tracked if checkpointed else K):
         carry, value = step(carry, k, k >= spec.first_tracked)
@@ -441,7 +393,7 @@ def _unroll(spec: _Unroll, params: Params, state: State, args: Tuple[Any, ...], 
         values.extend(tracked_values)
     records = torch.stack(values)
     if spec.check_finite:
-        _raise_if_nonfinite(records)
+        raise_if_nonfinite(records)
     # torch.cat may have promoted the records to the gradients' dtype; the losses keep inner_fn's (exactly).
     return _Unrolled(layout.unpack(carry.params), layout.unpack_state(carry.state, optimizer.buffers),
                      carry.buffers, records[:, 0].to(loss_dtype[0]), carry.outer_values)
@@ -457,50 +409,8 @@ def _check_transformed(new_grads: Any, grads: Mapping[str, Tensor], k: int) -> N
                              f"{tuple(g.shape)}")
 
 
-def _under_torch_func() -> bool:
-    """True inside a torch.func transform (grad, vmap, jvp, ...); also if this torch cannot tell (the safe side)."""
-    peek = getattr(torch._C._functorch, "peek_interpreter_stack", None)
-    return peek is None or peek() is not None
-
-
 def _call_step_args(step_args: StepArgs, k: int, args: Tuple[Any, ...]) -> Tuple[Any, ...]:
     args_k = step_args(k, *args)
     if not isinstance(args_k, tuple):
         raise TypeError(f"step_args must return a tuple of arguments for inner_fn, got {type(args_k).__name__}")
     return args_k
-
-
-def _detach(tree: Any) -> Any:
-    return pytree.tree_map_only(Tensor, Tensor.detach, tree)
-
-
-def _raise_if_nonfinite(records: Union[Tensor, Sequence[Tensor]]) -> None:
-    """Raise :class:`NonFiniteLossError` naming the first unrolled step whose loss (``records[k]`` or
-    ``records[k, 0]``) or, after it, inner gradient (its extremes, ``records[k, 1:]``) is not finite."""
-    table = records if isinstance(records, Tensor) else torch.stack(list(records))
-    table = table.reshape(table.shape[0], -1)
-    finite = torch.isfinite(table)
-    try:
-        all_finite = bool(finite.all())
-    except RuntimeError:
-        # Under torch.func.vmap the losses differ per batch entry and cannot be branched on; skip the check.
-        return
-    if not all_finite:
-        step, column = divmod(int((~finite).flatten().nonzero()[0, 0]), table.shape[1])
-        if column == 0:
-            raise NonFiniteLossError(step, float(table[step, 0]))
-        raise NonFiniteLossError(step, float(table[step, column]), "gradient")
-
-
-def _extremes(grads: Mapping[str, Tensor]) -> List[Tensor]:
-    """Each gradient's smallest and largest entry (shape ``(1,)``): finite exactly when every entry is, since
-    both propagate NaN. ``aminmax`` is one pass, several times cheaper than ``isfinite(g).all()``."""
-    return [m.reshape(1) for g in grads.values() if g.numel() > 0 for m in torch.aminmax(g.detach())]
-
-
-def _reaches_outside(value: Tensor, fresh: Collection[Tensor], args: Tuple[Any, ...]) -> bool:
-    """Whether ``value`` depends on a tensor that requires grad besides the ``fresh`` leaves made for this step:
-    one in ``args``, or one the function closes over (found by walking the graph to its leaves)."""
-    if any(isinstance(t, Tensor) and t.requires_grad for t in pytree.tree_leaves(args)):
-        return True
-    return foreign_leaf([value], fresh) is not None
