@@ -1,1 +1,1 @@
-"""Benchmarks of one unrolled generator gradient: unroll vs higher vs torchopt vs a first-order loop (issue 6)."""
+"""Benchmarks of one unrolled generator gradient: unroll vs higher vs torchopt vs a first-order loop."""

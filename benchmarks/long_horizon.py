@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import os
 import platform
 import statistics
@@ -279,7 +278,8 @@ def render(results: Dict[str, Any], figure: Optional[str]) -> str:
               "plain unroll, `checkpoint=True` (every state stored, each step recomputed once) and `checkpoint=N` "
               "(at most N stored states, revolve's schedule). Each cell in a fresh process: peak memory growth "
               "during the gradient (see `benchmarks/memory.py`) and the median wall time of "
-              "the calls (the first is the one whose memory is measured; 3 calls for K ≤ 100, 1 above). Cells marked *not run* would exceed the run's limits; their "
+              "the calls (the first is the one whose memory is measured; 3 calls for K ≤ 100, 1 above). "
+              "Cells marked *not run* would exceed the run's limits; their "
               "numbers are extrapolated linearly from the two largest K measured for that method.", ""]
     for model in results["cells"]:
         lines += [f"## {model}", "", *table(results, model), ""]

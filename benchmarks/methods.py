@@ -97,7 +97,7 @@ def make_torchopt(problem: Problem, K: int) -> GradFn:
     g_params = tuple(G.parameters())
     torch_state = p.d_optimizer.state
 
-    def load_state(d_opt: "torchopt.MetaAdam") -> None:
+    def load_state(d_opt: torchopt.MetaAdam) -> None:
         flat, _ = torchopt.pytree.tree_flatten_as_tuple(d_opt.param_containers_groups[0])
         states = [torch_state[t] for t in flat]  # torchopt orders parameters by sorted name, so look them up
         adam_state, *rest = d_opt.impl.init(flat)
@@ -232,7 +232,7 @@ def warm_up(method: str) -> Tuple[str, int]:
     return unroll_method(truncate=1, checkpoint=bool(options.get("checkpoint"))), 2
 
 
-# Issue 6's memory-bounding option (recompute each unrolled step in the backward pass). The suite compares it
+# The memory-bounding option (recompute each unrolled step in the backward pass). The suite compares it
 # with the plain unroll at K = 100 on the conv model as soon as unroll.surrogate_loss accepts ``checkpoint``.
 CHECKPOINT_METHOD = unroll_method(checkpoint=True)
 

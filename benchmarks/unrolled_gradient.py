@@ -1,4 +1,4 @@
-"""Benchmark one unrolled generator gradient: unroll vs higher vs torchopt vs a first-order loop (issue 6).
+"""Benchmark one unrolled generator gradient: unroll vs higher vs torchopt vs a first-order loop.
 
     python -m benchmarks.unrolled_gradient --out docs/benchmarks.md          # full suite (minutes)
     python -m benchmarks.unrolled_gradient --quick                           # smoke run (seconds)
@@ -8,7 +8,8 @@
 All methods run in one process, interleaved round-robin within each repetition (the starting method rotates),
 after warm-up calls; the page reports medians and ratios to unroll, at 1 and 2 threads, the peak memory of
 each method (see :mod:`benchmarks.memory`) and a side-check that the gradients agree. Sections: the method
-comparison, the checkpointed unroll at K = 100 (issue 6), truncated unrolls (issue 13) and N seeds with vmap.
+comparison, the checkpointed unroll at K = 100 (memory target: <= 1/5 of the plain unroll's peak), truncated
+unrolls (what ``truncate`` saves, and how far its gradient is from the full one) and N seeds with vmap.
 """
 
 from __future__ import annotations
@@ -32,8 +33,18 @@ import torch
 from torch import Tensor
 
 from . import memory, vmap_seeds
-from .methods import (CHECKPOINT_METHOD, METHODS, OPTIONAL, TORCHOPT_EPS_ROOT, GradFn, describe, make, make_unroll,
-                      unavailable, unroll_method)
+from .methods import (
+    CHECKPOINT_METHOD,
+    METHODS,
+    OPTIONAL,
+    TORCHOPT_EPS_ROOT,
+    GradFn,
+    describe,
+    make,
+    make_unroll,
+    unavailable,
+    unroll_method,
+)
 from .models import CONV_BATCH, CONV_D_CHANNELS, CONV_G_CHANNELS, MIXTURE_BATCH, MODELS, STEADY_STEP, make_problem
 
 Log = Callable[[str], None]
@@ -43,7 +54,7 @@ FIRST_ORDER_TARGET = 3.2  # unroll / first-order, K = 10
 FIRST_ORDER_TARGET_K = 10
 CHECKPOINT_MEMORY_TARGET = 1 / 5
 
-# What a run measures (--only): the method comparison (timings, memory, correctness and issue 6's speed targets),
+# What a run measures (--only): the method comparison (timings, memory, correctness and the speed targets),
 # the checkpointed unroll at K = 100, truncated unrolls, N seeds with vmap.
 SECTIONS = ("comparison", "checkpoint", "truncation", "seeds")
 DEVICES = ("cpu", "cuda")
@@ -273,7 +284,7 @@ def _memory(config: Config, methods: Sequence[str], results: Dict[str, Any], log
 
 
 def _checkpoint(config: Config, results: Dict[str, Any], log: Log) -> None:
-    """Issue 6: at K = checkpoint_k on the conv model, checkpointed unroll peak memory <= 1/5 of plain, same grad."""
+    """Memory target: at K = checkpoint_k on the conv model, checkpointed peak memory <= 1/5 of plain, same grad."""
     reason = unavailable(CHECKPOINT_METHOD) or (None if config.memory else "memory measurement disabled")
     reason = reason or memory.supported(config.device)
     if reason is None and "conv" not in config.models:
@@ -300,7 +311,7 @@ def _checkpoint(config: Config, results: Dict[str, Any], log: Log) -> None:
 
 
 def _truncation(config: Config, results: Dict[str, Any], log: Log) -> None:
-    """Issue 13: time, peak memory and gradient of truncated unrolls (truncate T of K steps), 1 thread.
+    """What truncation saves: time, peak memory and gradient of truncated unrolls (truncate T of K steps), 1 thread.
 
     Every model and K of the section: the variants of :func:`truncation_methods` timed round-robin, each
     gradient compared with the full one (truncate=K), and the checks that truncate=K equals the plain unroll and
@@ -431,7 +442,8 @@ def _seeds_section(measurements: Sequence[Dict[str, Any]]) -> List[str]:
     out = [
         "", "## N seeds in one process (`torch.func.vmap`) vs N separate runs, mixture", "",
         f"{c['seeds']} seeds × {c['iterations']} training iterations of `examples/gan/lib/training.py` "
-        f"(K = {c['K']}), {c['threads']} thread, median of {c['reps']} interleaved repetitions (`benchmarks/vmap_seeds.py`). "
+        f"(K = {c['K']}), {c['threads']} thread, median of {c['reps']} interleaved repetitions "
+        "(`benchmarks/vmap_seeds.py`). "
         "The target is at App. A's batch of 512; the smaller batch shows where vmap pays.", "",
         "| batch | way | median s | ÷ separate | max abs diff of G params vs vmap |", "|---|---|---|---|---|",
     ]
@@ -718,7 +730,7 @@ and K; "÷ full" divides by the truncate = K row."""
 
 
 def _truncation_section(results: Dict[str, Any]) -> List[str]:
-    """Issue 13's section: truncated unrolls side by side, per model and K, and their gradient checks."""
+    """The truncation section: truncated unrolls side by side, per model and K, and their gradient checks."""
     truncation, config = results["truncation"], results["config"]
     device = config.get("device", "cpu")
     title = "## Truncated unrolls (`surrogate_loss(..., truncate=T)`)"

@@ -15,9 +15,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples" / "gan"))
 
-import unroll  # noqa: E402
 import historical_averaging as ha  # noqa: E402
 import second_gradient as sg  # noqa: E402
+import unroll  # noqa: E402
 from lib.metrics import steps_to_stable_coverage  # noqa: E402
 from lib.training import CHECKPOINT, TrainConfig, Trainer  # noqa: E402
 
@@ -150,7 +150,8 @@ def test_second_gradient_sweep_end_to_end(tmp_path: Path) -> None:
     g5 = json.loads(next((tmp_path / "runs" / "g5").glob("*K2*stopgrad_avg*/metrics.json")).read_text())
     assert g5["config"]["g_steps"] == 5 and g5["config"]["average_over_steps"] and g5["status"] == "done"
     per_seed = json.loads((tmp_path / "second_gradient" / "per_seed.json").read_text())
-    assert len(per_seed["rows"]) == 2 * 4 and all(row["seeds"] == [0, 1] for row in per_seed["rows"])  # K=0, 3 configs × K=2; 2 regimes
+    # K=0, 3 configs × K=2; 2 regimes
+    assert len(per_seed["rows"]) == 2 * 4 and all(row["seeds"] == [0, 1] for row in per_seed["rows"])
     assert [row["iterations"] for row in per_seed["rows"]] == [4] * 4 + [2] * 4  # each regime's own length
     assert "per_seed.json" in page
 

@@ -19,11 +19,28 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import memory, vmap_seeds  # noqa: E402
-from benchmarks.methods import (CHECKPOINT_METHOD, checkpoint_unavailable, describe, make, make_unroll,  # noqa: E402
-                                parse_method, unavailable, unroll_method, warm_up)
+from benchmarks.methods import (  # noqa: E402
+    CHECKPOINT_METHOD,
+    checkpoint_unavailable,
+    describe,
+    make,
+    make_unroll,
+    parse_method,
+    unavailable,
+    unroll_method,
+    warm_up,
+)
 from benchmarks.models import make_problem, to_device  # noqa: E402
-from benchmarks.unrolled_gradient import (QUICK, SEEDS_ON_CUDA, compare, device_unavailable, main,  # noqa: E402
-                                          render_markdown, run_suite, truncation_methods)
+from benchmarks.unrolled_gradient import (  # noqa: E402
+    QUICK,
+    SEEDS_ON_CUDA,
+    compare,
+    device_unavailable,
+    main,
+    render_markdown,
+    run_suite,
+    truncation_methods,
+)
 
 TOLERANCE = 1e-5
 

@@ -37,7 +37,7 @@ K = 7  # odd, and long enough for every schedule below to recompute
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def fewest_advances(steps: int, slots: int) -> float:
     """Brute force over every first stored state: the optimum the closed form and the plan must reach."""
     if steps == 1:

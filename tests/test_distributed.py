@@ -12,7 +12,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Tuple
 
 import pytest
 import torch
@@ -23,8 +23,8 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
 import unroll
-from unroll.distributed import all_reduce_grads_, all_reduce_mean, check_same_shapes
 from test_surrogate import Game, Params, assert_close, assert_trees_equal, leaf_copy, make_game, stack_trees
+from unroll.distributed import all_reduce_grads_, all_reduce_mean, check_same_shapes
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with gloo is not available")

@@ -31,7 +31,7 @@ class CountingLoss:
         self.calls = 0
         self.result = result
 
-    def returning(self, result: Any) -> "CountingLoss":
+    def returning(self, result: Any) -> CountingLoss:
         self.result = result
         return self
 

@@ -20,9 +20,9 @@ from torch import Tensor
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples" / "games"))
 
-import unroll  # noqa: E402
 import common  # noqa: E402
 import ipd  # noqa: E402
+import unroll  # noqa: E402
 
 DTYPE = torch.float64
 
@@ -118,7 +118,10 @@ def test_extrapolated_alpha_k_is_k_steps_on_a_bilinear_game() -> None:
     gen = torch.Generator().manual_seed(0)
     A = torch.randn(3, 4, generator=gen, dtype=DTYPE)
     x0, y = torch.randn(3, generator=gen, dtype=DTYPE), torch.randn(4, generator=gen, dtype=DTYPE)
-    y_loss = lambda p, x: -(x @ A @ p["y"])
+
+    def y_loss(p: Dict[str, Tensor], x: Tensor) -> Tensor:
+        return -(x @ A @ p["y"])
+
     opt = unroll.sgd(0.3)
 
     def grad_x(surrogate: Callable[..., Tensor]) -> Tensor:
@@ -131,7 +134,10 @@ def test_extrapolated_alpha_k_is_k_steps_on_a_bilinear_game() -> None:
 
 def test_extrapolated_alpha_tensor_gets_its_gradient() -> None:
     """d f_alpha / d alpha = f_1 - f_0, for learning alpha."""
-    y_loss = lambda p, x: -(x * p["y"]).sum() - 0.5 * (p["y"] ** 2).sum()
+
+    def y_loss(p: Dict[str, Tensor], x: Tensor) -> Tensor:
+        return -(x * p["y"]).sum() - 0.5 * (p["y"] ** 2).sum()
+
     opt, y, x = unroll.sgd(0.5), {"y": torch.tensor([0.4], dtype=DTYPE)}, torch.tensor([1.5], dtype=DTYPE)
     alpha = torch.tensor(2.0, dtype=DTYPE, requires_grad=True)
     value = unroll.extrapolated_surrogate_loss(y_loss, alpha, optimizer=opt)(y, opt.init(y), x)
@@ -184,7 +190,10 @@ def test_unrolled_game_with_one_mover_is_unrolled_params(mlp_params, mlp_forward
     players, losses, args = mlp_game(mlp_params, mlp_forward)
     opt = OPTIMIZERS[kind](list(players["d"]))
     game = unroll.unrolled_game({"d": losses["d"]}, 4, optimizers={"d": opt})
-    d_inner = lambda d, g, real, z: losses["d"]({"g": g, "d": d}, real, z)
+
+    def d_inner(d: Dict[str, Tensor], g: Dict[str, Tensor], real: Tensor, z: Tensor) -> Tensor:
+        return losses["d"]({"g": g, "d": d}, real, z)
+
     g = {n: t.clone().requires_grad_() for n, t in players["g"].items()}
     end, states = game({"g": g, "d": players["d"]}, {"d": opt.init(players["d"])}, *args)
     ref, ref_state = unroll.unrolled_params(d_inner, 4, optimizer=opt)(players["d"], opt.init(players["d"]), g, *args)
@@ -226,8 +235,13 @@ def test_symmetric_unrolling_gradient_matches_finite_differences(mlp_params, mlp
     and unrolled_game unrolling G only, against central finite differences (float64)."""
     players, losses, args = mlp_game(mlp_params, mlp_forward)
     g_opt = unroll.sgd(0.3, momentum=0.5)
-    g_inner = lambda g, d, real, z: losses["g"]({"g": g, "d": d}, real, z)
-    d_outer = lambda g, d, real, z: losses["d"]({"g": g, "d": d}, real, z)
+
+    def g_inner(g: Dict[str, Tensor], d: Dict[str, Tensor], real: Tensor, z: Tensor) -> Tensor:
+        return losses["g"]({"g": g, "d": d}, real, z)
+
+    def d_outer(g: Dict[str, Tensor], d: Dict[str, Tensor], real: Tensor, z: Tensor) -> Tensor:
+        return losses["d"]({"g": g, "d": d}, real, z)
+
     swapped = unroll.surrogate_loss(g_inner, 3, optimizer=g_opt, outer_fn=d_outer)
     game = unroll.unrolled_game({"g": losses["g"]}, 3, optimizers={"g": g_opt})
     names = list(players["d"])
@@ -378,7 +392,10 @@ def test_ipd_value_is_the_discounted_sum_of_rewards() -> None:
     gen = torch.Generator().manual_seed(0)
     mine, theirs = torch.randn(5, generator=gen, dtype=DTYPE), torch.randn(5, generator=gen, dtype=DTYPE)
     p, q = torch.sigmoid(mine), torch.sigmoid(theirs)[list(ipd.OWN_VIEW)]
-    joint = lambda a, b: torch.stack([a * b, a * (1 - b), (1 - a) * b, (1 - a) * (1 - b)], -1)
+
+    def joint(a: Tensor, b: Tensor) -> Tensor:
+        return torch.stack([a * b, a * (1 - b), (1 - a) * b, (1 - a) * (1 - b)], -1)
+
     transition, dist = joint(p[:4], q[:4]), joint(p[4], q[4])
     reward = torch.tensor(ipd.REWARD, dtype=DTYPE)
     total = torch.zeros((), dtype=DTYPE)

@@ -26,14 +26,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "gan")
 
 import cifar10  # noqa: E402
 import colored_mnist  # noqa: E402
+import mnist_rnn  # noqa: E402
+import stacked_mnist  # noqa: E402
 from lib import diversity as dv  # noqa: E402
-from lib import image_models as M  # noqa: E402
 from lib import image_experiment as ex  # noqa: E402
+from lib import image_models as M  # noqa: E402
 from lib import image_training as it  # noqa: E402
 from lib import mnist_data as md  # noqa: E402
 from lib import runs  # noqa: E402
-import mnist_rnn  # noqa: E402
-import stacked_mnist  # noqa: E402
 
 needs_real_mnist = pytest.mark.skipif(not md.has_split("test"), reason=md.how_to_get("test"))
 # Timing fields differ between any two runs; everything else must match exactly.

@@ -20,11 +20,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "gan")
 
 import cifar10  # noqa: E402
 import colored_mnist  # noqa: E402
+import mnist_rnn  # noqa: E402
+import stacked_mnist  # noqa: E402
 from lib import image_experiment as ex  # noqa: E402
 from lib import image_training as it  # noqa: E402
 from lib import mnist_data as md  # noqa: E402
-import mnist_rnn  # noqa: E402
-import stacked_mnist  # noqa: E402
 
 needs_real_mnist = pytest.mark.skipif(not md.has_split("test"), reason=md.how_to_get("test"))
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py

@@ -250,7 +250,8 @@ def test_a_nan_gradient_is_reported_at_its_own_step() -> None:
     params = {"w": torch.zeros(3, 2)}
     opt = unroll.sgd(0.1)
     for entry in (unroll.unrolled_params(loss, 3, optimizer=opt), unroll.train_step(loss, optimizer=opt)):
-        with pytest.raises(unroll.NonFiniteLossError, match=r"gradient of inner_fn has a non-finite entry \(nan\) at unrolled step 0 ") as info:
+        message = r"gradient of inner_fn has a non-finite entry \(nan\) at unrolled step 0 "
+        with pytest.raises(unroll.NonFiniteLossError, match=message) as info:
             entry(params, opt.init(params), torch.randn(4, 3))
         assert (info.value.step, info.value.what) == (0, "gradient") and math.isnan(info.value.value)
 

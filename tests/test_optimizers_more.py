@@ -13,11 +13,22 @@ import torch.utils._pytree as pytree
 from torch import Tensor
 
 import unroll
+
 # Shared with the core tests (tests/ is on sys.path under pytest's default import mode).
 from test_from_torch import _max_abs_diff, _module, _torch_step
-from test_optimizers import (PARITY_ATOL, PARITY_STEPS, _assert_finite_meta_gradients, _assert_keeps_dtype_and_shape,
-                             _assert_parity, _assert_step_gradients, _assert_step_is_pure, _case_id, _make, _params,
-                             _run)
+from test_optimizers import (
+    PARITY_ATOL,
+    PARITY_STEPS,
+    _assert_finite_meta_gradients,
+    _assert_keeps_dtype_and_shape,
+    _assert_parity,
+    _assert_step_gradients,
+    _assert_step_is_pure,
+    _case_id,
+    _make,
+    _params,
+    _run,
+)
 
 GradSequence = Callable[..., List[Dict[str, Tensor]]]  # the random_grads fixture (see conftest.py)
 Case = Tuple[str, Dict[str, Any]]
@@ -165,8 +176,8 @@ def test_vmap_over_states_at_different_steps(case: Case, random_grads: GradSeque
     assert batched_state["step"].tolist() == [1, 4, 9]
     for i, (params, grads, state) in enumerate(samples):
         expected = optimizer.step(params, grads, state)
-        torch.testing.assert_close(pytree.tree_map(lambda t: t[i], (batched_params, batched_state)), expected,
-                                   rtol=1e-12, atol=1e-14)
+        actual = pytree.tree_map(lambda t: t[i], (batched_params, batched_state))  # noqa: B023 (called here)
+        torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-14)
 
 
 @pytest.mark.parametrize("case", RICH_OPTIONS, ids=_case_id)

@@ -444,7 +444,7 @@ def run_with_kills(name: str, argv: List[str], out: Path, seed: int, kills: int,
             _, err = process.communicate(timeout=300)
             assert process.returncode == 0, err
             return
-        wait_for(lambda: ready() or process.poll() is not None)
+        wait_for(lambda: ready() or process.poll() is not None)  # noqa: B023 (called in this iteration)
         time.sleep(rng.uniform(0.0, 1.5))
         kill(process)
 

@@ -23,8 +23,10 @@ from typing import Any, Dict, List
 import pytest
 import torch
 
-from test_runs import GAN, IMG, IMG_ANY_WORKERS, MIX, children, hold, kill, script, wait_for, write_cifar
+from test_runs import GAN, IMG, IMG_ANY_WORKERS, MIX, children, hold, kill, wait_for, write_cifar
 
+# isort: split
+# test_runs has put examples/gan on sys.path for these.
 import cifar10  # noqa: E402
 import fig2  # noqa: E402
 import mixture  # noqa: E402

@@ -12,8 +12,16 @@ import torch
 from torch import Tensor
 
 import unroll
-from test_surrogate import (Params, assert_close, assert_matches_finite_differences, assert_trees_equal, grads_of,
-                            make_game, snapshot, stack_trees)
+from test_surrogate import (
+    Params,
+    assert_close,
+    assert_matches_finite_differences,
+    assert_trees_equal,
+    grads_of,
+    make_game,
+    snapshot,
+    stack_trees,
+)
 
 K = 4
 

@@ -43,7 +43,7 @@ class _RNGState:
         self.cpu = torch.get_rng_state()
         self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None  # type: ignore[no-untyped-call]
 
-    def restored(self) -> "contextlib.AbstractContextManager[None]":
+    def restored(self) -> contextlib.AbstractContextManager[None]:
         """Run with the generators as they were here, leaving them as they are outside."""
         return _restored(self)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Iterable, Iterator, Mapping, Tuple
+from typing import Any, Iterable, Iterator, Mapping, Tuple, cast
 
 import torch
 
@@ -24,9 +24,10 @@ def check_truncate(truncate: Any, K: int) -> int | None:
     if isinstance(truncate, bool) or not isinstance(truncate, numbers.Integral):
         raise TypeError(f"truncate (the number of differentiated unrolled steps) must be an int or None, got "
                         f"{type(truncate).__name__}: {truncate!r}")
-    if not 0 <= truncate <= K:
+    steps = int(truncate)  # exact for any Integral (a numpy integer), and typed for the comparison
+    if not 0 <= steps <= K:
         raise ValueError(f"truncate must be between 0 and K = {K} (the steps to differentiate), got {truncate}")
-    return int(truncate)
+    return steps
 
 
 def check_checkpoint(checkpoint: Any) -> bool | int:
@@ -111,8 +112,11 @@ def check_hyperparameter(value: Any, label: str, *, low: float | None = 0.0, hig
         value = value.detach().item()
     if not isinstance(value, numbers.Real) or isinstance(value, bool):
         raise TypeError(f"{label} must be a real number or a 1-element tensor, got {type(value).__name__}")
-    above_low = value == value if low is None else low <= value
-    below_high = high is None or (value <= high if high_inclusive else value < high)
+    # typeshed's numbers.Real has no __ge__, so `low <= value` does not type-check; compare it as the float it
+    # behaves like (no conversion: a cast changes nothing at run time).
+    number = cast(float, value)
+    above_low = number == number if low is None else low <= number
+    below_high = high is None or (number <= high if high_inclusive else number < high)
     if not (above_low and below_high):
         bound = "a number" if low is None else f">= {low}"
         if high is not None:

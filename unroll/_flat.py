@@ -7,7 +7,7 @@ players (the paper's discriminators) per-op overhead, not arithmetic, dominates 
 
 from __future__ import annotations
 
-from typing import Dict, Mapping, Sequence, Tuple
+from typing import Dict, List, Mapping, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -23,7 +23,7 @@ class FlatLayout:
     def __init__(self, params: Params) -> None:
         self.names: Tuple[str, ...] = tuple(params)
         self.shapes = tuple(p.shape for p in params.values())
-        self.numels: Sequence[int] = [p.numel() for p in params.values()]
+        self.numels: List[int] = [p.numel() for p in params.values()]
 
     @staticmethod
     def applies(params: Params) -> bool:

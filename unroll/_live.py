@@ -48,7 +48,7 @@ class LiveBufferGuard:
         self._runs: List[_Run] = []
         self._handles: List[Any] = []
 
-    def __enter__(self) -> "LiveBufferGuard":
+    def __enter__(self) -> LiveBufferGuard:
         self._handles = [register_module_forward_pre_hook(self._before), register_module_forward_hook(self._after)]
         return self
 

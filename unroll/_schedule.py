@@ -31,7 +31,7 @@ class Segment:
     """``steps`` consecutive steps; ``parts`` are the consecutive segments they are reversed by (none: one step)."""
 
     steps: int
-    parts: Tuple["Segment", ...] = ()
+    parts: Tuple[Segment, ...] = ()
 
 
 STEP = Segment(1)

@@ -17,7 +17,7 @@ surrogate loss (Eq. 12). See ``docs/distributed.md``.
 from __future__ import annotations
 
 import zlib
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Set, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Set, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -38,7 +38,7 @@ class _AllReduceSum(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(tensor: Tensor, group: Any) -> Tensor:  # type: ignore[override]
+    def forward(tensor: Tensor, group: Any) -> Tensor:
         total = tensor.clone(memory_format=torch.contiguous_format)
         dist.all_reduce(total, group=group)
         return total
@@ -48,14 +48,18 @@ class _AllReduceSum(torch.autograd.Function):
         ctx.group = inputs[1]
 
     @staticmethod
-    def backward(ctx: Any, cotangent: Tensor) -> Tuple[Tensor, None]:  # type: ignore[override]
-        return _AllReduceSum.apply(cotangent, ctx.group), None
+    def backward(ctx: Any, cotangent: Tensor) -> Tuple[Tensor, None]:
+        return _all_reduce_sum(cotangent, ctx.group), None
 
     @staticmethod
     def vmap(info: Any, in_dims: Tuple[Optional[int], None], tensor: Tensor, group: Any
              ) -> Tuple[Tensor, Optional[int]]:
         # The sum is elementwise: summing the whole batched tensor sums every batch entry (one collective).
-        return _AllReduceSum.apply(tensor, group), in_dims[0]
+        return _all_reduce_sum(tensor, group), in_dims[0]
+
+
+# torch leaves Function.apply untyped; this is its signature for _AllReduceSum.
+_all_reduce_sum: Callable[[Tensor, Any], Tensor] = _AllReduceSum.apply
 
 
 class AllReduceMean:
@@ -83,7 +87,7 @@ class AllReduceMean:
         averaged: Dict[str, Tensor] = {}
         for names in _groups_by_dtype_and_device(grads):
             # One collective per dtype and device (one in all for a usual model) on the concatenated gradient.
-            flat = _AllReduceSum.apply(torch.cat([grads[n].reshape(-1) for n in names]), self.group) / world
+            flat = _all_reduce_sum(torch.cat([grads[n].reshape(-1) for n in names]), self.group) / world
             if self.check_finite:
                 _raise_if_nonfinite(flat, where)
             chunks = torch.split(flat, [grads[n].numel() for n in names])

@@ -9,9 +9,9 @@ import torch
 from torch import Tensor
 
 from ._checks import check_same_keys, check_scalar_loss, check_tensor_mapping, check_unroll_steps
+from ._engine import detach, gradient_fn, raise_if_nonfinite, step_record, under_torch_func
 from ._types import Params, State
 from .optimizer import Optimizer
-from ._engine import detach, gradient_fn, raise_if_nonfinite, step_record, under_torch_func
 
 Players = Mapping[str, Params]
 """Every player's parameters, keyed by player: ``{"g": {"w": ...}, "d": {"w": ...}}``."""

@@ -3,23 +3,23 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, cast
 
 import torch
 from torch import Tensor, nn
 
+from ._checks import check_same_keys, check_shapes, check_tensor_mapping
+from ._types import Params, State
 from .adagrad import adagrad
 from .adam import adam
 from .adamax import adamax
 from .adamw import adamw
 from .nadam import nadam
 from .optimizer import Optimizer, _step_dtype
+from .param_groups import ParamGroups, param_groups
 from .radam import radam
 from .rmsprop import rmsprop
 from .sgd import sgd
-from ._types import Params, State
-from ._checks import check_same_keys, check_shapes, check_tensor_mapping
-from .param_groups import ParamGroups, param_groups
 
 # torch.optim group options that change only how the update is computed, not its result.
 _IMPLEMENTATION_OPTIONS = {"params", "foreach", "fused", "capturable", "differentiable", "initial_lr"}
@@ -203,7 +203,7 @@ def _same_value(a: Any, b: Any) -> bool:
         return a.shape == b.shape and bool(torch.equal(a, b))
     if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
         return len(a) == len(b) and all(_same_value(x, y) for x, y in zip(a, b))
-    return a == b
+    return bool(a == b)
 
 
 def _same_hyperparams(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
@@ -249,7 +249,10 @@ def _torch_state_layout(torch_optimizer: torch.optim.Optimizer, group_index: int
     fused, ...), with no table to keep in sync."""
     options = {k: v for k, v in torch_optimizer.param_groups[group_index].items() if k != "params"}
     probe_param = torch.zeros(1, dtype=like.dtype, device=like.device)
-    probe = type(torch_optimizer)([{"params": [probe_param], **options}])
+    # Every torch.optim class takes its options as keywords after `params`; only the base class also needs
+    # `defaults`, which is what the type checker sees through type(torch_optimizer).
+    optimizer_class = cast(Callable[..., torch.optim.Optimizer], type(torch_optimizer))
+    probe = optimizer_class([{"params": [probe_param], **options}])
     fresh = dict(probe.state.get(probe_param, {}))
     probe_param.grad = torch.zeros_like(probe_param)
     probe.step()

@@ -8,8 +8,16 @@ from typing import Any, Callable, Dict, Mapping, Tuple
 import torch
 from torch import Tensor
 
-from ._checks import (check_beside_params, check_like_params, check_same_keys, check_scalars, check_shapes,
-                      check_step_count, check_tensor_hyperparameters, check_tensor_mapping)
+from ._checks import (
+    check_beside_params,
+    check_like_params,
+    check_same_keys,
+    check_scalars,
+    check_shapes,
+    check_step_count,
+    check_tensor_hyperparameters,
+    check_tensor_mapping,
+)
 from ._types import Grads, Params, Scalar, State
 
 TensorUpdate = Callable[[Tensor, Tensor, Dict[str, Tensor], Tensor], Tuple[Tensor, Dict[str, Tensor]]]
@@ -24,7 +32,8 @@ def _step_dtype() -> torch.dtype:
 
 @dataclass(frozen=True)
 class Optimizer:
-    """A pure, differentiable optimizer: ``state = opt.init(params)``, ``params, state = opt.step(params, grads, state)``.
+    """A pure, differentiable optimizer: ``state = opt.init(params)``,
+    ``params, state = opt.step(params, grads, state)``.
 
     Nothing is mutated: ``step`` returns new tensors, built from differentiable operations only, so gradients
     flow to ``params``, ``grads``, ``state`` and tensor-valued hyperparameters, and the whole step composes with

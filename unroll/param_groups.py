@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, NoReturn, Optional, Tuple, Union
 
 from torch import Tensor
 
@@ -14,7 +14,7 @@ GroupSpec = Union[Mapping[str, Optimizer], Callable[[str], Optimizer]]
 """``{param name: optimizer}``, or a function ``name -> optimizer`` (then ``names=`` lists the parameters)."""
 
 
-def param_groups(groups: GroupSpec, names: Optional[Iterable[str]] = None) -> "ParamGroups":
+def param_groups(groups: GroupSpec, names: Optional[Iterable[str]] = None) -> ParamGroups:
     """An :class:`~unroll.Optimizer` that steps each parameter with its own optimizer, like torch.optim's param groups.
 
     ``groups`` maps every parameter name to an optimizer, e.g. a larger learning rate for the last layer::
@@ -55,7 +55,7 @@ def param_groups(groups: GroupSpec, names: Optional[Iterable[str]] = None) -> "P
     return ParamGroups(groups)
 
 
-def _no_single_update(*_: Any) -> None:
+def _no_single_update(*_: Any) -> NoReturn:
     raise TypeError("param_groups has no single per-tensor update (each parameter has its own optimizer); use "
                     "opt.step or opt.apply, or the update of opt.optimizers[name]")
 

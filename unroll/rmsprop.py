@@ -38,7 +38,7 @@ def rmsprop(lr: Scalar = 1e-2, alpha: Scalar = 0.99, eps: float = 1e-8, weight_d
     check_hyperparameter(alpha, "alpha value")
     update = functools.partial(_update, lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
                                momentum=momentum, centered=centered, maximize=maximize)
-    buffers = ("square_avg",)
+    buffers: Tuple[str, ...] = ("square_avg",)
     if not is_zero(momentum):
         buffers += ("momentum_buffer",)
     if centered:

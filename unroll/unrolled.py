@@ -13,11 +13,17 @@ from torch import Tensor
 
 from . import _schedule
 from ._checkpoint import CheckpointedSteps
+from ._checks import (
+    check_checkpoint,
+    check_same_keys,
+    check_scalar_loss,
+    check_tensor_mapping,
+    check_truncate,
+    check_unroll_steps,
+)
 from ._engine import detach, gradient_fn, raise_if_nonfinite, step_record, under_torch_func
 from ._flat import layout_for
 from ._live import FirstCallGuarded
-from ._checks import (check_checkpoint, check_same_keys, check_scalar_loss, check_tensor_mapping, check_truncate,
-                      check_unroll_steps)
 from ._types import Params, State
 from .optimizer import Optimizer
 
@@ -36,9 +42,11 @@ def unrolled_params(inner_fn: LossFn, K: int, stop_grad: bool = False, *, optimi
                     step_args: Optional[StepArgs] = None, check_finite: bool = True,
                     checkpoint: Union[bool, int] = False, transform_grads: Optional[TransformGrads] = None,
                     truncate: Optional[int] = None) -> Callable[..., Tuple[Dict[str, Tensor], State]]:
-    r"""Return ``run(params, state, *args, buffers=None) -> (params_K, state_K)``: K steps of ``optimizer`` on ``inner_fn``.
+    r"""Return ``run(params, state, *args, buffers=None) -> (params_K, state_K)``: K steps of ``optimizer``.
 
-    .. math:: \theta^0 = \theta,\qquad \theta^{k+1} = \mathrm{step}(\theta^k, \nabla_\theta\, \mathrm{inner\_fn}(\theta^k, *args_k))
+    .. math::
+        \theta^0 = \theta,\qquad
+        \theta^{k+1} = \mathrm{step}(\theta^k, \nabla_\theta\, \mathrm{inner\_fn}(\theta^k, *args_k))
 
     (Eq. 6-7 of Metz et al., 2017, with any :class:`~unroll.Optimizer` in place of gradient ascent). Every step
     stays differentiable with respect to ``params``, ``state`` and whatever ``args`` depend on (e.g. the
@@ -108,7 +116,8 @@ def surrogate_loss(inner_fn: LossFn, K: int, stop_grad: bool = False, *, optimiz
                    checkpoint: Union[bool, int] = False,
                    transform_grads: Optional[TransformGrads] = None, truncate: Optional[int] = None
                    ) -> Callable[..., Tensor]:
-    r"""Return ``surrogate(params, state, *args, buffers=None, outer_args=None) -> value``, the outer player's unrolled loss.
+    r"""Return ``surrogate(params, state, *args, buffers=None, outer_args=None) -> value``, the outer player's
+    unrolled loss.
 
     .. math:: f_K = \mathrm{outer\_fn}(\theta^K(\theta, \mathrm{args}), *\mathrm{args})
 

@@ -228,7 +228,7 @@ class Distillation:
     opt: torch.optim.Adam
 
     @classmethod
-    def start(cls, cfg: Config) -> "Distillation":
+    def start(cls, cfg: Config) -> Distillation:
         gen = torch.Generator().manual_seed(cfg.seed)
         images = torch.randn(cfg.ipc, CLASSES, 1, 28, 28, generator=gen).requires_grad_()
         log_lrs = torch.full((cfg.K,), math.log(cfg.init_lr)).requires_grad_()
@@ -312,9 +312,10 @@ def evaluate(cfg: Config, dist: Distillation, data: Data) -> List[Dict[str, Any]
 
         row: Dict[str, Any] = {"data": name, "lr": "learned per step" if lr is None else lr, "diverged": 0}
 
-        def held_out(seed_init: int, gen_seed: int) -> float:
-            trained = train_on(source(torch.Generator().manual_seed(gen_seed)), LABELS, lrs, init_params(seed_init))
-            row["diverged"] += diverged(trained)
+        def held_out(seed_init: int, gen_seed: int) -> float:  # called in this iteration only: B023 does not apply
+            images = source(torch.Generator().manual_seed(gen_seed))  # noqa: B023
+            trained = train_on(images, LABELS, lrs, init_params(seed_init))  # noqa: B023
+            row["diverged"] += diverged(trained)  # noqa: B023
             return accuracy(trained, data.x_held, data.y_held)
 
         row["random_init"] = [held_out(EVAL_SEED_BASE + s, EVAL_SEED_BASE + s) for s in range(cfg.eval_seeds)]

@@ -61,7 +61,8 @@ def measure(overrides: Dict[str, Any], repeats: int) -> Dict[str, float]:
 
 
 def markdown(results: Sequence[Dict[str, Any]], K: int) -> str:
-    lines = [f"| images | K | checkpoint | window | s / outer step | peak RSS growth (MiB) |", "|---|---|---|---|---|---|"]
+    lines = ["| images | K | checkpoint | window | s / outer step | peak RSS growth (MiB) |",
+             "|---|---|---|---|---|---|"]
     for r in results:
         lines.append(f"| {10 * r['ipc']} | {K} | {r.get('checkpoint', 0) or 'off'} | {r.get('window', 0) or 'all K'} | "
                      f"{r['seconds_per_outer_step']:.2f} | {r['peak_rss_growth_mib']:.1f} |")

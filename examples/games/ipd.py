@@ -86,8 +86,12 @@ def lola(mine: Tensor, theirs: Tensor, eta: float = ETA) -> Tensor:
 
 def look_ahead(K: int, stop_grad: bool = False, eta: float = ETA) -> Rule:
     """Ascend V1(θ1, θ2^K(θ1)): the opponent, a naive learner, is the inner player of unroll.surrogate_loss."""
-    their_loss = lambda theirs, mine: -value(theirs["theta"], mine)   # what the opponent minimises
-    my_loss = lambda theirs, mine: -value(mine, theirs["theta"])      # mine, at the opponent's look-ahead
+    def their_loss(theirs: Dict[str, Tensor], mine: Tensor) -> Tensor:  # what the opponent minimises
+        return -value(theirs["theta"], mine)
+
+    def my_loss(theirs: Dict[str, Tensor], mine: Tensor) -> Tensor:  # mine, at the opponent's look-ahead
+        return -value(mine, theirs["theta"])
+
     surrogate = unroll.surrogate_loss(their_loss, K, stop_grad, optimizer=unroll.sgd(eta), outer_fn=my_loss)
 
     def rule(mine: Tensor, theirs: Tensor) -> Tensor:
@@ -114,7 +118,10 @@ def train(first: Rule, second: Rule, theta1: Tensor, theta2: Tensor, updates: in
     def step(a: Tensor, b: Tensor) -> Tuple[Tensor, Tensor]:
         return a + DELTA * first(a, b), b + DELTA * second(b, a)
     both_steps = torch.func.vmap(step)
-    rewards = lambda a, b: (1 - GAMMA) * torch.stack([torch.func.vmap(value)(a, b), torch.func.vmap(value)(b, a)], -1)
+
+    def rewards(a: Tensor, b: Tensor) -> Tensor:
+        return (1 - GAMMA) * torch.stack([torch.func.vmap(value)(a, b), torch.func.vmap(value)(b, a)], -1)
+
     history = [rewards(theta1, theta2)]
     for _ in range(updates):
         theta1, theta2 = both_steps(theta1, theta2)

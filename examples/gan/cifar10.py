@@ -7,8 +7,8 @@ pairwise l2 distances between samples are compared with the data's (Fig. 6).
 Needs the CIFAR-10 python batches (``cifar-10-batches-py``): in ``--data-dir``, ``$UNROLL_CIFAR10_DIR`` or
 ``../shared/data/cifar10``; they are downloaded when absent and the network allows.
 
-    python examples/gan/cifar10.py            # reduced default: about 23 minutes on 2 CPU cores (estimated for the
-                                              # first machine; 3-4x that on the slower one of 2026-11-27)
+    python examples/gan/cifar10.py            # reduced default: about 23 minutes on 2 CPU cores (estimated for one
+                                              # machine; 3-4x that on a slower one: docs/reproducibility.md)
     python examples/gan/cifar10.py --paper    # the paper's configuration (App. D models, 5 seeds, 100k updates)
     python examples/gan/cifar10.py --resume   # continue an interrupted run in the same --out
 

@@ -5,8 +5,8 @@ clipped to [-1, 1]. GANs of size X (App. F; X = 1 is the CIFAR-10 model) are tra
 the foreground colour of each image is found by 2-cluster k-means, Gaussian KDEs are fitted to the colours of
 data and samples, and Table 2 reports their Jensen-Shannon divergence (nats).
 
-    python examples/gan/colored_mnist.py            # reduced default: about 25 minutes on 2 CPU cores (measured on the
-                                                    # first machine; 3-4x that on the slower one of 2026-11-27)
+    python examples/gan/colored_mnist.py            # reduced default: about 25 minutes on 2 CPU cores (measured on one
+                                                    # machine; 3-4x that on a slower one: docs/reproducibility.md)
     python examples/gan/colored_mnist.py --paper    # the paper's configuration
     python examples/gan/colored_mnist.py --resume   # continue an interrupted run in the same --out
 
@@ -148,7 +148,7 @@ def run(args: argparse.Namespace, settings: Dict[str, Any], out: Path, start: fl
     rows = ex.aggregate(records, ("X", "K"), ("js",))
     table = ex.markdown_table(rows, [("js", "JS divergence (nats)")], PAPER_TABLE, ("X", "K"))
     first = ex.first_finished(specs, trainers)
-    for label, (spec, trainer) in first.items():
+    for _label, (spec, trainer) in first.items():
         if spec.folder not in model_colors:  # evaluated in an earlier session (--resume)
             model_colors[spec.folder] = foreground_colors(trainer.samples(settings["eval_samples"]))
     if first:

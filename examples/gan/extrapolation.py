@@ -14,7 +14,7 @@ where g_0 is the plain GAN's gradient (K = 0) and g_1 the one-step unrolled grad
 - the compute-matched control: D takes K + 1 committed steps per iteration and G the plain gradient (K = 1
   matches the extrapolation's one look-ahead step).
 
-The question (issue 15): does some alpha reach K = 10's stable coverage at <= 1.5x the plain GAN's cost per
+The question: does some alpha reach K = 10's stable coverage at <= 1.5x the plain GAN's cost per
 iteration? The cost is measured after training: every cell's vmapped iteration is timed in the same process,
 the cells interleaved over several rounds (median), so that the load of a shared machine falls on all alike.
 
@@ -40,7 +40,7 @@ from lib.training import SIZE_FLAGS, Hooks, TrainConfig, d_inner_loss
 ALPHAS = (1.0, 2.0, 5.0, 10.0)
 KS = (0, 1, 5, 10)
 CONTROL_KS = (1,)  # extra committed D steps: 1 matches the extrapolation's single look-ahead step
-GOAL_COST = 1.5  # the issue's goal: K = 10's stable coverage at <= 1.5x the plain GAN's cost per iteration
+GOAL_COST = 1.5  # the goal: K = 10's stable coverage at <= 1.5x the plain GAN's cost per iteration
 GOAL_K = 10
 
 

@@ -31,11 +31,20 @@ import torch
 
 from lib import runs
 from lib.ablations import MIN_HQ, describe_stable, n_modes_of, stable_steps
-from lib import cli
 from lib.cli import HelpFormatter, parse_seeds
 from lib.data import DATASETS
-from lib.sweeps import (Cell, check_sweep, figure_for, final_records, finite_records, fmt, read_cell, run_cell,
-                        summary_stats, table)
+from lib.sweeps import (
+    Cell,
+    check_sweep,
+    figure_for,
+    final_records,
+    finite_records,
+    fmt,
+    read_cell,
+    run_cell,
+    summary_stats,
+    table,
+)
 from lib.training import SIZE_FLAGS, TrainConfig
 
 # ---- configuration ----

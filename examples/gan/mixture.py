@@ -21,13 +21,20 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from lib import parallel, runs
-from lib import cli
+from lib import cli, parallel, runs
 from lib.cli import MAX_SEEDS, HelpFormatter, add_threads_flag, parse_seeds
 from lib.data import DATASETS
 from lib.runs import CHECKPOINT
-from lib.training import (DEFAULT_CHECKPOINT_EVERY, LOSSES, SIZE_FLAGS, UNROLL_BATCHES, TrainConfig, Trainer,
-                          TrainingDiverged, run_name)
+from lib.training import (
+    DEFAULT_CHECKPOINT_EVERY,
+    LOSSES,
+    SIZE_FLAGS,
+    UNROLL_BATCHES,
+    TrainConfig,
+    Trainer,
+    TrainingDiverged,
+    run_name,
+)
 
 # ---- configuration: App. A unless a flag says otherwise ----
 DEFAULTS = TrainConfig()

@@ -6,8 +6,8 @@ explicit cell (``image_models.LSTMCell``), so the double backward that unrolling
 After training, the diversity analyses of Sec. 3.4 run on each model: inference via optimisation on held
 digits (mean reconstruction MSE and percent best rank, as Table 3) and pairwise l2 distances (Fig. 6).
 
-    python examples/gan/mnist_rnn.py            # reduced default: about 21 minutes on 2 CPU cores (measured on the
-                                                # first machine; 3-4x that on the slower one of 2026-11-27)
+    python examples/gan/mnist_rnn.py            # reduced default: about 21 minutes on 2 CPU cores (measured on one
+                                                # machine; 3-4x that on a slower one: docs/reproducibility.md)
     python examples/gan/mnist_rnn.py --paper    # the paper's configuration (150k network updates)
     python examples/gan/mnist_rnn.py --resume   # continue an interrupted run in the same --out
 

@@ -27,8 +27,17 @@ from lib.cli import HelpFormatter, add_threads_flag, parse_seeds
 from lib.data import make_mixture
 from lib.metrics import metric_records
 from lib.runs import CHECKPOINT
-from lib.sweeps import (NOTES_BEGIN, NOTES_END, final_records, finished_run, finite_records, fmt, kept_notes,
-                         summary_stats, table)
+from lib.sweeps import (
+    NOTES_BEGIN,
+    NOTES_END,
+    final_records,
+    finished_run,
+    finite_records,
+    fmt,
+    kept_notes,
+    summary_stats,
+    table,
+)
 from lib.training import CHECKPOINT_KEYS, TrainConfig, Trainer, index_state, stack_states
 
 # ---- configuration: (label, what changes) ----

@@ -5,8 +5,8 @@ discriminator of size X is trained for every K (unrolled steps), X and seed; an 
 ``mnist_classifier.py``, cached) labels each channel of the generator's samples, and Table 1 reports the
 modes with at least one sample and KL(model || uniform over the 1000 modes).
 
-    python examples/gan/stacked_mnist.py            # reduced default: about 25 minutes on 2 CPU cores (measured on the
-                                                    # first machine; 3-4x that on the slower one of 2026-11-27)
+    python examples/gan/stacked_mnist.py            # reduced default: about 25 minutes on 2 CPU cores (measured on one
+                                                    # machine; 3-4x that on a slower one: docs/reproducibility.md)
     python examples/gan/stacked_mnist.py --paper    # the paper's configuration (days on a CPU: for a GPU)
     python examples/gan/stacked_mnist.py --resume   # continue an interrupted run in the same --out
     torchrun --nproc_per_node 8 examples/gan/stacked_mnist.py --paper --device cuda   # data-parallel, one GPU

@@ -25,19 +25,34 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from lib import REPO_ROOT, runs
+from lib import REPO_ROOT, cli, runs
 from lib import ablations as ab
-from lib import cli
 from lib.cli import HelpFormatter, add_threads_flag, parse_seeds
 from lib.data import make_mixture
 from lib.metrics import fully_covered, metric_records
 from lib.plotting import histogram_extent
 from lib.runs import CHECKPOINT
-from lib.sweeps import (NOTES_BEGIN, NOTES_END, Cell, CellMeta, check_sweep, checked_cells, figure_for, final_records,
-                        finite_records, fmt, kept_notes, page_status, read_cell, run_cells, summary_stats, table)
+from lib.sweeps import (
+    NOTES_BEGIN,
+    NOTES_END,
+    Cell,
+    CellMeta,
+    check_sweep,
+    checked_cells,
+    figure_for,
+    final_records,
+    finite_records,
+    fmt,
+    kept_notes,
+    page_status,
+    read_cell,
+    run_cells,
+    summary_stats,
+    table,
+)
 from lib.training import SIZE_FLAGS, TrainConfig
 
-# Published numbers (issue 3): VEEGAN Table 1 and PacGAN Table 1 (their GAN baselines and VEEGAN's "Unrolled").
+# Published numbers to compare with: VEEGAN Table 1 and PacGAN Table 1 (their GAN baselines and VEEGAN's "Unrolled").
 PUBLISHED = {
     "ring-veegan": [("VEEGAN Table 1: GAN", "1", "99.3", "-"), ("VEEGAN Table 1: Unrolled GAN", "7.6", "35.6", "-"),
                     ("PacGAN Table 1: GAN", "6.3 ± 0.5", "98.2 ± 0.2", "0.45 ± 0.09")],
@@ -258,8 +273,8 @@ def write_report(args: argparse.Namespace, cells: List[Cell], out_root: Path, lo
         n_modes = make_mixture(cfg.dataset).n_modes
         plain = next((costs.get(c.folder) for c, _ in dcells if c.cfg.K == 0 and not c.cfg.control), None)
 
-        def relative_cost(cell: Cell) -> Optional[float]:
-            return None if plain is None or cell.folder not in costs else costs[cell.folder] / plain
+        def relative_cost(cell: Cell) -> Optional[float]:  # called in this iteration only: B023 does not apply
+            return None if plain is None or cell.folder not in costs else costs[cell.folder] / plain  # noqa: B023
 
         lines += [f"## {title}", ""]
         lines += [table([row_for(c.label, m, n_modes, relative_cost(c)) for c, m in dcells], HEADER), ""]

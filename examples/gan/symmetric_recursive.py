@@ -13,7 +13,7 @@ fixed (Eq. 9-12). Its Discussion proposes two more, both one call of the public 
 Every look-ahead step is Adam at ``--unroll-lr`` starting from the moving player's current Adam state, on the
 iteration's minibatch. Rows, on paired seeds: K = 0, the one-sided K (the paper), symmetric K and recursive K for
 every K of ``--ks`` (recursive from K = 2: its one joint step moves G and D simultaneously, so with K = 1 D's
-look-ahead ignores G's move and recursive is the one-sided run, to rounding; tested). The question (issue 15):
+look-ahead ignores G's move and recursive is the one-sided run, to rounding; tested). The question:
 does either converge in fewer iterations, or at lower cost, than one-sided unrolling? Cost per iteration is timed
 after training, the cells interleaved in one process.
 

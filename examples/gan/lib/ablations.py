@@ -18,14 +18,30 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from . import REPO_ROOT, runs
-from . import cli
+from . import REPO_ROOT, cli, runs
 from .cli import HelpFormatter, add_threads_flag, parse_seeds, positive_int
 from .data import DATASETS, make_mixture
 from .metrics import steps_to_stable_coverage
-from .sweeps import (NOTES_BEGIN, NOTES_END, TIMING_FILE, Cell, CellMeta, check_sweep, checked_cells, figure_for,
-                     final_records, finite_records, fmt, kept_notes, page_status, read_cell, read_timing, run_cells,
-                     summary_stats, table)
+from .sweeps import (
+    NOTES_BEGIN,
+    NOTES_END,
+    TIMING_FILE,
+    Cell,
+    CellMeta,
+    check_sweep,
+    checked_cells,
+    figure_for,
+    final_records,
+    finite_records,
+    fmt,
+    kept_notes,
+    page_status,
+    read_cell,
+    read_timing,
+    run_cells,
+    summary_stats,
+    table,
+)
 from .training import SIZE_FLAGS, Trainer
 
 # The ablations need runs that converge within a CPU budget. With App. A's learning rates (1e-4) K = 10 settles only

@@ -17,8 +17,16 @@ from typing import Dict, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .mnist_data import (DatasetError, FormatError, LabelledImages, MissingDataError, PathLike, default_folder,
-                         download_file, ensure_files)
+from .mnist_data import (
+    DatasetError,
+    FormatError,
+    LabelledImages,
+    MissingDataError,
+    PathLike,
+    default_folder,
+    download_file,
+    ensure_files,
+)
 
 CIFAR10_ENV_VAR = "UNROLL_CIFAR10_DIR"
 CIFAR10_SUBDIR = "cifar-10-batches-py"

@@ -20,12 +20,21 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optio
 import numpy as np
 import torch
 
-from . import parallel as data_parallel
 from . import cli, runs
+from . import parallel as data_parallel
 from .cli import HelpFormatter, add_threads_flag
 from .image_models import parse_size, size_label
-from .image_training import (G_LOSSES, MAY_CHANGE, RESULT, Evaluate, GANConfig, GANTrainer, ImageGAN, RunSpec,
-                             run_experiment)
+from .image_training import (
+    G_LOSSES,
+    MAY_CHANGE,
+    RESULT,
+    Evaluate,
+    GANConfig,
+    GANTrainer,
+    ImageGAN,
+    RunSpec,
+    run_experiment,
+)
 from .mnist_data import DatasetError
 from .plotting import plot_loss_curves, plot_sample_panels, plot_samples_over_training
 from .runs import CHECKPOINT

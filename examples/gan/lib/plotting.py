@@ -16,7 +16,6 @@ from torch import Tensor
 from .data import Mixture
 from .runs import atomic_write_bytes
 
-
 # ------------------------------------------------------------------------------------ figures during a run
 
 

@@ -417,7 +417,8 @@ class RunLock:
 
 def lock_holder(lock: Path) -> Optional[str]:
     """The pid written in the run lock ``lock`` when a process holds it, else None (no lock, a free one, not a
-    plain file, or one that holds no pid: another program's). Probed with a shared, non-blocking ``flock`` on a descriptor of its own, released at once."""
+    plain file, or one that holds no pid: another program's). Probed with a shared, non-blocking ``flock`` on a
+    descriptor of its own, released at once."""
     if fcntl is None:  # pragma: no cover - no locks on Windows
         return None
     try:
@@ -448,7 +449,7 @@ def check_not_nested(out: Path) -> None:
         if holder is not None:
             raise FolderLocked(f"--out {out} is inside {folder}, which another run holds (pid {holder}); a run "
                                f"there may write into this folder: wait for it, stop it, or choose another --out")
-    for folder, subfolders, files in os.walk(out):  # does not follow symbolic links
+    for folder, _subfolders, files in os.walk(out):  # does not follow symbolic links
         if Path(folder) != out and LOCK in files:
             holder = lock_holder(Path(folder) / LOCK)
             if holder is not None:

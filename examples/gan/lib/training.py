@@ -25,14 +25,21 @@ from torch import Tensor
 
 import unroll
 
-from . import runs
-from .parallel import DataParallel
-from . import cli
+from . import cli, runs
 from .cli import MAX_SEEDS
 from .data import make_mixture
 from .metrics import METRIC_NAMES, all_metrics
-from .models import (HIDDEN, LATENT_DIM, d_loss_from_logits, discriminator_forward, generator_forward,
-                     init_discriminator, init_generator, nonsaturating_g_loss)
+from .models import (
+    HIDDEN,
+    LATENT_DIM,
+    d_loss_from_logits,
+    discriminator_forward,
+    generator_forward,
+    init_discriminator,
+    init_generator,
+    nonsaturating_g_loss,
+)
+from .parallel import DataParallel
 from .plotting import FigureBudget, density_histogram, histogram_extent, plot_density_grid
 from .runs import CHECKPOINT
 
@@ -248,7 +255,7 @@ def make_iteration(cfg: TrainConfig, hooks: Optional[Hooks] = None, grad_mean: O
             if params_grad is not None:  # G's loss is differentiated by its parameters: no vjp to keep
                 fake = generator_forward(g, z, act)
             else:
-                fake, g_vjp = torch.func.vjp(lambda g_: generator_forward(g_, z, act), g)
+                fake, g_vjp = torch.func.vjp(lambda g_: generator_forward(g_, z, act), g)  # noqa: B023 (called here)
             if j == 0:
                 main_fake = fake[:x.shape[0]]
                 if d_hook_grad is not None:
@@ -353,9 +360,9 @@ class Trainer:
     and ``metrics.csv`` at every evaluation, ``density.png`` at every evaluation too (but for those that come
     sooner than drawing it is worth: :class:`plotting.FigureBudget`; always at the end) and ``checkpoint.pt`` at
     every evaluation and every ``checkpoint_every`` iterations; ``resume=True`` continues from that checkpoint
-    (refusing other settings) and ends with exactly the numbers of an uninterrupted run. Every iteration checks the losses, parameters and Adam
-    states of every seed: the first NaN or infinity raises :class:`TrainingDiverged`, naming it, its iteration
-    and its seed. (The caller holds ``out_dir`` with :func:`runs.claim`.)
+    (refusing other settings) and ends with exactly the numbers of an uninterrupted run. Every iteration checks the
+    losses, parameters and Adam states of every seed: the first NaN or infinity raises :class:`TrainingDiverged`,
+    naming it, its iteration and its seed. (The caller holds ``out_dir`` with :func:`runs.claim`.)
     """
 
     def __init__(self, cfg: TrainConfig, seeds: Sequence[int], out_dir: Optional[Path] = None,
