@@ -228,7 +228,3 @@ def cifar_generator(x: Size = 1, out_channels: int = 3) -> ConvGenerator:
 def cifar_discriminator(x: Size = 1, in_channels: int = 3) -> ConvDiscriminator:
     """App. D discriminator (X = 1), and App. F's with 64X, 128X, 256X channels."""
     return ConvDiscriminator(scaled(CIFAR_D_CHANNELS, x), in_channels=in_channels, image_size=32)
-
-
-def n_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
