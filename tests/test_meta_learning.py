@@ -3,6 +3,7 @@ loss, and docs/tutorial.md shows only code that is in it."""
 
 from __future__ import annotations
 
+import inspect
 import re
 import sys
 import textwrap
@@ -16,7 +17,17 @@ import meta_learning  # noqa: E402
 
 def test_tutorial_code_blocks_are_the_examples_code() -> None:
     source = (ROOT / "examples" / "meta_learning.py").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "docs" / "tutorial.md").read_text(), flags=re.S)
+    setup, *blocks = re.findall(r"```python\n(.*?)```", (ROOT / "docs" / "tutorial.md").read_text(), flags=re.S)
+    # The page is one program (tests/test_docs_code.py runs it): its first block is what main() gets from outside,
+    # the example's imports, its seed and its default arguments.
+    statements = [line for line in setup.splitlines() if line.strip()]
+    imports = [line for line in statements if line.startswith(("import ", "from "))]
+    assert set(imports) <= set(source.splitlines())
+    defaults = {name: p.default for name, p in inspect.signature(meta_learning.main).parameters.items()}
+    assert [line for line in statements if line not in imports] == [
+        f"torch.manual_seed({defaults['seed']})",
+        "warmup_steps, meta_steps, final_steps, K = "
+        f"{defaults['warmup_steps']}, {defaults['meta_steps']}, {defaults['final_steps']}, {defaults['K']}"]
     assert len(blocks) >= 6
     for block in blocks:
         # The blocks are main()'s body, shown without its indentation.
