@@ -47,6 +47,11 @@ from .methods import (
 )
 from .models import CONV_BATCH, CONV_D_CHANNELS, CONV_G_CHANNELS, MIXTURE_BATCH, MODELS, STEADY_STEP, make_problem
 
+# The results pages' kit (tables, the command stamp) is examples/gan/lib/report.py; examples/gan holds the package lib.
+if str(vmap_seeds.EXAMPLES) not in sys.path:
+    sys.path.insert(0, str(vmap_seeds.EXAMPLES))
+from lib import report  # noqa: E402
+
 Log = Callable[[str], None]
 
 SPEED_TARGET = 0.7  # unroll / faster of (higher, torchopt), K >= 5
@@ -389,7 +394,7 @@ def _met(ok: Optional[bool]) -> str:
     return "n/a" if ok is None else ("**met**" if ok else "**not met**")
 
 
-def _target_rows(results: Dict[str, Any]) -> List[str]:
+def _target_rows(results: Dict[str, Any]) -> List[List[str]]:
     config = results["config"]
     sections = config.get("sections", SECTIONS)
     rows = []
@@ -400,13 +405,13 @@ def _target_rows(results: Dict[str, Any]) -> List[str]:
                 others = [t for m in ("higher", "torchopt") if (t := _median(results, model, threads, K, m))]
                 if K >= 5 and others:
                     ratio = unroll_ms / min(others)
-                    rows.append(f"| unroll ≤ {SPEED_TARGET}× faster of higher/torchopt | {model} | {threads} | {K} "
-                                f"| {ratio:.2f}× | {_met(ratio <= SPEED_TARGET)} |")
+                    rows.append([f"unroll ≤ {SPEED_TARGET}× faster of higher/torchopt", model, str(threads),
+                                 str(K), f"{ratio:.2f}×", _met(ratio <= SPEED_TARGET)])
                 first_order = _median(results, model, threads, K, "first_order")
                 if K == FIRST_ORDER_TARGET_K and first_order:
                     ratio = unroll_ms / first_order
-                    rows.append(f"| unroll ≤ {FIRST_ORDER_TARGET}× first-order | {model} | {threads} | {K} "
-                                f"| {ratio:.2f}× | {_met(ratio <= FIRST_ORDER_TARGET)} |")
+                    rows.append([f"unroll ≤ {FIRST_ORDER_TARGET}× first-order", model, str(threads), str(K),
+                                 f"{ratio:.2f}×", _met(ratio <= FIRST_ORDER_TARGET)])
     if "checkpoint" in sections:
         rows += _checkpoint_target_rows(results)
     if "seeds" in sections:
@@ -414,27 +419,27 @@ def _target_rows(results: Dict[str, Any]) -> List[str]:
     return rows
 
 
-def _checkpoint_target_rows(results: Dict[str, Any]) -> List[str]:
+def _checkpoint_target_rows(results: Dict[str, Any]) -> List[List[str]]:
     checkpoint = results["checkpoint"] or {"skipped": "not run"}
     if "skipped" in checkpoint:
-        return [f"| checkpointed unroll peak ≤ 1/5 of plain, same gradient to 1e-6 | conv | 1 | "
-                f"{results['config']['checkpoint_k']} | not measured: {checkpoint['skipped']} | n/a |"]
-    return [f"| checkpointed unroll peak ≤ 1/5 of plain | conv | 1 | {checkpoint['K']} | "
-            f"{checkpoint['ratio']:.3f}× | {_met(checkpoint['ok_memory'])} |",
-            f"| checkpointed gradient = plain to 1e-6 (relative) | conv | 1 | {checkpoint['K']} | "
-            f"{checkpoint['max_rel']:.1e} | {_met(checkpoint['ok_grad'])} |"]
+        return [["checkpointed unroll peak ≤ 1/5 of plain, same gradient to 1e-6", "conv", "1",
+                 str(results["config"]["checkpoint_k"]), f"not measured: {checkpoint['skipped']}", "n/a"]]
+    return [["checkpointed unroll peak ≤ 1/5 of plain", "conv", "1", str(checkpoint["K"]),
+             f"{checkpoint['ratio']:.3f}×", _met(checkpoint["ok_memory"])],
+            ["checkpointed gradient = plain to 1e-6 (relative)", "conv", "1", str(checkpoint["K"]),
+             f"{checkpoint['max_rel']:.1e}", _met(checkpoint["ok_grad"])]]
 
 
-def _seeds_target_rows(results: Dict[str, Any]) -> List[str]:
+def _seeds_target_rows(results: Dict[str, Any]) -> List[List[str]]:
     seeds = results.get("seeds")
     if seeds is None:
         n = vmap_seeds.TARGET_SEEDS
         where = f"on {results['config'].get('device')} (CPU only)" if results.get("seeds_skipped") else "in this run"
-        return [f"| N = {n} mixture seeds in one process (vmap) ≤ {vmap_seeds.TARGET}× {n} separate runs "
-                f"| mixture | 1 | 5 | not measured {where} | n/a |"]
+        return [[f"N = {n} mixture seeds in one process (vmap) ≤ {vmap_seeds.TARGET}× {n} separate runs", "mixture",
+                 "1", "5", f"not measured {where}", "n/a"]]
     c = seeds["config"]
-    return [f"| N = {c['seeds']} mixture seeds in one process (vmap) ≤ {vmap_seeds.TARGET}× {c['seeds']} "
-            f"separate runs | mixture | {c['threads']} | {c['K']} | {seeds['ratio']:.2f}× | {_met(seeds['ok'])} |"]
+    return [[f"N = {c['seeds']} mixture seeds in one process (vmap) ≤ {vmap_seeds.TARGET}× {c['seeds']} separate runs",
+             "mixture", str(c["threads"]), str(c["K"]), f"{seeds['ratio']:.2f}×", _met(seeds["ok"])]]
 
 
 def _seeds_section(measurements: Sequence[Dict[str, Any]]) -> List[str]:
@@ -445,25 +450,25 @@ def _seeds_section(measurements: Sequence[Dict[str, Any]]) -> List[str]:
         f"(K = {c['K']}), {c['threads']} thread, median of {c['reps']} interleaved repetitions "
         "(`benchmarks/vmap_seeds.py`). "
         "The target is at App. A's batch of 512; the smaller batch shows where vmap pays.", "",
-        "| batch | way | median s | ÷ separate | max abs diff of G params vs vmap |", "|---|---|---|---|---|",
     ]
+    rows = []
     for seeds in measurements:
-        m, diff, batch = seeds["median_s"], seeds["max_abs_diff"], seeds["config"]["batch"]
-        out += [
-            f"| {batch} | vmap: one `Trainer(cfg, seeds)` | {m['vmap']:.2f} | {seeds['ratio']:.2f}× | – |",
-            f"| {batch} | separate: `make_iteration(cfg)` per seed, no vmap | {m['separate']:.2f} | 1.00× | "
-            f"{diff['separate']:.1e} |",
-            f"| {batch} | separate `Trainer(cfg, [seed])` (vmaps a seed next to its copy: 2× the arithmetic) | "
-            f"{m['separate_trainer']:.2f} | {m['separate_trainer'] / m['separate']:.2f}× | "
-            f"{diff['separate_trainer']:.1e} |",
+        m, diff, batch = seeds["median_s"], seeds["max_abs_diff"], str(seeds["config"]["batch"])
+        rows += [
+            [batch, "vmap: one `Trainer(cfg, seeds)`", f"{m['vmap']:.2f}", f"{seeds['ratio']:.2f}×", "–"],
+            [batch, "separate: `make_iteration(cfg)` per seed, no vmap", f"{m['separate']:.2f}", "1.00×",
+             f"{diff['separate']:.1e}"],
+            [batch, "separate `Trainer(cfg, [seed])` (vmaps a seed next to its copy: 2× the arithmetic)",
+             f"{m['separate_trainer']:.2f}", f"{m['separate_trainer'] / m['separate']:.2f}×",
+             f"{diff['separate_trainer']:.1e}"],
         ]
-    return out
+    return out + [report.table(rows, ["batch", "way", "median s", "÷ separate", "max abs diff of G params vs vmap"])]
 
 
 def _timing_table(results: Dict[str, Any], model: str, methods: Sequence[str]) -> List[str]:
-    header = "| threads | K | " + " | ".join(f"{m} ms" + ("" if m == "unroll" else " (÷ unroll)") for m in methods) + \
-             " | unroll ÷ faster of higher/torchopt | unroll ÷ first-order |"
-    lines = [header, "|" + "---|" * (len(methods) + 4)]
+    header = (["threads", "K"] + [f"{m} ms" + ("" if m == "unroll" else " (÷ unroll)") for m in methods]
+              + ["unroll ÷ faster of higher/torchopt", "unroll ÷ first-order"])
+    rows = []
     config = results["config"]
     for threads in config["threads"]:
         for K in config["ks"]:
@@ -479,29 +484,25 @@ def _timing_table(results: Dict[str, Any], model: str, methods: Sequence[str]) -
             first_order = _median(results, model, threads, K, "first_order")
             cells.append(f"{unroll_ms / min(others):.2f}×" if others else "–")
             cells.append(f"{unroll_ms / first_order:.2f}×" if first_order else "–")
-            lines.append(f"| {threads} | {K} | " + " | ".join(cells) + " |")
-    return lines
+            rows.append([str(threads), str(K)] + cells)
+    return [report.table(rows, header)]
 
 
 def _memory_table(results: Dict[str, Any], model: str, methods: Sequence[str]) -> List[str]:
     peak = {(r["K"], r["method"]): r["peak_growth_mib"] for r in results["memory"] if r["model"] == model}
-    lines = ["| K | " + " | ".join(f"{m} MiB" for m in methods) + " |", "|" + "---|" * (len(methods) + 1)]
-    for K in results["config"]["ks"]:
-        cells = [f"{peak[(K, m)]:.1f}" if (K, m) in peak else "–" for m in methods]
-        lines.append(f"| {K} | " + " | ".join(cells) + " |")
-    return lines
+    rows = [[str(K)] + [f"{peak[(K, m)]:.1f}" if (K, m) in peak else "–" for m in methods]
+            for K in results["config"]["ks"]]
+    return [report.table(rows, ["K"] + [f"{m} MiB" for m in methods])]
 
 
 def _check_lines(checks: Sequence[Dict[str, Any]], tolerance: float, label: Callable[[str], str] = str
                  ) -> List[str]:
     """A table of gradient comparisons (rows of :func:`compare` with model, K, method, reference and ok)."""
-    lines = ["| model | K | method | compared with | max abs diff | max rel diff | agrees to "
-             f"{tolerance:g} |", "|---|---|---|---|---|---|---|"]
-    for r in checks:
-        verdict = "NaN (excluded)" if r["ok"] is None else ("yes" if r["ok"] else "**no**")
-        lines.append(f"| {r['model']} | {r['K']} | {label(r['method'])} | {label(r['reference'])} | "
-                     f"{r['max_abs']:.2e} | {r['max_rel']:.2e} | {verdict} |")
-    return lines
+    rows = [[r["model"], str(r["K"]), label(r["method"]), label(r["reference"]), f"{r['max_abs']:.2e}",
+             f"{r['max_rel']:.2e}", "NaN (excluded)" if r["ok"] is None else ("yes" if r["ok"] else "**no**")]
+            for r in checks]
+    return [report.table(rows, ["model", "K", "method", "compared with", "max abs diff", "max rel diff",
+                                f"agrees to {tolerance:g}"])]
 
 
 METHOD_NOTES = f"""\
@@ -657,11 +658,7 @@ def render_markdown(results: Dict[str, Any], command: str) -> str:
     out = [
         "# Benchmarks: one unrolled generator gradient",
         "",
-        "Regenerate this page (numbers, tables and notes) with:",
-        "",
-        "```",
-        command,
-        "```",
+        *report.made_by(command, "Regenerate this page (numbers, tables and notes) with:"),
         "",
         f"Run on {results['date']} in {results['total_seconds']:.0f} s: {machine['cpu']}, {machine['cpus']} "
         f"CPUs, " + (f"GPU {machine['gpu']}, " if machine.get("gpu") else "") + f"Python {machine['python']}, "
@@ -681,10 +678,10 @@ def render_markdown(results: Dict[str, Any], command: str) -> str:
     if rows:
         out += ["## Targets of issue 6", "",
                 "Ratios are unroll's median time divided by the other method's (smaller is better for unroll).", "",
-                "| target | model | threads | K | measured | verdict |", "|---|---|---|---|---|---|"] + rows
+                report.table(rows, ["target", "model", "threads", "K", "measured", "verdict"])]
     why = [text for text, target in ((WHY_SPEED, "faster of higher/torchopt"), (WHY_FIRST_ORDER, "first-order"),
                                      (_why_seeds(results), "seeds in one process"))
-           if any(target in row and "not met" in row for row in rows)]
+           if any(target in row[0] and "not met" in row[-1] for row in rows)]
     if why:
         out += ["", "### Why the targets marked not met are not met", ""] + why
     if "comparison" in sections:
@@ -700,6 +697,7 @@ def render_markdown(results: Dict[str, Any], command: str) -> str:
     if "skipped" not in checkpoint:
         out += ["", f"## Memory-bounded unroll (`surrogate_loss(..., checkpoint=True)`), conv, K = {checkpoint['K']}",
                 "", f"One call each, 1 thread; {peak} as above.", "",
+                # Written out: its empty corner cell is "| |" on the committed pages, report.table writes "|  |".
                 f"| | {peak} MiB | time s |", "|---|---|---|",
                 f"| plain unroll | {checkpoint['plain_mib']:.1f} | {checkpoint['plain_s']:.2f} |",
                 f"| checkpoint=True | {checkpoint['checkpoint_mib']:.1f} | {checkpoint['checkpoint_s']:.2f} |",
@@ -744,16 +742,16 @@ def _truncation_section(results: Dict[str, Any]) -> List[str]:
         out += ["", f"Peak memory not measured: {truncation['memory_skipped']}."]
     for model in config["models"]:
         rows = [r for r in truncation["rows"] if r["model"] == model]
-        out += ["", f"### {model}", "",
-                f"| K | options | median ms | ÷ full | {peak} MiB | ÷ full | max rel diff from the full gradient |",
-                "|---|---|---|---|---|---|---|"]
+        cells = []
         for row in rows:
             full = next(r for r in rows if (r["K"], r["method"]) == (row["K"], unroll_method(truncate=row["K"])))
             mib = row.get("peak_growth_mib")
-            memory_cells = (f"{mib:.1f} | {mib / full['peak_growth_mib']:.2f}×" if mib is not None else "– | –")
+            memory_cells = [f"{mib:.1f}", f"{mib / full['peak_growth_mib']:.2f}×"] if mib is not None else ["–", "–"]
             label = row["options"] + (" (full gradient)" if row is full else "")
-            time_cells = f"{row['median_ms']:.1f} | {row['median_ms'] / full['median_ms']:.2f}×"
-            out.append(f"| {row['K']} | {label} | {time_cells} | {memory_cells} | {row['vs_full']['max_rel']:.2e} |")
+            time_cells = [f"{row['median_ms']:.1f}", f"{row['median_ms'] / full['median_ms']:.2f}×"]
+            cells.append([str(row["K"]), label, *time_cells, *memory_cells, f"{row['vs_full']['max_rel']:.2e}"])
+        out += ["", f"### {model}", "", report.table(cells, ["K", "options", "median ms", "÷ full", f"{peak} MiB",
+                                                            "÷ full", "max rel diff from the full gradient"])]
     out += ["", "Checks: truncate = K is the full gradient of the plain unroll, and checkpointing changes no "
             "gradient.", ""] + _check_lines(truncation["checks"], config["checkpoint_tolerance"], describe)
     return out
@@ -826,25 +824,13 @@ def _parse(argv: Optional[Sequence[str]]) -> Tuple[Config, argparse.Namespace]:
     return replace(config, **overrides), args
 
 
-def _without_note(argv: List[str]) -> List[str]:
-    # The note describes this run only; the command on the page is for rerunning elsewhere.
-    out, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg == "--note":
-            skip = True
-        elif not arg.startswith("--note="):
-            out.append(arg)
-    return out
-
-
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     config, args = _parse(argv)
     results = run_suite(config)
     results["note"] = args.note
-    shown = _without_note(list(sys.argv[1:] if argv is None else argv))
-    page = render_markdown(results, "python -m benchmarks.unrolled_gradient " + " ".join(shown))
+    # The note describes this run only; the command on the page is for rerunning elsewhere.
+    command = report.command_line("-m benchmarks.unrolled_gradient", argv, drop_with_value=("--note",))
+    page = render_markdown(results, command)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(page + "\n")

@@ -276,12 +276,6 @@ def test_existing_run_needs_resume_and_resume_needs_a_run(tmp_path: Path, capsys
     assert "pass --resume" in capsys.readouterr().err
 
 
-def test_sweep_summary_statistics() -> None:
-    stats = sweep_mixture.summary_stats([1.0, 2.0, 3.0, 6.0])
-    assert stats["mean"] == pytest.approx(3.0) and stats["median"] == pytest.approx(2.5)
-    assert stats["se"] == pytest.approx(math.sqrt(14 / 3) / 2)
-
-
 def test_sweep_writes_the_report_and_resumes(tmp_path: Path) -> None:
     flags = ["--datasets", "ring", "--ks", "0", "--control-ks", "1", "--seeds", "0-1", "--steps", "2",
              "--sens-seeds", "0-1", "--sens-steps", "2", "--eval-every", "1", "--batch", "32", "--eval-samples", "200",

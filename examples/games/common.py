@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,15 +34,17 @@ from torch import Tensor
 
 import unroll
 
+# The results-page kit (tables, notes, the command stamp) is shared with the GAN examples, whose folder holds the
+# package `lib`: the game scripts run from examples/games, so that folder is not on sys.path by itself.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "gan"))
+from lib import report  # noqa: E402
+
 Payoff = Callable[[Tensor, Tensor], Tensor]
 """``f(x, y) -> scalar``: x minimises it, y maximises it."""
 Point = Dict[str, Tensor]
 """``{"x": x, "y": y}``."""
 Direction = Callable[[Point], Point]
 """``direction(z) -> d``: the update is ``z - lr * d`` (``unroll.sgd(lr)``)."""
-
-NOTES_BEGIN, NOTES_END = "<!-- notes -->", "<!-- /notes -->"
-
 
 # ---- gradients (plain autograd: about 3x faster than torch.func on games this small) ----
 
@@ -312,21 +315,14 @@ def table(rules: Sequence[Method], results: Dict[str, Dict[float, Run]], lrs: Se
           iterations: int, micros: Dict[str, float]) -> str:
     """Rows: rules; columns: evaluations per iteration, learning rates, measured µs per iteration."""
     header = (["method", "evals / iter"] + [f"lr = {lr:g}" for lr in lrs] + ["CPU µs / iter"])
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for rule in rules:
-        runs = results[rule.name]
-        lines.append("| " + " | ".join([rule.name, str(rule.evaluations)]
-                                       + [cell(runs[lr], rule, iterations) for lr in lrs]
-                                       + [f"{micros[rule.name]:.0f}"]) + " |")
-    return "\n".join(lines)
+    return report.table([[rule.name, str(rule.evaluations)]
+                         + [cell(results[rule.name][lr], rule, iterations) for lr in lrs]
+                         + [f"{micros[rule.name]:.0f}"] for rule in rules], header)
 
 
 def radius_table(radii: Dict[str, Dict[float, float]], lrs: Sequence[float]) -> str:
-    header = ["method"] + [f"lr = {lr:g}" for lr in lrs]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for name, row in radii.items():
-        lines.append("| " + " | ".join([name] + [f"{row[lr]:.4f}" for lr in lrs]) + " |")
-    return "\n".join(lines)
+    return report.table([[name] + [f"{row[lr]:.4f}" for lr in lrs] for name, row in radii.items()],
+                        ["method"] + [f"lr = {lr:g}" for lr in lrs])
 
 
 PANELS = ((("unrolled", "stop_grad"), "look-ahead (Metz et al.): full (solid), stop_grad (dashed)"),
@@ -374,20 +370,11 @@ def figure(rules: Sequence[Method], results: Dict[str, Dict[float, Run]], lr: fl
     plt.close(fig)
 
 
-def kept_notes(doc: Path, default: str) -> str:
-    """The hand-written notes between the markers of an existing page (``default`` for a new page)."""
-    text = doc.read_text() if doc.exists() else ""
-    if NOTES_BEGIN in text and NOTES_END in text:
-        return text[text.index(NOTES_BEGIN) + len(NOTES_BEGIN):text.index(NOTES_END)]
-    return "\n" + default + "\n"
-
-
 def write_page(doc: Path, title: str, command: str, settings: str, sections: Sequence[str], notes: str) -> None:
-    """Title, the command that made the page, the settings, the hand-written notes, then the generated sections."""
-    lines = [f"# {title}", "", "Made by:", "", "```", command, "```", "", settings, "",
-             NOTES_BEGIN + kept_notes(doc, notes) + NOTES_END, "", *sections, ""]
-    doc.parent.mkdir(parents=True, exist_ok=True)
-    doc.write_text("\n".join(lines))
+    """Title, the command that made the page, the settings, the hand-written notes (``notes`` on a new page), then
+    the generated sections."""
+    report.write_page(doc, [f"# {title}", "", *report.made_by(command), "", settings, "",
+                            report.notes_block(doc, "\n" + notes + "\n"), "", *sections, ""])
 
 
 def parse_args(description: str, doc: Path, iterations: int) -> argparse.Namespace:

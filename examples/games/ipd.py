@@ -24,9 +24,7 @@ Seeds run together under ``torch.func.vmap``; seed s gives both agents the same 
 from __future__ import annotations
 
 import argparse
-import json
-import shlex
-import sys
+import math
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -34,8 +32,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-import common
+import common  # puts examples/gan on sys.path: the results-page kit lib.report lives there
 import unroll
+from lib import report
 
 # ---- configuration ----
 GAMMA = 0.96            # discount (paper)
@@ -136,7 +135,8 @@ def cooperation(mine: Tensor, theirs: Tensor) -> Tensor:
 
 
 def mean_sd(values: Tensor) -> str:
-    return f"{values.mean():.2f} ± {values.std():.2f}"
+    """``"mean ± sd"`` over seeds; the value alone for one seed (its sd is undefined: report.py's convention)."""
+    return report.plus_minus(float(values.mean()), float(values.std()) if len(values) > 1 else math.nan)
 
 
 def per_seed_path(doc: Path) -> Path:
@@ -164,7 +164,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--doc", type=Path, default=DOC, help="the page to write; the figure and the per-seed "
                         "numbers (<page>_per_seed.json) go beside it (default: %(default)s)")
     args = parser.parse_args(argv)
-    command = " ".join(["python", "examples/games/ipd.py", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
+    command = report.command_line("examples/games/ipd.py", argv)
     torch.set_num_threads(args.threads)
     torch.set_default_dtype(torch.float64)
 
@@ -172,7 +172,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     theta1, theta2 = torch.stack([i[0] for i in inits]), torch.stack([i[1] for i in inits])
     header = ["agents (1 vs 2)", "reward / step, agent 1", "agent 2", "agent 1 − agent 2 (paired)",
               "cooperation, agent 1", "agent 2", "agent 1's P(C) after CC, CD, DC, DD, start", "CPU s / run"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    rows: List[List[str]] = []
     curves: Dict[str, Tensor] = {}
     policies: Dict[str, Tensor] = {}
     per_seed: List[Dict[str, Any]] = []
@@ -188,19 +188,18 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         gap = final[:, 0] - final[:, 1]
         coop1, coop2 = cooperation(end1, end2), cooperation(end2, end1)
         per_seed.append(per_seed_row(name, final, coop1, coop2, p_cooperate))
-        lines.append("| " + " | ".join([
-            name, mean_sd(final[:, 0]), mean_sd(final[:, 1]), f"{gap.mean():+.3f} ± {gap.std() / len(gap) ** 0.5:.3f}",
-            mean_sd(coop1), mean_sd(coop2), ", ".join(f"{p:.2f}" for p in policy), f"{seconds:.1f}"]) + " |")
-        print(lines[-1], flush=True)
+        rows.append([name, mean_sd(final[:, 0]), mean_sd(final[:, 1]),
+                     report.plus_minus(*report.mean_and_se(gap.tolist()), "+.3f", ".3f"),
+                     mean_sd(coop1), mean_sd(coop2), ", ".join(f"{p:.2f}" for p in policy), f"{seconds:.1f}"])
+        print(report.table(rows[-1:], header).splitlines()[-1], flush=True)
     minutes = (time.process_time() - started) / 60
 
     image = args.doc.with_suffix(".png")
     plot(curves, policies, image)
-    numbers_path = per_seed_path(args.doc)
-    numbers_path.write_text(json.dumps({
+    numbers_line = report.write_per_seed(args.doc, per_seed_path(args.doc), {
         "command": command, "seeds": args.seeds, "updates": args.updates,
         "p_cooperate_order": ["after CC", "after CD", "after DC", "after DD", "start"], "pairings": per_seed},
-        indent=1) + "\n")
+        "Every seed's final numbers:")
     settings = (f"Iterated prisoner's dilemma, rewards (own, other) CC −1, CD −3, DC 0, DD −2, discount γ = {GAMMA}; "
                 f"exact values; both agents update together with learning rate δ = {DELTA:g} for {args.updates} "
                 f"updates, from logits ~ N(0, 1) (seed s: the same start in every row); look-ahead learning rate "
@@ -210,9 +209,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                 f"frequency of the agent's C), mean ± sd. P(C) after XY: X is the agent's own last action.")
     common.write_page(args.doc, "Iterated prisoner's dilemma: LOLA and look-ahead agents on unroll",
                       command, settings, notes=NOTES, sections=[
-                          "## Final rewards and cooperation", "", "\n".join(lines), "",
+                          "## Final rewards and cooperation", "", report.table(rows, header), "",
                           f"![reward per step over updates]({image.name})", "",
-                          f"Every seed's final numbers: [{numbers_path.name}]({numbers_path.name}).", "",
+                          numbers_line, "",
                           f"All pairings took {minutes:.1f} min of CPU time on one thread."])
 
 

@@ -17,27 +17,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import shlex
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from lib import REPO_ROOT, runs
+from lib import REPO_ROOT, report, runs
 from lib.cli import HelpFormatter, add_threads_flag, parse_seeds
 from lib.data import make_mixture
 from lib.metrics import metric_records
+from lib.report import fmt, summary_stats, table
 from lib.runs import CHECKPOINT
-from lib.sweeps import (
-    NOTES_BEGIN,
-    NOTES_END,
-    final_records,
-    finished_run,
-    finite_records,
-    fmt,
-    kept_notes,
-    summary_stats,
-    table,
-)
+from lib.sweeps import final_records, finished_run, finite_records
 from lib.training import CHECKPOINT_KEYS, TrainConfig, Trainer, index_state, stack_states
 
 # ---- configuration: (label, what changes) ----
@@ -141,21 +131,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             rows.append(row(f"{label}, +{args.steps}", final_records(meta), n_modes))
             numbers["variants"].append({"label": label, "config": dataclasses.asdict(cfg),
                                         "records": metric_records(meta["records"])})
-    command = "python examples/gan/sharpness.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None
-                                                                                      else argv))
+    command = report.command_line("examples/gan/sharpness.py", argv)
     doc = Path(args.doc)
-    json_path = doc.with_suffix("") / "per_seed.json"
-    runs.write_json(json_path, numbers)
-    lines = ["# Sharpness: fine-tuning a finished run one factor at a time", "", "Made by:", "", "```", command, "```",
+    per_seed_line = report.write_per_seed(doc, doc.with_suffix("") / "per_seed.json", numbers)
+    lines = ["# Sharpness: fine-tuning a finished run one factor at a time", "", *report.made_by(command),
              "", f"Source: `{args.source}` ({base.dataset}, K={base.K}{' control' if base.control else ''}, D lr "
              f"{base.d_lr:g}, G lr {base.g_lr:g}, look-ahead lr {base.lookahead_lr:g}, batch {base.batch}, "
              f"{base.loss} loss), seeds {seeds}, from iteration {start}. Each variant trains {args.steps} more "
              "iterations from the same parameters, Adam states and data streams. Mean ± s.e. over seeds; HQ median "
-             "in parentheses.", "", NOTES_BEGIN + kept_notes(doc) + NOTES_END, "",
+             "in parentheses.", "", report.notes_block(doc), "",
              table(rows, ["variant", "strict modes", "all modes strict", "HQ % (median)", "reverse KL",
                           "energy dist."]), "",
-             f"Per-seed numbers: [{json_path.parent.name}/per_seed.json]({json_path.parent.name}/per_seed.json).", ""]
-    runs.atomic_write_bytes(doc, "\n".join(lines).encode())
+             per_seed_line, ""]
+    report.write_page(doc, lines)
     print(f"wrote {doc}")
     return 0
 

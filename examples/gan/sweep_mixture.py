@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import shlex
 import statistics
 import sys
 from pathlib import Path
@@ -25,16 +24,15 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from lib import REPO_ROOT, cli, runs
+from lib import REPO_ROOT, cli, report, runs
 from lib import ablations as ab
 from lib.cli import HelpFormatter, add_threads_flag, parse_seeds
 from lib.data import make_mixture
 from lib.metrics import fully_covered, metric_records
 from lib.plotting import histogram_extent
+from lib.report import fmt, summary_stats, table
 from lib.runs import CHECKPOINT
 from lib.sweeps import (
-    NOTES_BEGIN,
-    NOTES_END,
     Cell,
     CellMeta,
     check_sweep,
@@ -42,13 +40,9 @@ from lib.sweeps import (
     figure_for,
     final_records,
     finite_records,
-    fmt,
-    kept_notes,
     page_status,
     read_cell,
     run_cells,
-    summary_stats,
-    table,
 )
 from lib.training import SIZE_FLAGS, TrainConfig
 
@@ -236,16 +230,13 @@ def rotation_table(cells: List[CellMeta], out_root: Path, dataset: str) -> str:
 def write_report(args: argparse.Namespace, cells: List[Cell], out_root: Path, log: List[Dict[str, Any]],
                  command: str, complete: bool) -> None:
     doc = Path(args.doc)
-    notes = kept_notes(doc)
     metas = [(c, read_cell(c, out_root / c.folder)) for c in cells]
     status = page_status(metas, complete)
     main_cfg = next(c.cfg for c in cells if c.group == "main")
     lines = [
         "# Unrolled GAN on 2-D mixtures of Gaussians (Metz et al. 2017, Sec. 3.1): measured over seeds",
         "",
-        f"Status: **{status}**. Made by:",
-        "",
-        "```", command, "```",
+        *report.made_by(command, f"Status: **{status}**. Made by:"),
         "",
         f"Settings (App. A unless stated): generator 256→128→128→2 ({'/'.join(args.activations)}), discriminator "
         f"input/4 →128 ReLU→logit, orthogonal init gain 0.8, Adam β=(0.5, 0.999), D lr {main_cfg.d_lr:g}, G lr "
@@ -259,7 +250,7 @@ def write_report(args: argparse.Namespace, cells: List[Cell], out_root: Path, lo
         f"paired seeds (seed s has the same init and data stream in every row), median in parentheses. The "
         f"control takes K+1 committed D steps per G step (the extra ones at the look-ahead lr) and does not unroll.",
         "",
-        NOTES_BEGIN + notes + NOTES_END,
+        report.notes_block(doc),
         "",
     ]
     main = [(c, m) for c, m in metas if c.group == "main"]
@@ -295,15 +286,13 @@ def write_report(args: argparse.Namespace, cells: List[Cell], out_root: Path, lo
             ([cfg.activation] if cfg.activation != "relu" else []))
         fig = Path(args.fig_dir) / f"mixture_{name}.png"
         if figure_for(cfg.dataset, dcells, out_root, fig, title):
-            lines += [f"![{name}]({ab.link_from(args.doc, fig)})", ""]
+            lines += [f"![{name}]({report.link_from(args.doc, fig)})", ""]
         seed_numbers["sections"].append({
             "title": title, "rows": [{"label": c.label, "config": dataclasses.asdict(c.cfg),
                                       "cost_vs_plain": relative_cost(c), **per_seed(m, n_modes)}
                                      for c, m in dcells if m is not None]})
-    json_path = Path(args.fig_dir) / "per_seed.json"
-    runs.write_json(json_path, seed_numbers)
-    rel_json = ab.link_from(args.doc, json_path)
-    lines += [f"Per-seed numbers of every row (every evaluation): [{rel_json}]({rel_json}).", ""]
+    lines += [report.write_per_seed(doc, Path(args.fig_dir) / "per_seed.json", seed_numbers,
+                                    "Per-seed numbers of every row (every evaluation):"), ""]
     scells = [(c, m) for c, m in metas if c.group == "sensitivity"]
     if scells:
         lines += ["## Sensitivity (paper ring; one factor changed from the main setting)", ""]
@@ -318,7 +307,7 @@ def write_report(args: argparse.Namespace, cells: List[Cell], out_root: Path, lo
         lines += [table([[e["cell"], f"{e['from_step']}→{e['to_step']}", str(e["seeds"]), f"{e['seconds']:.0f}",
                           e.get("finished", "")] for e in log],
                         ["cell", "iterations", "seeds", "seconds", "finished at"]), ""]
-    runs.atomic_write_bytes(doc, "\n".join(lines).encode())
+    report.write_page(doc, lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -365,8 +354,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     cells = checked_cells(parser, args, build_cells)
     # The page names the command that trains the runs; --report-only only re-renders them.
-    flags = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--report-only"]
-    command = "python examples/gan/sweep_mixture.py " + " ".join(shlex.quote(a) for a in flags)
+    command = report.command_line("examples/gan/sweep_mixture.py", argv, drop=("--report-only",))
     out_root = Path(args.out)
     # Cells continue from their checkpoints without --resume: a sweep is rerun with the same command.
     with runs.claim(out_root, resume=None, validate=lambda: check_sweep(cells, out_root)):

@@ -11,7 +11,8 @@
   :mod:`image_metrics`, :mod:`digit_classifier` (labels Stacked MNIST), :mod:`diversity` (Sec. 3.4),
   :mod:`image_training` (the loop, several runs, workers), :mod:`image_experiment` (the scripts' flags, folder,
   tables, outputs).
-- :mod:`plotting`: every figure.
+- :mod:`report`: what every results page is made of (tables, mean ± standard error with one convention, kept
+  notes, the command that made it, per-seed files); :mod:`plotting`: every figure.
 """
 
 from pathlib import Path

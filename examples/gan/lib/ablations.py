@@ -9,22 +9,19 @@ from __future__ import annotations
 
 import argparse
 import math
-import shlex
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from . import REPO_ROOT, cli, runs
+from . import REPO_ROOT, cli, report, runs
 from .cli import HelpFormatter, add_threads_flag, parse_seeds, positive_int
 from .data import DATASETS, make_mixture
 from .metrics import steps_to_stable_coverage
+from .report import fmt, summary_stats, table
 from .sweeps import (
-    NOTES_BEGIN,
-    NOTES_END,
     TIMING_FILE,
     Cell,
     CellMeta,
@@ -33,14 +30,10 @@ from .sweeps import (
     figure_for,
     final_records,
     finite_records,
-    fmt,
-    kept_notes,
     page_status,
     read_cell,
     read_timing,
     run_cells,
-    summary_stats,
-    table,
 )
 from .training import SIZE_FLAGS, Trainer
 
@@ -103,12 +96,6 @@ def parse_and_check(parser: argparse.ArgumentParser, build_cells, argv: Optional
     return args, cells
 
 
-def command_line(script: str, argv: Optional[Sequence[str]]) -> str:
-    """The command that trains the runs (``--report-only`` and ``--resume`` do not change them)."""
-    flags = [a for a in (sys.argv[1:] if argv is None else argv) if a not in ("--report-only", "--resume")]
-    return " ".join(["python", f"examples/gan/{script}"] + [shlex.quote(a) for a in flags])
-
-
 def main_for(script: str, parser: argparse.ArgumentParser, build_cells: Callable[[argparse.Namespace], List[Cell]],
              write_report: Callable[..., None], argv: Optional[Sequence[str]]) -> int:
     """The whole sweep: check the flags, hold ``--out`` (:func:`runs.claim`: runs already there need
@@ -124,7 +111,8 @@ def _main_for(script: str, parser: argparse.ArgumentParser,
               build_cells: Callable[[argparse.Namespace], List[Cell]], write_report: Callable[..., None],
               argv: Optional[Sequence[str]]) -> int:
     args, cells = parse_and_check(parser, build_cells, argv)
-    command = command_line(script, argv)
+    # The command that trains the runs: --report-only and --resume do not change them.
+    command = report.command_line(f"examples/gan/{script}", argv, drop=("--report-only", "--resume"))
     resume = None if args.report_only else args.resume
     with runs.claim(Path(args.out), resume=resume, validate=lambda: check_sweep(cells, Path(args.out))):
         torch.set_num_threads(args.threads)
@@ -252,19 +240,11 @@ def per_seed_json(args: argparse.Namespace, metas: Sequence[CellMeta], n_modes: 
                "rows": [{"label": c.label, "folder": c.folder, "iterations": c.cfg.steps,
                          "s_per_iteration_timed": costs.get(c.folder),
                          **seed_numbers(m, n_modes, args.min_hq)} for c, m in metas if m is not None]}
-    runs.write_json(Path(args.fig_dir) / "per_seed.json", numbers)
-    name = Path(args.fig_dir).name
-    return [f"Per-seed numbers: [{name}/per_seed.json]({name}/per_seed.json).", ""]
+    return [report.write_per_seed(Path(args.doc), Path(args.fig_dir) / "per_seed.json", numbers), ""]
 
 
 def load_all(cells: Sequence[Cell], out_root: Path) -> List[CellMeta]:
     return [(c, read_cell(c, out_root / c.folder)) for c in cells]
-
-
-def link_from(doc: Path, path: Path) -> Path:
-    """``path`` as a link in the page ``doc``: relative to the page's folder when it lies below it."""
-    doc_dir, target = Path(doc).resolve().parent, Path(path).resolve()
-    return target.relative_to(doc_dir) if target.is_relative_to(doc_dir) else Path(path)
 
 
 def figure_markdown(cells: List[CellMeta], out_root: Path, args: argparse.Namespace, name: str,
@@ -273,7 +253,7 @@ def figure_markdown(cells: List[CellMeta], out_root: Path, args: argparse.Namesp
     path = Path(args.fig_dir) / f"{name}.png"
     if not figure_for(args.dataset, cells, out_root, path, title=title):
         return []
-    return [f"![{title}]({link_from(args.doc, path)})", ""]
+    return [f"![{title}]({report.link_from(args.doc, path)})", ""]
 
 
 def start_page(title: str, intro: str, args: argparse.Namespace, cells: Sequence[Cell], command: str,
@@ -285,7 +265,7 @@ def start_page(title: str, intro: str, args: argparse.Namespace, cells: Sequence
     status = page_status(metas, complete)
     return metas, n_modes, [
         f"# {title}", "",
-        f"Status: **{status}**. Made by:", "", "```", command, "```", "",
+        *report.made_by(command, f"Status: **{status}**. Made by:"), "",
         f"Settings: the mixture experiment of App. A (`examples/gan/mixture.py`) on the `{args.dataset}` data "
         f"({n_modes} modes), {len(args.seed_list)} paired seeds per row (seed s has the same initial parameters and "
         f"data in every row), trained together with `torch.func.vmap`. Adam β=(0.5, 0.999), batch 512, saturating "
@@ -299,7 +279,7 @@ def start_page(title: str, intro: str, args: argparse.Namespace, cells: Sequence
         f"(`metrics.steps_to_stable_coverage`); 'settled' counts the seeds that got there. Final metrics: mean ± "
         f"standard error over seeds at the last evaluation; s / iteration is the measured training time of all "
         f"seeds together (one thread).", "",
-        intro, "", NOTES_BEGIN + kept_notes(args.doc) + NOTES_END, "",
+        intro, "", report.notes_block(args.doc), "",
     ]
 
 
@@ -315,7 +295,7 @@ def write_page(doc: Path, lines: Sequence[str], log: Sequence[Dict[str, Any]]) -
     lines = list(lines) + [f"Training time of all cells: {total / 60:.1f} min, summed over cells (each cell on one "
                            f"thread, all its seeds together with torch.func.vmap). The 2-core machine was shared "
                            f"with other jobs, so s / iteration is noisy.", ""]
-    runs.atomic_write_bytes(Path(doc), "\n".join(lines).encode())
+    report.write_page(Path(doc), lines)
 
 
 def n_modes_of(dataset: str) -> int:

@@ -17,10 +17,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, TypeVar
 
-import numpy as np
 import torch
 
-from . import cli, runs
+from . import cli, report, runs
 from . import parallel as data_parallel
 from .cli import HelpFormatter, add_threads_flag
 from .image_models import parse_size, size_label
@@ -68,18 +67,11 @@ UNROLLED_STEPS = cli.sized(2 * _IMAGE_BYTES, "unrolled step, which keeps D's act
 # ------------------------------------------------------------------------------------ tables
 
 
-def mean_and_se(values: Sequence[float]) -> Tuple[float, float]:
-    """Mean and standard error of the mean (0 for a single value; NaN for none)."""
-    x = np.asarray([v for v in values if v is not None], dtype=np.float64)
-    if x.size == 0:
-        return math.nan, math.nan
-    return float(x.mean()), float(x.std(ddof=1) / math.sqrt(x.size)) if x.size > 1 else 0.0
-
-
 def aggregate(records: Sequence[Mapping[str, Any]], key_names: Sequence[str], metrics: Sequence[str]
               ) -> List[Dict[str, Any]]:
     """One row per table cell (the values of ``key_names``, in first-seen order): mean and s.e. over seeds of
-    each metric of the finished runs, and how many runs finished or diverged."""
+    each metric of the finished runs (:func:`report.mean_and_se`: no s.e. for one run), and how many runs
+    finished or diverged."""
     cells: Dict[Tuple, List[Mapping[str, Any]]] = {}
     for record in records:
         cells.setdefault(tuple(record[k] for k in key_names), []).append(record)
@@ -89,27 +81,27 @@ def aggregate(records: Sequence[Mapping[str, Any]], key_names: Sequence[str], me
         row: Dict[str, Any] = {**dict(zip(key_names, key)), "runs": len(done),
                                "diverged": len(group) - len(done)}
         for metric in metrics:
-            row[metric], row[f"{metric}_se"] = mean_and_se([r[metric] for r in done if metric in r])
+            row[metric], row[f"{metric}_se"] = report.mean_and_se([r[metric] for r in done if metric in r])
         rows.append(row)
     return rows
 
 
 def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[Tuple[str, str]],
                    paper: Optional[Mapping[Tuple, str]] = None, key_names: Sequence[str] = ()) -> str:
-    """``columns`` are ``(metric, header)``; cells show ``mean ± s.e.``. ``paper`` maps a row's key tuple to the
-    published entry, shown in a last column."""
+    """``columns`` are ``(metric, header)``; cells show ``mean ± s.e.`` (the mean alone for one run). ``paper``
+    maps a row's key tuple to the published entry, shown in a last column."""
     headers = list(key_names) + [h for _, h in columns] + ["runs"] + (["paper"] if paper is not None else [])
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    body = []
     for row in rows:
         cells = [str(row[k]) for k in key_names]
         for metric, _ in columns:
             mean, se = row[metric], row[f"{metric}_se"]
-            cells.append("—" if math.isnan(mean) else f"{mean:.4g} ± {se:.2g}")
+            cells.append("—" if math.isnan(mean) else report.plus_minus(mean, se, ".4g", ".2g"))
         cells.append(f"{row['runs']}" + (f" (+{row['diverged']} diverged)" if row["diverged"] else ""))
         if paper is not None:
             cells.append(paper.get(tuple(row[k] for k in key_names), "—"))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        body.append(cells)
+    return report.table(body, headers)
 
 
 # ------------------------------------------------------------------------------ shared flags and config

@@ -1,14 +1,12 @@
 """What the sweeps over 2-D mixture runs share (``sweep_mixture.py`` and the App. B ablations): a sweep is a list
 of :class:`Cell` (one configuration, all its seeds trained together in one run folder), trained in turn and
-resumed cell by cell; summary statistics, markdown tables, Fig. 2-style figures, and results pages whose
-hand-written notes survive a rewrite."""
+resumed cell by cell; the cells' metrics read back and Fig. 2-style figures (the page pieces: :mod:`report`)."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import math
-import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -20,10 +18,14 @@ import torch
 from . import runs
 from .data import make_mixture
 from .plotting import density_histogram, histogram_extent, plot_density_grid
+
+# The page pieces live in report.py; fig2.py, collect_runs.py and second_gradient.py import them from here.
+from .report import fmt as fmt
+from .report import summary_stats as summary_stats
+from .report import table as table
 from .runs import CHECKPOINT
 from .training import Hooks, TrainConfig, Trainer, TrainingDiverged, run_name
 
-NOTES_BEGIN, NOTES_END = "<!-- notes -->", "<!-- /notes -->"
 METRICS = "metrics.json"
 LOG = "sweep_log.json"
 TIMING_FILE = "timing.json"
@@ -62,14 +64,6 @@ def checked_cells(parser: argparse.ArgumentParser, args: argparse.Namespace,
     except ValueError as error:
         parser.error(str(error))
     return cells
-
-
-def summary_stats(values: Sequence[float]) -> Dict[str, float]:
-    """Mean, standard error of the mean (n - 1 in the std) and median."""
-    values = [float(v) for v in values]
-    n = len(values)
-    se = statistics.stdev(values) / math.sqrt(n) if n > 1 else float("nan")
-    return {"mean": statistics.fmean(values), "se": se, "median": statistics.median(values), "n": n}
 
 
 def load_run(folder: Path) -> Optional[Dict[str, Any]]:
@@ -213,25 +207,10 @@ def final_records(meta: Dict[str, Any]) -> List[Dict[str, Any]]:
     return [r for r in meta["records"] if r["step"] == last]
 
 
-def fmt(stats: Dict[str, float], scale: float = 1.0, digits: int = 2) -> str:
-    """``"mean ± s.e."`` of :func:`summary_stats`, scaled; ``"n/a"`` without values."""
-    if stats["n"] == 0 or math.isnan(stats["mean"]):
-        return "n/a"
-    se = "" if math.isnan(stats["se"]) else f" ± {scale * stats['se']:.{digits}f}"
-    return f"{scale * stats['mean']:.{digits}f}{se}"
-
-
 def finite_records(records: Sequence[Dict[str, Any]], metric: str = "reverse_kl") -> List[Dict[str, Any]]:
     """The records whose ``metric`` has a value (``metrics.json`` writes a missing one as ``null``; older files
     as NaN)."""
     return [r for r in records if r.get(metric) is not None and not math.isnan(r[metric])]
-
-
-def table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
-    """A markdown table."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 def figure_for(dataset: str, cells: Sequence[CellMeta], out_root: Path, path: Path, title: str) -> bool:
@@ -251,15 +230,6 @@ def figure_for(dataset: str, cells: Sequence[CellMeta], out_root: Path, path: Pa
     data = density_histogram(mixture.sample(10_000, torch.Generator().manual_seed(0)), extent)
     plot_density_grid(rows, data, extent, path, title=title)
     return True
-
-
-def kept_notes(doc: Path) -> str:
-    """The hand-written text between the notes markers of an existing page (kept when the page is rewritten)."""
-    path = Path(doc)
-    text = path.read_text() if path.exists() else ""
-    if NOTES_BEGIN in text and NOTES_END in text:
-        return text[text.index(NOTES_BEGIN) + len(NOTES_BEGIN):text.index(NOTES_END)]
-    return ""
 
 
 def page_status(metas: Sequence[CellMeta], complete: bool) -> str:

@@ -1,0 +1,125 @@
+"""The pieces every results page is made of, so that all pages (``examples/gan``, ``examples/games``, the
+benchmarks) render them the same way: markdown tables, mean ± standard error over seeds, the hand-written notes
+kept across regenerations, the command that made the page, and the per-seed numbers written beside it.
+
+One convention for the spread over seeds: the standard error of the mean is s / √n with the sample standard
+deviation s (n − 1 in the denominator). For a single seed it is undefined, so it is NaN here and a table shows
+the single value alone, without "±" (never a made-up "± 0").
+"""
+
+from __future__ import annotations
+
+import math
+import shlex
+import statistics
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from . import runs
+
+NOTES_BEGIN, NOTES_END = "<!-- notes -->", "<!-- /notes -->"
+
+
+# ---- numbers over seeds ----
+
+def mean_and_se(values: Sequence[Optional[float]]) -> Tuple[float, float]:
+    """Mean and standard error of the mean, s / √n with s the sample standard deviation (n − 1); ``None``
+    entries are left out. The standard error is NaN for one value (undefined), both are NaN for none."""
+    x = [float(v) for v in values if v is not None]
+    if not x:
+        return math.nan, math.nan
+    se = statistics.stdev(x) / math.sqrt(len(x)) if len(x) > 1 else math.nan
+    return statistics.fmean(x), se
+
+
+def summary_stats(values: Sequence[float]) -> Dict[str, float]:
+    """Mean, standard error of the mean (:func:`mean_and_se`: NaN for one value), median and count."""
+    mean, se = mean_and_se(values)
+    median = statistics.median([float(v) for v in values]) if len(values) else math.nan
+    return {"mean": mean, "se": se, "median": median, "n": len(values)}
+
+
+def plus_minus(mean: float, spread: float, mean_spec: str = ".2f", spread_spec: Optional[str] = None) -> str:
+    """``"mean ± spread"`` with the format specs given (``spread_spec`` defaults to ``mean_spec``); the mean
+    alone when the spread is NaN (one seed: undefined)."""
+    text = format(mean, mean_spec)
+    if math.isnan(spread):
+        return text
+    return f"{text} ± {format(spread, mean_spec if spread_spec is None else spread_spec)}"
+
+
+def fmt(stats: Dict[str, float], scale: float = 1.0, digits: int = 2) -> str:
+    """``"mean ± s.e."`` of :func:`summary_stats`, both times ``scale``, ``digits`` decimals; ``"n/a"`` without
+    values."""
+    if stats["n"] == 0 or math.isnan(stats["mean"]):
+        return "n/a"
+    return plus_minus(scale * stats["mean"], scale * stats["se"], f".{digits}f")
+
+
+# ---- the page's pieces ----
+
+def table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
+    """A markdown table: the header, a ``|---|`` rule, one line per row (cells as given)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def kept_notes(doc: Path, default: str = "") -> str:
+    """The hand-written text between the notes markers of the existing page ``doc``; ``default`` when there is
+    no such page or it has no markers."""
+    path = Path(doc)
+    text = path.read_text() if path.exists() else ""
+    if NOTES_BEGIN in text and NOTES_END in text:
+        return text[text.index(NOTES_BEGIN) + len(NOTES_BEGIN):text.index(NOTES_END)]
+    return default
+
+
+def notes_block(doc: Path, default: str = "") -> str:
+    """The notes markers with :func:`kept_notes` between them: the line a page keeps its notes in."""
+    return NOTES_BEGIN + kept_notes(doc, default) + NOTES_END
+
+
+def command_line(program: str, argv: Optional[Sequence[str]] = None, *, drop: Sequence[str] = (),
+                 drop_with_value: Sequence[str] = ()) -> str:
+    """``python <program> <flags>``, the flags shell-quoted, from ``argv`` (``sys.argv[1:]`` when None), without
+    the flags in ``drop`` (e.g. ``--report-only``: it re-renders, it does not change the numbers) and without
+    those in ``drop_with_value`` together with their value (``--note X``, ``--note=X``)."""
+    flags: List[str] = []
+    skip_next = False
+    for arg in list(sys.argv[1:] if argv is None else argv):
+        if skip_next:
+            skip_next = False
+        elif arg in drop_with_value:
+            skip_next = True
+        elif arg not in drop and not any(arg.startswith(f"{flag}=") for flag in drop_with_value):
+            flags.append(arg)
+    return " ".join(["python", program] + [shlex.quote(a) for a in flags])
+
+
+def made_by(command: str, lead: str = "Made by:") -> List[str]:
+    """The page's lines naming the command that made it: ``lead``, then the command in a code block."""
+    return [lead, "", "```", command, "```"]
+
+
+def link_from(doc: Path, path: Path) -> Path:
+    """``path`` as a link in the page ``doc``: relative to the page's folder when it lies below it."""
+    doc_dir, target = Path(doc).resolve().parent, Path(path).resolve()
+    try:
+        return target.relative_to(doc_dir)
+    except ValueError:  # not below the page's folder
+        return Path(path)
+
+
+def write_per_seed(doc: Path, path: Path, numbers: Any, lead: str = "Per-seed numbers:") -> str:
+    """Write ``numbers`` (every seed's numbers behind the page's means) to ``path`` as strict JSON, atomically
+    (:func:`runs.write_json`: NaN and infinities become ``null``); the page's line that links it."""
+    runs.write_json(Path(path), numbers)
+    link = link_from(doc, path)
+    return f"{lead} [{link}]({link})."
+
+
+def write_page(doc: Path, lines: Sequence[str]) -> None:
+    """Write the page's lines, joined by newlines, atomically (a reader never sees half a page)."""
+    runs.atomic_write_bytes(Path(doc), "\n".join(lines).encode())

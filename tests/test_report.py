@@ -1,0 +1,100 @@
+"""The results pages' kit (examples/gan/lib/report.py): numbers over seeds against their formulas, the one
+standard-error convention (one seed: no "±"), tables, kept notes, the command stamp and the per-seed JSON."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "gan"))
+
+from lib import report  # noqa: E402
+
+
+def test_standard_error_is_the_sample_std_over_root_n() -> None:
+    values = [0.5, 2.0, -1.25, 4.0, 3.5]
+    mean = sum(values) / len(values)
+    sample_var = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+    got_mean, got_se = report.mean_and_se(values + [None])  # None: a seed without the metric
+    assert got_mean == pytest.approx(mean, rel=1e-15)
+    assert got_se == pytest.approx(math.sqrt(sample_var / len(values)), rel=1e-15)
+
+
+def test_summary_statistics_closed_form() -> None:
+    stats = report.summary_stats([1.0, 2.0, 3.0, 6.0])
+    assert stats["mean"] == pytest.approx(3.0) and stats["median"] == pytest.approx(2.5) and stats["n"] == 4
+    assert stats["se"] == pytest.approx(math.sqrt(14 / 3) / 2)
+
+
+def test_one_seed_has_no_standard_error_and_shows_no_plus_minus() -> None:
+    mean, se = report.mean_and_se([0.25])
+    assert mean == 0.25 and math.isnan(se)
+    assert report.fmt(report.summary_stats([0.25]), scale=100, digits=1) == "25.0"
+    assert report.plus_minus(mean, se, ".4g", ".2g") == "0.25"
+    assert all(math.isnan(v) for v in report.mean_and_se([]))
+    assert report.fmt(report.summary_stats([])) == "n/a"
+
+
+def test_plus_minus_formats_mean_and_spread() -> None:
+    stats = report.summary_stats([1.0, 2.0])  # se = 0.5
+    assert report.fmt(stats, scale=10, digits=1) == "15.0 ± 5.0"
+    assert report.plus_minus(-0.0625, 0.01234, "+.3f", ".3f") == "-0.062 ± 0.012"
+    assert report.plus_minus(1.0, 0.0) == "1.00 ± 0.00"  # a real zero spread (two equal seeds) is shown
+
+
+def test_image_tables_follow_the_convention() -> None:
+    from lib import image_experiment as ex
+
+    records = [{"K": 0, "status": "done", "m": 1.0}, {"K": 0, "status": "done", "m": 2.0},
+               {"K": 5, "status": "done", "m": 0.25}, {"K": 5, "status": "diverged"}]
+    rows = ex.aggregate(records, ("K",), ("m",))
+    assert rows[0]["m_se"] == pytest.approx(0.5) and math.isnan(rows[1]["m_se"])
+    lines = ex.markdown_table(rows, [("m", "M")], key_names=("K",)).splitlines()
+    assert lines[2] == "| 0 | 1.5 ± 0.5 | 2 |" and lines[3] == "| 5 | 0.25 | 1 (+1 diverged) |"
+
+
+def test_table_is_markdown_that_reads_back() -> None:
+    rows = [["a", "1 ± 2"], ["b", ""]]
+    text = report.table(rows, ["name", "value"])
+    lines = text.splitlines()
+    assert lines[:2] == ["| name | value |", "|---|---|"] and len(lines) == 4
+    assert [c.strip() for c in lines[2].strip("|").split("|")] == rows[0]
+    assert report.table([], ["x"]) == "| x |\n|---|"
+
+
+def test_notes_survive_a_rewrite_and_default_on_a_new_page(tmp_path: Path) -> None:
+    doc = tmp_path / "page.md"
+    assert report.kept_notes(doc, "\nfirst\n") == "\nfirst\n"
+    assert report.notes_block(doc) == "<!-- notes --><!-- /notes -->"
+    report.write_page(doc, ["# t", "", report.notes_block(doc, "default"), "", "| x |"])
+    assert doc.read_text() == "# t\n\n<!-- notes -->default<!-- /notes -->\n\n| x |"
+    doc.write_text(doc.read_text().replace("default", "\nby hand, | with a bar\n"))
+    assert report.kept_notes(doc, "ignored") == "\nby hand, | with a bar\n"
+    doc.write_text("no markers")
+    assert report.kept_notes(doc, "fresh") == "fresh"
+
+
+def test_command_line_quotes_and_drops_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    argv = ["--out", "a b", "--report-only", "--note", "busy machine", "--note=x", "--seeds", "0-4"]
+    assert (report.command_line("examples/gan/x.py", argv, drop=("--report-only",), drop_with_value=("--note",))
+            == "python examples/gan/x.py --out 'a b' --seeds 0-4")
+    monkeypatch.setattr(sys, "argv", ["x.py", "--k", "it's"])
+    assert report.command_line("-m benchmarks.x") == "python -m benchmarks.x --k 'it'\"'\"'s'"
+    assert report.made_by("cmd", "Status: **complete**. Made by:") == [
+        "Status: **complete**. Made by:", "", "```", "cmd", "```"]
+
+
+def test_per_seed_json_is_strict_and_linked_from_the_page(tmp_path: Path) -> None:
+    doc = tmp_path / "page.md"
+    line = report.write_per_seed(doc, tmp_path / "page" / "per_seed.json", {"se": math.nan, "x": (1, 2.5)})
+    assert line == "Per-seed numbers: [page/per_seed.json](page/per_seed.json)."
+    assert json.loads((tmp_path / "page" / "per_seed.json").read_text()) == {"se": None, "x": [1, 2.5]}
+    elsewhere = tmp_path.parent / f"{tmp_path.name}_other.json"
+    try:
+        assert report.write_per_seed(doc, elsewhere, [], "Every seed:") == f"Every seed: [{elsewhere}]({elsewhere})."
+    finally:
+        elsewhere.unlink()
