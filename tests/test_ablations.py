@@ -5,21 +5,19 @@ from __future__ import annotations
 import ast
 import json
 import re
-import sys
 from pathlib import Path
 from typing import Any, Dict, List
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "examples" / "gan"))
+import historical_averaging as ha
+import second_gradient as sg
+import unroll
+from lib.metrics import steps_to_stable_coverage
+from lib.training import CHECKPOINT, TrainConfig, Trainer
 
-import historical_averaging as ha  # noqa: E402
-import second_gradient as sg  # noqa: E402
-import unroll  # noqa: E402
-from lib.metrics import steps_to_stable_coverage  # noqa: E402
-from lib.training import CHECKPOINT, TrainConfig, Trainer  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 TINY = ["--seeds", "0-1", "--eval-every", "2", "--eval-samples", "200", "--threads", "1", "--no-progress"]
 

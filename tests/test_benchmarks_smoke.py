@@ -5,7 +5,6 @@ higher and torchopt are optional (the ``bench`` extra); their parts are skipped 
 
 from __future__ import annotations
 
-import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Dict
@@ -13,13 +12,8 @@ from typing import Any, Dict
 import pytest
 import torch
 
-# benchmarks/ is a top-level folder of the repository, not part of the installed package.
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from benchmarks import memory, vmap_seeds  # noqa: E402
-from benchmarks.methods import (  # noqa: E402
+from benchmarks import memory, vmap_seeds
+from benchmarks.methods import (
     CHECKPOINT_METHOD,
     checkpoint_unavailable,
     describe,
@@ -30,8 +24,8 @@ from benchmarks.methods import (  # noqa: E402
     unroll_method,
     warm_up,
 )
-from benchmarks.models import make_problem, to_device  # noqa: E402
-from benchmarks.unrolled_gradient import (  # noqa: E402
+from benchmarks.models import make_problem, to_device
+from benchmarks.unrolled_gradient import (
     QUICK,
     SEEDS_ON_CUDA,
     compare,

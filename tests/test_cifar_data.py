@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import io
 import pickle
-import sys
 import tarfile
 from pathlib import Path
 from typing import Dict
@@ -14,9 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "gan"))
-
-from lib import cifar_data as cd  # noqa: E402
+from lib import cifar_data as cd
 
 
 def write_batch(path: Path, n: int, seed: int) -> tuple:

@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "examples" / "gan"))
-
-import collect_runs  # noqa: E402
-import mixture  # noqa: E402
+import collect_runs
+import mixture
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 

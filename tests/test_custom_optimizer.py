@@ -3,8 +3,6 @@ torch.func.grad and vmap through surrogate_loss, the elementwise flag, and clear
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Tuple
 
 import pytest
@@ -12,10 +10,8 @@ import torch
 import torch.utils._pytree as pytree
 from torch import Tensor
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-
-import unroll  # noqa: E402
-from custom_optimizer import lion, main  # noqa: E402
+import unroll
+from custom_optimizer import lion, main
 
 MLP_SIZES = [3, 6, 1]
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, List
 
@@ -16,11 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "examples" / "distill"))
-
-import distill  # noqa: E402  (puts examples/gan on the path)
-from lib import mnist_data as md  # noqa: E402
+import distill
+from lib import mnist_data as md
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 

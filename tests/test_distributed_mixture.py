@@ -23,10 +23,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "gan"))
-
-import mixture  # noqa: E402
-from lib.training import Trainer  # noqa: E402
+import mixture
+from lib.training import Trainer
 
 WORLD = 2
 FLAGS = ["--K", "2", "--eval-every", "3", "--seeds", "0-1", "--batch", "32", "--eval-samples", "500",

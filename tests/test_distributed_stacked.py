@@ -25,12 +25,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "gan"))
-
-import stacked_mnist  # noqa: E402
-from lib import image_training as it  # noqa: E402
-from lib import mnist_data as md  # noqa: E402
-from lib import parallel  # noqa: E402
+import stacked_mnist
+from lib import image_training as it
+from lib import mnist_data as md
+from lib import parallel
 
 WORLD = 2
 NAN_STEP = 2

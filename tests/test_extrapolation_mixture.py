@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any, List
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "examples" / "gan"))
-
-import extrapolation as ex  # noqa: E402
-from lib.metrics import METRIC_NAMES  # noqa: E402
-from lib.training import TrainConfig, Trainer  # noqa: E402
+import extrapolation as ex
+from lib.metrics import METRIC_NAMES
+from lib.training import TrainConfig, Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 

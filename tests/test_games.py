@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import re
 import runpy
-import sys
 from pathlib import Path
 from typing import Callable, Dict
 
@@ -17,12 +16,11 @@ import pytest
 import torch
 from torch import Tensor
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "examples" / "games"))
+import common
+import ipd
+import unroll
 
-import common  # noqa: E402
-import ipd  # noqa: E402
-import unroll  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 DTYPE = torch.float64
 

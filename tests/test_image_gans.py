@@ -13,7 +13,6 @@ import json
 import math
 import os
 import pickle
-import sys
 from pathlib import Path
 from typing import Any, Dict, List
 
@@ -22,18 +21,16 @@ import pytest
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "gan"))
-
-import cifar10  # noqa: E402
-import colored_mnist  # noqa: E402
-import mnist_rnn  # noqa: E402
-import stacked_mnist  # noqa: E402
-from lib import diversity as dv  # noqa: E402
-from lib import image_experiment as ex  # noqa: E402
-from lib import image_models as M  # noqa: E402
-from lib import image_training as it  # noqa: E402
-from lib import mnist_data as md  # noqa: E402
-from lib import runs  # noqa: E402
+import cifar10
+import colored_mnist
+import mnist_rnn
+import stacked_mnist
+from lib import diversity as dv
+from lib import image_experiment as ex
+from lib import image_models as M
+from lib import image_training as it
+from lib import mnist_data as md
+from lib import runs
 
 needs_real_mnist = pytest.mark.skipif(not md.has_split("test"), reason=md.how_to_get("test"))
 # Timing fields differ between any two runs; everything else must match exactly.

@@ -4,7 +4,6 @@ distances (Sec. 3.4.2)."""
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,10 +11,8 @@ import pytest
 import torch
 from scipy import integrate, special
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "gan"))
-
-from lib import image_metrics as im  # noqa: E402
-from lib import mnist_data as md  # noqa: E402
+from lib import image_metrics as im
+from lib import mnist_data as md
 
 # ------------------------------------------------------------------------------------- modes and KL
 

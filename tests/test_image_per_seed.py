@@ -10,21 +10,18 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import sys
 from pathlib import Path
 from typing import Any, Dict, List
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "gan"))
-
-import cifar10  # noqa: E402
-import colored_mnist  # noqa: E402
-import mnist_rnn  # noqa: E402
-import stacked_mnist  # noqa: E402
-from lib import image_experiment as ex  # noqa: E402
-from lib import image_training as it  # noqa: E402
-from lib import mnist_data as md  # noqa: E402
+import cifar10
+import colored_mnist
+import mnist_rnn
+import stacked_mnist
+from lib import image_experiment as ex
+from lib import image_training as it
+from lib import mnist_data as md
 
 needs_real_mnist = pytest.mark.skipif(not md.has_split("test"), reason=md.how_to_get("test"))
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py

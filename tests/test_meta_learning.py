@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import inspect
 import re
-import sys
 import textwrap
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "examples"))
+import meta_learning
 
-import meta_learning  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_tutorial_code_blocks_are_the_examples_code() -> None:

@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "gan"))
-
-from lib.data import DATASETS, make_mixture, mode_weights, ring_centers  # noqa: E402
-from lib.metrics import all_metrics, energy_distance, mode_metrics, reverse_kl  # noqa: E402
+from lib.data import DATASETS, make_mixture, mode_weights, ring_centers
+from lib.metrics import all_metrics, energy_distance, mode_metrics, reverse_kl
 
 # P(|N(0, I_2)| <= 3) = 1 - exp(-9/2): the HQ fraction of exact samples of an isotropic 2-D Gaussian.
 HQ_EXACT = 1 - math.exp(-4.5)

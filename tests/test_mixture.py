@@ -5,20 +5,17 @@ from __future__ import annotations
 import csv
 import json
 import math
-import sys
 from pathlib import Path
 from typing import Any, Dict, List
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "gan"))
-
-import mixture  # noqa: E402
-import sweep_mixture  # noqa: E402
-import unroll  # noqa: E402
-from lib.models import d_loss_from_logits, discriminator_forward, generator_forward  # noqa: E402
-from lib.training import CHECKPOINT, Hooks, TrainConfig, Trainer, TrainingDiverged, index_state, init_state  # noqa: E402
+import mixture
+import sweep_mixture
+import unroll
+from lib.models import d_loss_from_logits, discriminator_forward, generator_forward
+from lib.training import CHECKPOINT, Hooks, TrainConfig, Trainer, TrainingDiverged, index_state, init_state
 
 SMALL = dict(batch=64, eval_samples=400, eval_every=2)
 

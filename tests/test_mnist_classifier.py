@@ -8,17 +8,14 @@ test, for the cache and reload logic.
 from __future__ import annotations
 
 import dataclasses
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from torch import Tensor, nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "gan"))
-
-from lib import digit_classifier as mc  # noqa: E402
-from lib import mnist_data as md  # noqa: E402
+from lib import digit_classifier as mc
+from lib import mnist_data as md
 
 REDUCED = mc.ClassifierConfig(n_train=3000, n_holdout=2000, epochs=2, width=16, augment=False, batch_size=32,
                               lr=3e-3)

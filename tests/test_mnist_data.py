@@ -5,7 +5,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import shutil
-import sys
 from pathlib import Path
 from typing import Dict
 
@@ -13,9 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "gan"))
-
-from lib import mnist_data as md  # noqa: E402
+from lib import mnist_data as md
 
 REAL_DIR = md.mnist_folder()  # $UNROLL_MNIST_DIR, else ../shared/data/mnist beside the repository, else data/mnist
 REAL_TEST_FILES = md.MNIST_FILES["test"]

@@ -10,9 +10,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "gan"))
-
-from lib import report  # noqa: E402
+from lib import report
 
 
 def test_standard_error_is_the_sample_std_over_root_n() -> None:

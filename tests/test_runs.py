@@ -27,22 +27,21 @@ import numpy as np
 import pytest
 import torch
 
+import cifar10
+import colored_mnist
+import historical_averaging
+import mixture
+import mnist_classifier
+import mnist_rnn
+import second_gradient
+import stacked_mnist
+import sweep_mixture
+from lib import cli, runs
+from lib import image_training as it
+from lib import mnist_data as md
+
 ROOT = Path(__file__).resolve().parents[1]
 GAN = ROOT / "examples" / "gan"
-sys.path.insert(0, str(GAN))
-
-import cifar10  # noqa: E402
-import colored_mnist  # noqa: E402
-import historical_averaging  # noqa: E402
-import mixture  # noqa: E402
-import mnist_classifier  # noqa: E402
-import mnist_rnn  # noqa: E402
-import second_gradient  # noqa: E402
-import stacked_mnist  # noqa: E402
-import sweep_mixture  # noqa: E402
-from lib import cli, runs  # noqa: E402
-from lib import image_training as it  # noqa: E402
-from lib import mnist_data as md  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -285,10 +284,10 @@ def test_a_nonfinite_state_with_finite_losses_stops_an_image_run_at_that_iterati
 
 def hold(out: Path) -> subprocess.Popen:
     """Another process that holds ``out`` (as a running script does) until it is killed."""
-    code = ("import sys, time; sys.path.insert(0, sys.argv[1]); from lib import runs; "
-            "c = runs.claim(sys.argv[2], resume=None); c.__enter__(); print('held', flush=True); time.sleep(600)")
-    holder = subprocess.Popen([sys.executable, "-c", code, str(GAN), str(out)], stdout=subprocess.PIPE, text=True,
-                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+    code = ("import sys, time; from lib import runs; "
+            "c = runs.claim(sys.argv[1], resume=None); c.__enter__(); print('held', flush=True); time.sleep(600)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(GAN)])})
     assert holder.stdout.readline().strip() == "held"
     return holder
 

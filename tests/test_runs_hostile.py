@@ -23,19 +23,16 @@ from typing import Any, Dict, List
 import pytest
 import torch
 
+import cifar10
+import fig2
+import mixture
+import second_gradient
+import stacked_mnist
+import sweep_mixture
+from lib import cli, runs
+from lib import digit_classifier as mc
+from lib import image_training as it
 from test_runs import GAN, IMG, IMG_ANY_WORKERS, MIX, children, hold, kill, wait_for, write_cifar
-
-# isort: split
-# test_runs has put examples/gan on sys.path for these.
-import cifar10  # noqa: E402
-import fig2  # noqa: E402
-import mixture  # noqa: E402
-import second_gradient  # noqa: E402
-import stacked_mnist  # noqa: E402
-import sweep_mixture  # noqa: E402
-from lib import cli, runs  # noqa: E402
-from lib import digit_classifier as mc  # noqa: E402
-from lib import image_training as it  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 

@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "examples" / "gan"))
-
-import mixture  # noqa: E402
-import sharpness  # noqa: E402
-from lib.training import TrainConfig  # noqa: E402
+import mixture
+import sharpness
+from lib.training import TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 

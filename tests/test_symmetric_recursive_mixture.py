@@ -4,20 +4,16 @@ discriminator_loss and generator_params_loss hooks)."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, List
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "examples" / "gan"))
-
-import symmetric_recursive as sr  # noqa: E402
-import unroll  # noqa: E402
-from lib.models import init_discriminator, init_generator  # noqa: E402
-from lib.training import Hooks, TrainConfig, Trainer, d_inner_loss  # noqa: E402
+import symmetric_recursive as sr
+import unroll
+from lib.models import init_discriminator, init_generator
+from lib.training import Hooks, TrainConfig, Trainer, d_inner_loss
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 

@@ -24,15 +24,15 @@ import argparse
 import dataclasses
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from lib import runs
+from lib import cli, runs
 from lib.ablations import MIN_HQ, describe_stable, n_modes_of, stable_steps
 from lib.cli import HelpFormatter, parse_seeds
-from lib.data import DATASETS
 from lib.sweeps import (
     Cell,
     check_sweep,
@@ -45,31 +45,47 @@ from lib.sweeps import (
     summary_stats,
     table,
 )
-from lib.training import SIZE_FLAGS, TrainConfig
+from lib.training import TrainConfig
 
-# ---- configuration ----
-CONVERGING = dict(d_lr=1e-3, g_lr=1e-3, unroll_lr=1e-3, K=5, steps=2000)  # measured: K = 5 settles by ~1,250
-PAPER = dict(d_lr=1e-4, g_lr=1e-4, unroll_lr=1e-4, K=10, steps=10_000)   # App. A; Fig. 2 shows K = 10
-SEEDS = "0-2"
-EVAL_EVERY = 250
+# ---- configuration: the named presets (--paper picks "paper"); K is the unrolled GAN's, and K = 0 and the control
+# (K + 1 committed D steps) run beside it with the same other fields ----
+CONFIGS = {
+    # measured: K = 5 settles by ~1,250 iterations
+    "converging": TrainConfig(d_lr=1e-3, g_lr=1e-3, unroll_lr=1e-3, K=5, steps=2000, eval_every=250),
+    # App. A; Fig. 2 shows K = 10
+    "paper": TrainConfig(d_lr=1e-4, g_lr=1e-4, unroll_lr=1e-4, K=10, steps=10_000, eval_every=250),
+}
+FLAGS = ("dataset", "K", "steps", "eval_every")
+"""The fields a flag may override (``--K`` ...); the others are the preset's."""
 DEFAULT_OUT = "runs/fig2"
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Which seeds, where the outputs go and how the configurations are trained."""
+
+    seeds: str = cli.option("0-2", "paired seeds, e.g. 0-2 or 0,3,7")
+    no_control: bool = cli.option(False, "skip the compute-matched control")
+    workers: int = cli.option(min(2, torch.get_num_threads() or 1),
+                              "configurations trained at once, each in its own process on one thread")
+    out: str = cli.option(DEFAULT_OUT, "output folder")
+    resume: bool = cli.option(False, "continue a killed run in --out (the same settings)")
+    no_progress: bool = cli.option(False, "no progress bar")
+
+
+RUN = RunOptions()
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    converging, paper = CONFIGS["converging"], CONFIGS["paper"]
     p.add_argument("--paper", action="store_true",
-                   help=f"App. A's settings: {PAPER} (default: the converging setting {CONVERGING})")
-    p.add_argument("--K", type=SIZE_FLAGS["K"], default=None, help="unrolled discriminator steps of the unrolled GAN")
-    p.add_argument("--steps", type=int, default=None, help="training iterations (one D + one G update)")
-    p.add_argument("--seeds", default=SEEDS, help="paired seeds, e.g. 0-2 or 0,3,7")
-    p.add_argument("--dataset", choices=DATASETS, default="ring", help="the 2-D mixture")
-    p.add_argument("--eval-every", type=int, default=EVAL_EVERY, help="iterations between evaluations")
-    p.add_argument("--no-control", action="store_true", help="skip the compute-matched control")
-    p.add_argument("--workers", type=int, default=min(2, torch.get_num_threads() or 1),
-                   help="configurations trained at once, each in its own process on one thread")
-    p.add_argument("--out", default=DEFAULT_OUT, help="output folder")
-    p.add_argument("--resume", action="store_true", help="continue a killed run in --out (the same settings)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+                   help=f"App. A's settings, the paper preset: {cli.changed_fields(paper, converging)} (default: "
+                        f"the converging preset {cli.changed_fields(converging, paper)})")
+    cli.add_config_flags(p, converging, presets=CONFIGS, only=FLAGS, title="training (lib/training.py TrainConfig)",
+                         helps={"K": "unrolled discriminator steps of the unrolled GAN",
+                                "steps": "training iterations (one D + one G update)"})
+    cli.add_config_flags(p, RUN)
     return p
 
 
@@ -77,22 +93,18 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[argparse.Namespace
     """Every flag checked, and the configurations built, before any work starts."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    setting = dict(PAPER if args.paper else CONVERGING)
-    setting.update({k: v for k, v in (("K", args.K), ("steps", args.steps)) if v is not None})
+    base = cli.config_from_args(args, CONFIGS["paper" if args.paper else "converging"])
     try:
-        if setting["K"] < 1:
-            raise ValueError(f"--K must be >= 1 (the unrolled GAN; K = 0 always runs beside it), got {setting['K']}")
+        if base.K < 1:
+            raise ValueError(f"--K must be >= 1 (the unrolled GAN; K = 0 always runs beside it), got {base.K}")
         if args.workers < 1:
             raise ValueError(f"--workers must be >= 1, got {args.workers}")
         seeds = tuple(parse_seeds(args.seeds))
-        base = TrainConfig(dataset=args.dataset, steps=setting["steps"], d_lr=setting["d_lr"],
-                           g_lr=setting["g_lr"], unroll_lr=setting["unroll_lr"], eval_every=args.eval_every)
-        K = setting["K"]
-        cells = [Cell("fig2", f"unrolled, K={K}", dataclasses.replace(base, K=K), seeds),
+        K = base.K
+        cells = [Cell("fig2", f"unrolled, K={K}", base, seeds),
                  Cell("fig2", "plain GAN, K=0", dataclasses.replace(base, K=0), seeds)]
         if not args.no_control:
-            cells.append(Cell("fig2", f"control, {K + 1} D steps", dataclasses.replace(base, K=K, control=True),
-                              seeds))
+            cells.append(Cell("fig2", f"control, {K + 1} D steps", dataclasses.replace(base, control=True), seeds))
         for cell in cells:
             cell.cfg.validate()
     except ValueError as error:

@@ -16,90 +16,55 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from lib import cli, parallel, runs
 from lib.cli import MAX_SEEDS, HelpFormatter, add_threads_flag, parse_seeds
-from lib.data import DATASETS
 from lib.runs import CHECKPOINT
-from lib.training import (
-    DEFAULT_CHECKPOINT_EVERY,
-    LOSSES,
-    SIZE_FLAGS,
-    UNROLL_BATCHES,
-    TrainConfig,
-    Trainer,
-    TrainingDiverged,
-    run_name,
-)
+from lib.training import DEFAULT_CHECKPOINT_EVERY, TrainConfig, Trainer, TrainingDiverged, run_name
 
-# ---- configuration: App. A unless a flag says otherwise ----
-DEFAULTS = TrainConfig()
-DEFAULT_SEEDS = "0-4"
+# ---- configuration: every field of TRAINING and RUN is a flag of its name (weight_std -> --weight-std) whose
+# default is the field's value here (cli.add_config_flags); --help lists each with its default ----
+TRAINING = TrainConfig()
+"""App. A's settings: the defaults of :class:`lib.training.TrainConfig`, where each field's help and check sit."""
 DEFAULT_OUT = "runs/mixture"
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Which seeds, where the outputs go and how the run is carried out (``--threads``: lib/cli.py)."""
+
+    seeds: str = cli.option("0-4", f"e.g. 0-9 or 0,3,7: trained together (vmapped), at most {MAX_SEEDS}")
+    checkpoint_every: int = cli.option(DEFAULT_CHECKPOINT_EVERY, "iterations between checkpoints besides those "
+                                                                 "at evaluations (what a kill can lose)")
+    out: Optional[str] = cli.option(None, f"output folder (default: {DEFAULT_OUT}/<settings>)")
+    resume: bool = cli.option(False, "continue from <out>/checkpoint.pt (the same settings; --steps may grow)")
+    no_progress: bool = cli.option(False, "no tqdm bar")
+
+
+RUN = RunOptions()
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    d = DEFAULTS
-    p.add_argument("--dataset", choices=DATASETS, default=d.dataset, help="the 2-D mixture")
-    p.add_argument("--weight-std", type=cli.nonnegative_float, default=d.weight_std,
-                   help="std of the non-uniform mode weights (0 = uniform; the PyTorch port's prior_std)")
-    p.add_argument("--weight-seed", type=cli.seed, default=d.weight_seed, help="seed of the mode-weight draw")
-    p.add_argument("--K", type=SIZE_FLAGS["K"], default=d.K, help="unrolled discriminator steps")
-    p.add_argument("--stop-grad", action="store_true", help="first term of Eq. 12 only (App. B.2)")
-    p.add_argument("--average-over-steps", action="store_true",
-                   help="G's loss averaged over the K unrolled discriminators (App. B.2)")
-    p.add_argument("--unroll-batches", choices=UNROLL_BATCHES, default=d.unroll_batches,
-                   help="look-ahead steps on the current minibatch, or on fresh ones")
-    p.add_argument("--control", action="store_true",
-                   help="compute-matched control: K+1 committed D steps per G step (the K extra at the "
-                        "--unroll-lr), no unrolling")
-    p.add_argument("--g-steps", type=SIZE_FLAGS["g_steps"], default=d.g_steps,
-                   help="generator updates per discriminator update")
-    p.add_argument("--steps", type=int, default=d.steps, help="training iterations (one D + g-steps G updates)")
-    p.add_argument("--seeds", default=DEFAULT_SEEDS,
-                   help=f"e.g. 0-9 or 0,3,7: trained together (vmapped), at most {MAX_SEEDS}")
-    p.add_argument("--d-lr", type=cli.learning_rate, default=d.d_lr,
-                   help="discriminator Adam learning rate (App. A)")
-    p.add_argument("--g-lr", type=cli.learning_rate, default=d.g_lr, help="generator Adam learning rate (App. A)")
-    p.add_argument("--unroll-lr", type=cli.learning_rate, default=None,
-                   help="learning rate of the K look-ahead Adam steps (default: --d-lr)")
-    p.add_argument("--beta1", type=float, default=d.beta1, help="Adam beta1 of both players (App. A)")
-    p.add_argument("--activation", choices=("relu", "tanh"), default=d.activation, help="generator activation")
-    p.add_argument("--loss", choices=LOSSES, default=d.loss,
-                   help="saturating: G minimises -L_D (App. A); nonsaturating: -log D(G(z))")
-    p.add_argument("--batch", type=SIZE_FLAGS["batch"], default=d.batch, help="minibatch size (App. A)")
-    p.add_argument("--eval-every", type=int, default=d.eval_every,
-                   help="iterations between evaluations (metrics, density.png and a checkpoint)")
-    p.add_argument("--eval-samples", type=SIZE_FLAGS["eval_samples"], default=d.eval_samples,
-                   help="generator samples per evaluation")
-    p.add_argument("--checkpoint-every", type=int, default=DEFAULT_CHECKPOINT_EVERY,
-                   help="iterations between checkpoints besides those at evaluations (what a kill can lose)")
-    p.add_argument("--out", default=None, help=f"output folder (default: {DEFAULT_OUT}/<settings>)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from <out>/checkpoint.pt (the same settings; --steps may grow)")
+    cli.add_config_flags(p, TRAINING, title="training (lib/training.py TrainConfig)")
+    cli.add_config_flags(p, RUN)
     add_threads_flag(p)
-    p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     return p
 
 
-def parse_args(argv: Optional[Sequence[str]] = None):
+def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[argparse.Namespace, TrainConfig, List[int], Path]:
     """Parse and validate every flag; any problem is an argparse error before any work starts. Nothing is written:
     the output folder is checked when :func:`main` takes it (:func:`runs.claim`)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         seeds = parse_seeds(args.seeds)
-        cfg = TrainConfig(dataset=args.dataset, weight_std=args.weight_std, weight_seed=args.weight_seed, K=args.K,
-                          stop_grad=args.stop_grad, average_over_steps=args.average_over_steps,
-                          unroll_batches=args.unroll_batches, control=args.control, g_steps=args.g_steps,
-                          steps=args.steps, d_lr=args.d_lr, g_lr=args.g_lr, unroll_lr=args.unroll_lr,
-                          beta1=args.beta1, activation=args.activation, loss=args.loss, batch=args.batch,
-                          eval_every=args.eval_every, eval_samples=args.eval_samples)
+        cfg = cli.config_from_args(args, TRAINING)
         cfg.validate()
         if args.checkpoint_every < 1:
             raise ValueError(f"--checkpoint-every must be >= 1, got {args.checkpoint_every}")

@@ -1,14 +1,31 @@
 """Command-line pieces every script shares: a help formatter that shows every default, ``--seeds`` ranges, and the
 argparse ``type=`` validators that refuse, at the command line, values a run cannot honour: learning rates that
 are infinite or NaN, seeds beyond 64 bits, thread counts far beyond the machine's cores, and sizes whose memory
-the machine does not have (each message names the flag, through argparse, and the memory it would need)."""
+the machine does not have (each message names the flag, through argparse, and the memory it would need); and
+configurations from one source: :func:`option` keeps a dataclass field's default, help text and validator together,
+:func:`add_config_flags` makes a flag of every field, :func:`config_from_args` builds the configuration back."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
-from typing import Callable, List
+import types
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    List,
+    Mapping,
+    Optional,
+    Sequence,
+    TypeVar,
+    Union,
+    get_args,
+    get_origin,
+    get_type_hints,
+)
 
 MAX_SEEDS = 1000
 """The most seeds one ``--seeds`` may name: they are trained at once (vmapped), each with its own parameters,
@@ -156,3 +173,102 @@ def sized(bytes_each: int, what: str) -> Callable[[str], int]:
 
     parse.__name__ = "int"  # argparse names the type in its own messages ("invalid int value")
     return parse
+
+
+# ------------------------------------------------------------------ configurations from one source
+
+Config = TypeVar("Config")
+
+
+def option(default: Any, help: str, *, type: Optional[Callable[[str], Any]] = None,
+           choices: Optional[Sequence[Any]] = None) -> Any:
+    """A dataclass field whose default, help text, argparse ``type`` (a validator such as :func:`learning_rate`;
+    without one, the field's annotation) and ``choices`` sit next to it, for :func:`add_config_flags`."""
+    metadata: Dict[str, Any] = {"help": help}
+    if type is not None:
+        metadata["type"] = type
+    if choices is not None:
+        metadata["choices"] = tuple(choices)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def flag_name(field_name: str) -> str:
+    """``weight_std`` -> ``--weight-std`` (argparse turns the flag back into the field name as its ``dest``)."""
+    return "--" + field_name.replace("_", "-")
+
+
+def _value_type(hint: Any) -> Any:
+    """``Optional[X]`` -> ``X``; anything else unchanged."""
+    if get_origin(hint) in (Union, types.UnionType):
+        kinds = [kind for kind in get_args(hint) if kind is not type(None)]
+        if len(kinds) == 1:
+            return kinds[0]
+    return hint
+
+
+def _config_fields(config: Any) -> List[dataclasses.Field[Any]]:
+    if not dataclasses.is_dataclass(config) or isinstance(config, type):
+        raise TypeError(f"expected a dataclass instance (a configuration), got {config!r}")
+    return [f for f in dataclasses.fields(config) if f.init]
+
+
+def add_config_flags(parser: argparse.ArgumentParser, defaults: Any, *,
+                     presets: Optional[Mapping[str, Any]] = None, only: Optional[Sequence[str]] = None,
+                     exclude: Sequence[str] = (), helps: Optional[Mapping[str, str]] = None,
+                     title: Optional[str] = None) -> None:
+    """One flag per field of the dataclass instance ``defaults`` (those in ``only``, all by default, less
+    ``exclude``), in field order: the name from :func:`flag_name`, the default from ``defaults``, the help text,
+    ``type`` and ``choices`` from the field's metadata (:func:`option`; ``helps`` overrides a help text for this
+    script), the type otherwise from the annotation (``Optional[X]`` -> ``X``). A ``bool`` field is a switch:
+    ``--name`` when its default is off, ``--name`` / ``--no-name`` when on.
+
+    ``presets`` (name -> configuration, ``defaults`` among them) leaves the default of a field on which they
+    disagree unset (argparse's ``SUPPRESS``: the flag is in the parsed namespace only when given) and names each
+    preset's value in the help; :func:`config_from_args` then starts from the chosen preset. A field without help
+    text, or a name in ``only`` / ``exclude`` that is not a field, is a ``ValueError``."""
+    fields = _config_fields(defaults)
+    kind = type(defaults).__name__
+    names = [f.name for f in fields]
+    unknown = sorted((set(only or ()) | set(exclude) | set(helps or {})) - set(names))
+    if unknown:
+        raise ValueError(f"{kind} has no field(s) {', '.join(unknown)}")
+    hints = get_type_hints(type(defaults))
+    target: Any = parser if title is None else parser.add_argument_group(title)
+    for f in fields:
+        if (only is not None and f.name not in only) or f.name in exclude:
+            continue
+        text = (helps or {}).get(f.name, f.metadata.get("help"))
+        if not text:
+            raise ValueError(f"{kind}.{f.name} has no help text: declare it with cli.option(default, help)")
+        default = getattr(defaults, f.name)
+        kwargs: Dict[str, Any] = {"dest": f.name, "default": default, "help": text.replace("%", "%%")}
+        by_preset = {name: getattr(preset, f.name) for name, preset in (presets or {}).items()}
+        if any(value != default for value in by_preset.values()):
+            kwargs["default"] = argparse.SUPPRESS
+            shown = ", ".join(f"{name} {value}" for name, value in by_preset.items())
+            kwargs["help"] += f" (default by preset: {shown})".replace("%", "%%")
+        value_type = _value_type(hints[f.name])
+        if value_type is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction if default else "store_true"
+        else:
+            kwargs["type"] = f.metadata.get("type", value_type)
+            if not callable(kwargs["type"]):
+                raise ValueError(f"{kind}.{f.name}: give its argparse type in cli.option (annotation {value_type})")
+            if "choices" in f.metadata:
+                kwargs["choices"] = f.metadata["choices"]
+        target.add_argument(flag_name(f.name), **kwargs)
+
+
+def config_from_args(args: argparse.Namespace, base: Config) -> Config:
+    """``base`` with every field that the parsed ``args`` hold (the flags of :func:`add_config_flags`) replaced
+    by its parsed value; the fields without a flag, or whose flag was not given and has no default, keep
+    ``base``'s value. Nothing is validated here: that is the configuration's own job."""
+    given = vars(args)
+    return dataclasses.replace(base, **{f.name: given[f.name] for f in _config_fields(base)  # type: ignore[type-var]
+                                        if f.name in given})
+
+
+def changed_fields(config: Any, base: Any) -> Dict[str, Any]:
+    """The fields of ``config`` whose values differ from ``base``'s, in field order (a preset, in words)."""
+    return {f.name: getattr(config, f.name) for f in _config_fields(config)
+            if getattr(config, f.name) != getattr(base, f.name)}

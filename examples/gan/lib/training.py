@@ -26,10 +26,11 @@ from torch import Tensor
 import unroll
 
 from . import cli, runs
-from .cli import MAX_SEEDS
-from .data import make_mixture
+from .cli import MAX_SEEDS, option
+from .data import DATASETS, make_mixture
 from .metrics import METRIC_NAMES, all_metrics
 from .models import (
+    ACTIVATIONS,
     HIDDEN,
     LATENT_DIM,
     d_loss_from_logits,
@@ -78,26 +79,32 @@ class TrainConfig:
     """One training configuration. An *iteration* is one discriminator update then ``g_steps`` generator updates
     (the paper counts each network update as a step, so its 25,000 steps are ~12,500 of our iterations)."""
 
-    dataset: str = "ring"
-    weight_std: float = 0.0
-    weight_seed: int = 0
-    K: int = 0
-    stop_grad: bool = False
-    average_over_steps: bool = False
-    unroll_batches: str = "fixed"
-    control: bool = False
-    g_steps: int = 1
-    steps: int = 5000
-    d_lr: float = 1e-4
-    g_lr: float = 1e-4
-    unroll_lr: Optional[float] = None
-    beta1: float = 0.5
-    beta2: float = 0.999
-    activation: str = "relu"
-    loss: str = "saturating"
-    batch: int = 512
-    eval_every: int = 500
-    eval_samples: int = 10_000
+    # Each field's help text and command-line validator sit next to it: cli.add_config_flags makes the flags.
+    dataset: str = option("ring", "the 2-D mixture", choices=DATASETS)
+    weight_std: float = option(0.0, "std of the non-uniform mode weights (0 = uniform; the PyTorch port's "
+                                    "prior_std)", type=cli.nonnegative_float)
+    weight_seed: int = option(0, "seed of the mode-weight draw", type=cli.seed)
+    K: int = option(0, "unrolled discriminator steps", type=SIZE_FLAGS["K"])
+    stop_grad: bool = option(False, "first term of Eq. 12 only (App. B.2)")
+    average_over_steps: bool = option(False, "G's loss averaged over the K unrolled discriminators (App. B.2)")
+    unroll_batches: str = option("fixed", "look-ahead steps on the current minibatch, or on fresh ones",
+                                 choices=UNROLL_BATCHES)
+    control: bool = option(False, "compute-matched control: K+1 committed D steps per G step (the K extra at the "
+                                  "--unroll-lr), no unrolling")
+    g_steps: int = option(1, "generator updates per discriminator update", type=SIZE_FLAGS["g_steps"])
+    steps: int = option(5000, "training iterations (one D + g-steps G updates)")
+    d_lr: float = option(1e-4, "discriminator Adam learning rate (App. A)", type=cli.learning_rate)
+    g_lr: float = option(1e-4, "generator Adam learning rate (App. A)", type=cli.learning_rate)
+    unroll_lr: Optional[float] = option(None, "learning rate of the K look-ahead Adam steps (default: --d-lr)",
+                                        type=cli.learning_rate)
+    beta1: float = option(0.5, "Adam beta1 of both players (App. A)")
+    beta2: float = option(0.999, "Adam beta2 of both players (App. A)")
+    activation: str = option("relu", "generator activation", choices=tuple(ACTIVATIONS))
+    loss: str = option("saturating", "saturating: G minimises -L_D (App. A); nonsaturating: -log D(G(z))",
+                       choices=LOSSES)
+    batch: int = option(512, "minibatch size (App. A)", type=SIZE_FLAGS["batch"])
+    eval_every: int = option(500, "iterations between evaluations (metrics, density.png and a checkpoint)")
+    eval_samples: int = option(10_000, "generator samples per evaluation", type=SIZE_FLAGS["eval_samples"])
 
     @property
     def lookahead_lr(self) -> float:
