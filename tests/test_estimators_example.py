@@ -9,6 +9,7 @@ foreign files untouched, and the peak-memory probe in its subprocess."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -34,16 +35,19 @@ def digits() -> Tuple[Tensor, Tensor]:
     return problems.mnist_digits()
 
 
-def tiny(name: str, seed: int = 0, digits: Tuple[Tensor, Tensor] | None = None) -> problems.Problem:
+def tiny(name: str, seed: int = 0, digits: Tuple[Tensor, Tensor] | None = None, device: str = "cpu"
+         ) -> problems.Problem:
     if name == "hyperparameter":
-        return problems.hyperparameter(seed, K=12, window=4, features=6, n_train=6, n_val=40, n_test=40)
+        return problems.hyperparameter(seed, K=12, window=4, features=6, n_train=6, n_val=40, n_test=40,
+                                       device=device)
     if name == "hyperparameter_converged":
         return problems.hyperparameter(seed, K=200, window=50, features=6, n_train=12, n_val=40, n_test=40,
-                                       weight_decay=0.3, lr=0.3)
+                                       weight_decay=0.3, lr=0.3, device=device)
     if name == "distillation":
         assert digits is not None
-        return problems.distillation(seed, K=4, window=2, digits=digits, hidden=6, n_real=40, n_test=40)
-    return problems.gan(seed, K=6, window=3, batch=12, hidden=4)
+        return problems.distillation(seed, K=4, window=2, digits=digits, hidden=6, n_real=40, n_test=40,
+                                     device=device)
+    return problems.gan(seed, K=6, window=3, batch=12, hidden=4, device=device)
 
 
 def as_vector(grads: Params) -> Tensor:
@@ -161,8 +165,8 @@ TINY_FLAGS = ["--seeds", "3", "--deterministic-seeds", "2", "--timing-reps", "1"
 
 @pytest.fixture
 def tiny_problems(monkeypatch: pytest.MonkeyPatch, digits: Tuple[Tensor, Tensor]) -> None:
-    registry: Dict[str, Callable[[int], problems.Problem]] = {
-        name: (lambda seed, name=name: tiny(name, seed, digits)) for name in compare.PROBLEMS}
+    registry: Dict[str, Callable[[int, str], problems.Problem]] = {
+        name: (lambda seed, device, name=name: tiny(name, seed, digits, device)) for name in compare.PROBLEMS}
     monkeypatch.setattr(compare, "PROBLEMS", registry)
 
 
@@ -250,3 +254,34 @@ def test_bad_flags_are_refused() -> None:
         compare.parse_args(["--es-particles", "1"])
     cfg, _ = compare.parse_args(["--seeds", "4", "--no-memory"])
     assert cfg.seeds == 4 and cfg.memory is False and math.isclose(cfg.es_sigma, compare.Config.es_sigma)
+
+
+def test_the_device_is_cpu_by_default_and_an_unusable_one_is_refused_in_one_line_before_any_work(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert compare.Config().device == "cpu" and compare.parse_args([])[0].device == "cpu"
+    refused = {"gpu": "choose cpu or cuda[:N]", "cuda:x": "choose cpu or cuda[:N]", "meta": "choose cpu or cuda[:N]"}
+    if not torch.cuda.is_available():
+        refused["cuda"] = "CUDA is not available here"
+    for device, reason in refused.items():
+        out = tmp_path / device.replace(":", "_")
+        assert compare.main(["--device", device, "--problems", "gan", "--out", str(out)]) == 2
+        lines = capsys.readouterr().err.splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"error: --device {device!r}: ") and reason in lines[0]
+        assert not out.exists()  # refused before the run claimed its folder
+
+
+def test_cpu_cells_keep_the_names_they_had_before_devices_and_other_devices_get_their_own() -> None:
+    """The name of a CPU cell is recomputed here from the key as it was written before ``--device`` existed, so a
+    --resume of an earlier CPU run finds its cells."""
+    def key(cfg: compare.Config) -> Dict[str, object]:
+        return compare.cell_key(cfg, "gradients", "gan", "es", ["es"], seeds=cfg.seeds)
+
+    before = {"kind": "gradients", "problem": "gan", "estimator": "es",
+              "settings": {"es_particles": 32, "es_sigma": 0.01}, "seeds": 10}
+    digest = hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()[:12]
+    for cfg in (compare.Config(), compare.Config(device="cpu")):
+        assert key(cfg) == before
+        assert compare.cell_path(Path("run"), key(cfg)) == Path(f"run/cells/gradients/gan/es-{digest}.json")
+    on_gpu = key(compare.Config(device="cuda"))
+    assert on_gpu == {**before, "device": "cuda"}
+    assert compare.cell_path(Path("run"), on_gpu).name != f"es-{digest}.json"

@@ -7,6 +7,7 @@ optimisation driven by each. Results page: docs/results/estimators.md; README.md
     python examples/estimators/compare.py --threads 1 --resume              # continue it: finished cells are kept
     python examples/estimators/compare.py --problems gan --estimators exact,implicit_cg --seeds 3 --no-memory \\
         --outer-problems "" --out runs/estimators_gan                       # one corner of it
+    bash examples/estimators/gpu.sh                                         # on a CUDA machine (--device cuda)
 
 Every number is stored in its own JSON file ("cell") under ``--out`` (default runs/estimators): gradients per
 (problem, estimator), the timings of one problem's estimators (timed round-robin in one process), the peak memory
@@ -14,6 +15,11 @@ of one problem's estimators (measured in a fresh subprocess), and outer-optimisa
 and their controls. A cell's file name carries a hash of everything its numbers depend on, so ``--resume`` reads
 back a finished cell (checked against its schema and key) instead of recomputing it, and never writes over a
 file. The summary (``results.json``, ``table.md``, ``figure.png``) is remade from the cells at the end of a run.
+
+``--device cuda`` builds every problem exactly as on the CPU and moves it to the GPU; ES and PES then draw their
+noise from a CUDA generator (same seeds, other numbers), times are read after ``torch.cuda.synchronize``, and peak
+memory is the CUDA allocator's, measured in this process. Cells made on another device than the CPU carry the
+device in their key; CPU cells keep the names they had before the flag existed.
 """
 
 from __future__ import annotations
@@ -68,7 +74,9 @@ class Config:
     seeds: int = option(10, "estimates per stochastic estimator (seeds 0..seeds-1)")
     deterministic_seeds: int = option(2, "estimates per deterministic estimator (their spread must come out 0)")
     timing_reps: int = option(5, "timed gradients per estimator (median), round-robin over a problem's estimators")
-    memory: bool = option(True, "peak RSS growth of one gradient (benchmarks/memory.py, one subprocess per problem)")
+    memory: bool = option(True, "peak RSS growth of one gradient (benchmarks/memory.py, one subprocess per problem); "
+                                "on CUDA the allocator's peak, in this process")
+    device: str = option("cpu", "torch device: cpu or cuda[:N] (every problem is built on the CPU, then moved)")
     checkpoint: int = option(4, "surrogate_loss(checkpoint=N): the most stored states")
     implicit_iterations: int = option(100, "the most cg / neumann / fixed_point iterations")
     implicit_tol: float = option(1e-10, "relative residual at which the implicit solvers stop")
@@ -148,9 +156,16 @@ def final_loss_fn(problem: Problem) -> Callable[[Params], Tensor]:
     return lambda phi: problem.outer(run(problem.theta0, state, phi)[0], phi)
 
 
+def noise_source(phi: Params, seed: int) -> torch.Generator:
+    """ES / PES noise, seeded with ``seed`` on phi's device: unroll.es_gradient and unroll.pes draw their
+    perturbations on the parameters' device, so the generator must be there (a CUDA generator draws other numbers
+    than a CPU one from the same seed)."""
+    return torch.Generator(device=next(iter(phi.values())).device).manual_seed(seed)
+
+
 def es(cfg: Config, problem: Problem, phi: Params, seed: int) -> Estimate:
     estimate = unroll.es_gradient(final_loss_fn(problem), sigma=cfg.es_sigma, particles=cfg.es_particles)
-    grads, _ = estimate({n: p.detach() for n, p in phi.items()}, torch.Generator().manual_seed(seed))
+    grads, _ = estimate({n: p.detach() for n, p in phi.items()}, noise_source(phi, seed))
     return Estimate(grads, {})
 
 
@@ -187,7 +202,7 @@ def persistent_es(persistent: bool) -> Strategy:
                                persistent=persistent)
         phi = {n: p.detach() for n, p in phi.items()}
         pes_state = estimator.init(problem.theta0, problem.optimizer.init(problem.theta0), phi)
-        generator = torch.Generator().manual_seed(seed)
+        generator = noise_source(phi, seed)
         total = {n: torch.zeros_like(p) for n, p in phi.items()}
         for _ in range(windows(problem)):
             grads, pes_state, _ = estimator.step(phi, pes_state, generator=generator)
@@ -223,12 +238,41 @@ ESTIMATORS: Dict[str, Estimator] = {
 }
 REFERENCE = {"final": "exact", "average": "exact_average"}  # the exact gradient each target is measured against
 
-PROBLEMS: Dict[str, Callable[[int], Problem]] = {
-    "hyperparameter": lambda seed: problems.hyperparameter(seed),
-    "hyperparameter_converged": lambda seed: problems.hyperparameter(seed, weight_decay=0.3),
-    "distillation": lambda seed: problems.distillation(seed),
-    "gan": lambda seed: problems.gan(seed),
+PROBLEMS: Dict[str, Callable[[int, str], Problem]] = {   # (seed, device) -> Problem
+    "hyperparameter": lambda seed, device: problems.hyperparameter(seed, device=device),
+    "hyperparameter_converged": lambda seed, device: problems.hyperparameter(seed, weight_decay=0.3, device=device),
+    "distillation": lambda seed, device: problems.distillation(seed, device=device),
+    "gan": lambda seed, device: problems.gan(seed, device=device),
 }
+
+
+def is_cuda(device: str) -> bool:
+    return torch.device(device).type == "cuda"
+
+
+def device_problem(device: str) -> Optional[str]:
+    """None if the run can use ``device`` here, else why not (one line): only the CPU and CUDA, whose time and
+    peak memory per gradient this script knows how to measure."""
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        kind = None
+    if kind not in ("cpu", "cuda"):
+        return "not a device this script runs on; choose cpu or cuda[:N]"
+    if kind == "cuda" and not torch.cuda.is_available():
+        return f"CUDA is not available here (torch {torch.__version__}, CUDA build {torch.version.cuda})"
+    if kind == "cuda" and torch.device(device).index is not None and \
+            torch.device(device).index >= torch.cuda.device_count():
+        return f"this machine has {torch.cuda.device_count()} CUDA device(s)"
+    return None
+
+
+def synchronize(device: str) -> None:
+    """Wait for the kernels queued on ``device``: CUDA runs asynchronously, so a clock read without this would
+    time the launches, not the work."""
+    if is_cuda(device):
+        torch.cuda.synchronize(device)
+
 
 # ------------------------------------------------------------------------------------------------ cells (files)
 
@@ -243,11 +287,13 @@ def flat(grads: Params) -> List[float]:
 
 def cell_key(cfg: Config, kind: str, problem: str, estimator: str, uses: Sequence[str], **extra: Any
              ) -> Dict[str, Any]:
-    """Everything a cell's numbers depend on: the Config fields of the estimators it ``uses``, and ``extra`` (the
-    code is not in it: SCHEMA is bumped when that changes)."""
+    """Everything a cell's numbers depend on: the Config fields of the estimators it ``uses``, the device unless it
+    is the CPU (so CPU cells keep their names from before ``--device``), and ``extra`` (the code is not in it:
+    SCHEMA is bumped when that changes)."""
     reads = sorted({field for name in uses for field in ESTIMATORS[name].reads})
+    device = {} if torch.device(cfg.device).type == "cpu" else {"device": cfg.device}
     return {"kind": kind, "problem": problem, "estimator": estimator,
-            "settings": {field: getattr(cfg, field) for field in reads}, **extra}
+            "settings": {field: getattr(cfg, field) for field in reads}, **device, **extra}
 
 
 def cell_path(out: Path, key: Dict[str, Any]) -> Path:
@@ -346,13 +392,16 @@ def gradients(cfg: Config, problem: Problem, name: str) -> Dict[str, Any]:
 
 def timing(cfg: Config, problem: Problem, estimators: Sequence[str]) -> Dict[str, Any]:
     """Seconds per gradient of every estimator, in this one process, round-robin (each rep times every estimator
-    once, so a busy moment of the machine hits them all), after one untimed warm-up call each."""
+    once, so a busy moment of the machine hits them all), after one untimed warm-up call each; on CUDA from an
+    idle device to the end of the gradient's last kernel."""
     def timed(name: str, seed: int) -> float:
+        synchronize(cfg.device)
         start = time.perf_counter()
         try:
             ESTIMATORS[name].strategy(cfg, problem, problem.phi0, seed)
         except FloatingPointError:
             return math.nan
+        synchronize(cfg.device)
         return time.perf_counter() - start
 
     start = time.perf_counter()
@@ -368,8 +417,12 @@ def timing(cfg: Config, problem: Problem, estimators: Sequence[str]) -> Dict[str
 def memory(cfg: Config, problem_name: str, estimators: Sequence[str], threads: int) -> Dict[str, Any]:
     """Peak RSS growth of one gradient of each estimator, measured in one fresh interpreter per problem with
     benchmarks/memory.py's probe (malloc hands blocks of 64 KiB or more back to the kernel; the kernel's peak mark
-    is reset after a warm-up call of the same estimator, so one-off costs are not counted)."""
+    is reset after a warm-up call of the same estimator, so one-off costs are not counted). On CUDA the caching
+    allocator counts every tensor, so the peak (max_memory_allocated above the allocation before the call, after
+    the same warm-up) is measured in this process."""
     start = time.perf_counter()
+    if is_cuda(cfg.device):
+        return {"peak_bytes": peak_bytes(cfg, problem_name, estimators), "seconds": time.perf_counter() - start}
     flags = [f"--{f.name.replace('_', '-')}={getattr(cfg, f.name)}" for f in dataclasses.fields(Config)
              if not isinstance(getattr(cfg, f.name), bool)]
     command = [sys.executable, str(Path(__file__).resolve()), *flags, "--threads", str(threads),
@@ -382,20 +435,27 @@ def memory(cfg: Config, problem_name: str, estimators: Sequence[str], threads: i
     return {"peak_bytes": {name: int(peaks[name]) for name in estimators}, "seconds": time.perf_counter() - start}
 
 
-def probe_memory(cfg: Config, target: str) -> None:
-    """In the probe subprocess: print {estimator: peak bytes} for one gradient each, ``target`` being
-    ``problem:estimator,estimator,...``."""
-    problem_name, estimators = target.split(":")
-    problem = PROBLEMS[problem_name](0)
+def peak_bytes(cfg: Config, problem_name: str, estimators: Sequence[str]) -> Dict[str, int]:
+    """{estimator: peak growth in bytes} of one gradient each on ``cfg.device``, each after a warm-up call of
+    itself: RSS on the CPU (in the probe subprocess), the CUDA allocator's peak on CUDA."""
+    problem = PROBLEMS[problem_name](0, cfg.device)
+    growth = memory_probe.cuda_peak_growth_bytes if is_cuda(cfg.device) else memory_probe.peak_growth_bytes
     peaks = {}
-    for name in names(estimators):
+    for name in estimators:
         def one(strategy: Strategy = ESTIMATORS[name].strategy) -> object:
             try:
                 return strategy(cfg, problem, problem.phi0, 0)
             except FloatingPointError:
                 return None
-        peaks[name] = memory_probe.peak_growth_bytes(one, one)
-    print(json.dumps(peaks))
+        peaks[name] = growth(one, one)
+    return peaks
+
+
+def probe_memory(cfg: Config, target: str) -> None:
+    """In the probe subprocess: print {estimator: peak bytes} for one gradient each, ``target`` being
+    ``problem:estimator,estimator,...``."""
+    problem_name, estimators = target.split(":")
+    print(json.dumps(peak_bytes(cfg, problem_name, names(estimators))))
 
 
 def outer_optimisation(cfg: Config, problem_name: str, name: str) -> Dict[str, Any]:
@@ -404,7 +464,7 @@ def outer_optimisation(cfg: Config, problem_name: str, name: str) -> Dict[str, A
     start = time.perf_counter()
     records = []
     for seed in range(cfg.outer_seeds):
-        problem = PROBLEMS[problem_name](seed)
+        problem = PROBLEMS[problem_name](seed, cfg.device)
         phi = fresh(problem.phi0)
         adam = torch.optim.Adam(list(phi.values()), lr=cfg.outer_lr)
         validation, error = [problems.final_outer_loss(problem, phi)], None
@@ -433,10 +493,11 @@ def controls(cfg: Config, problem_name: str) -> Dict[str, Any]:
     start = time.perf_counter()
     records = []
     for seed in range(cfg.outer_seeds):
-        problem = PROBLEMS[problem_name](seed)
+        problem = PROBLEMS[problem_name](seed, cfg.device)
         candidates = {"phi0 (no outer steps)": problem.phi0}
         if "log_weight_decay" in problem.phi0:
-            grid = [{**problem.phi0, "log_weight_decay": torch.tensor(math.log(wd), dtype=problems.DTYPE)}
+            grid = [{**problem.phi0, "log_weight_decay": torch.tensor(math.log(wd), dtype=problems.DTYPE,
+                                                                      device=cfg.device)}
                     for wd in WEIGHT_DECAY_GRID]
             candidates[f"best of {len(grid)} weight decays 1e-3..10 (validation)"] = min(
                 grid, key=lambda phi: problems.final_outer_loss(problem, phi))
@@ -449,7 +510,7 @@ def controls(cfg: Config, problem_name: str) -> Dict[str, Any]:
 def measure_problem(cfg: Config, out: Path, problem_name: str, threads: int, log: Callable[[str], None]
                     ) -> Dict[str, Any]:
     """Gradients, timings and peak memory of every chosen estimator (and the exact references) on one problem."""
-    problem = PROBLEMS[problem_name](0)
+    problem = PROBLEMS[problem_name](0, cfg.device)
     chosen = list(dict.fromkeys(REFERENCE[ESTIMATORS[n].target] for n in names(cfg.estimators)))
     chosen += [n for n in names(cfg.estimators) if n not in chosen]
     grads = {n: cell(out, cell_key(cfg, "gradients", problem_name, n, [n],
@@ -618,7 +679,8 @@ def plot(path: Path, cfg: Config, summary: Dict[str, Any]) -> None:
         ax.set_ylim(min(-0.05, ax.get_ylim()[0]), 1.05)
         ax.set_title(f"{problem_name} (|phi| = {result['phi_size']}, K = {result['K']}, T = {result['T']})",
                      fontsize=9)
-        ax.set_xlabel("ms per gradient (median, 1 thread)", fontsize=8)
+        ax.set_xlabel(f"ms per gradient (median, {'1 thread' if not is_cuda(cfg.device) else cfg.device})",
+                      fontsize=8)
         ax.set_ylabel("cosine with the exact gradient of its target\n(mean ± s.e. over seeds)", fontsize=8)
     for ax, (problem_name, result) in zip(flat_axes[len(summary["problems"]):], summary["outer"].items()):
         highest = 0.0
@@ -686,13 +748,15 @@ def parse_args(argv: Optional[Sequence[str]]) -> Tuple[Config, argparse.Namespac
 @runs.reports_errors
 def main(argv: Optional[Sequence[str]] = None) -> int:
     cfg, args = parse_args(argv)
+    if device_problem(cfg.device) is not None:
+        raise runs.RunError(f"--device {cfg.device!r}: {device_problem(cfg.device)}")
     torch.set_num_threads(args.threads)
     if args.probe_memory:
         probe_memory(cfg, args.probe_memory)
         return 0
     out = Path(args.out)
-    if cfg.memory and memory_probe.supported() is not None:
-        raise runs.RunError(f"--memory: {memory_probe.supported()}; pass --no-memory")
+    if cfg.memory and memory_probe.supported(cfg.device) is not None:
+        raise runs.RunError(f"--memory: {memory_probe.supported(cfg.device)}; pass --no-memory")
     started = time.perf_counter()
     command = "python examples/estimators/compare.py " + " ".join(sys.argv[1:] if argv is None else argv)
 
@@ -731,11 +795,16 @@ def write_summary(out: Path, cfg: Config, summary: Dict[str, Any], wall: float) 
     summary["compute_seconds_in_cells"] = cell_seconds(out)
     summary["machine"] = {"torch": torch.__version__, "threads": torch.get_num_threads(),
                           "cpu_count": os.cpu_count(), "load_average_at_end": list(os.getloadavg())}
+    where = f"{torch.get_num_threads()} thread(s)"
+    if is_cuda(cfg.device):
+        summary["machine"].update(device=cfg.device, gpu=torch.cuda.get_device_name(cfg.device),
+                                  cuda=torch.version.cuda)
+        where = f"{torch.cuda.get_device_name(cfg.device)}, CUDA {torch.version.cuda}, {where} on the host"
     lines = [f"Command: `{summary['command']}`  ", f"Wall time of this invocation: {wall:.0f} s; compute time stored "
              f"in the cells it used: {summary['compute_seconds_in_cells']:.0f} s (torch {torch.__version__}, "
-             f"{torch.get_num_threads()} thread(s)).", ""]
+             f"{where}).", ""]
     for problem_name, result in summary["problems"].items():
-        problem = PROBLEMS[problem_name](0)
+        problem = PROBLEMS[problem_name](0, "cpu")  # its phi's sizes only
         lines += [f"### {problem_name}", "", f"{result['description']}; T = {result['T']}; "
                   f"|phi| = {result['phi_size']}.", ""]
         lines += problem_table(problem, result["estimators"]) + [""]

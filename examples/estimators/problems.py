@@ -14,7 +14,8 @@ Every problem is written in the form every estimator accepts: ``inner(theta, phi
 with phi an explicit argument, and a fixed inner optimizer (``unroll.sgd(lr=1)``) for all of them. A learned
 learning rate η therefore enters as a factor on the inner loss: plain SGD on η·L with rate 1 is θ − η∇L, the same
 update as ``unroll.sgd(lr=η)``, but one that an estimator whose optimizer is fixed (PES) sees too.
-Everything is float64 and deterministic in the problem's seed.
+Everything is float64 and deterministic in the problem's seed. ``device``: every tensor is built on the CPU (the
+same generators, the same numbers on every device) and then moved there.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +35,7 @@ import unroll
 Params = Dict[str, Tensor]
 Loss = Callable[[Params, Params], Tensor]
 """``loss(theta, phi) -> scalar``."""
+Device = Union[str, torch.device]
 
 DTYPE = torch.float64
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
@@ -53,6 +55,11 @@ class Problem:
     test: Callable[[Params], float] = field(repr=False)  # a held-out score of theta_K (never used for training)
     description: str = ""
     optimizer: unroll.Optimizer = field(default_factory=lambda: unroll.sgd(lr=1.0))
+
+
+def moved(params: Params, device: Device) -> Params:
+    """``params`` on ``device`` (the same tensors when they are there already)."""
+    return {name: value.to(device) for name, value in params.items()}
 
 
 def fresh(phi: Params) -> Params:
@@ -79,7 +86,7 @@ def final_outer_loss(problem: Problem, phi: Params) -> float:
 
 def hyperparameter(seed: int = 0, *, K: int = 300, window: int = 30, features: int = 50, n_train: int = 50,
                    n_val: int = 500, n_test: int = 2000, noise: float = 0.5, weight_decay: float = 0.01,
-                   lr: float = 0.1, learn_lr: bool = True) -> Problem:
+                   lr: float = 0.1, learn_lr: bool = True, device: Device = "cpu") -> Problem:
     """Ridge regression y = x·w + noise with as many features as training points, trained by K steps of full-batch
     gradient descent on L(w) = ½ mean((x w − y)²) + ½ λ ||w||², λ = exp(log_weight_decay); outer loss: the same
     squared error on a validation set. With ``learn_lr`` phi also holds log η (the step is w − η∇L).
@@ -92,7 +99,8 @@ def hyperparameter(seed: int = 0, *, K: int = 300, window: int = 30, features: i
 
     def sample(n: int) -> tuple[Tensor, Tensor]:
         x = torch.randn(n, features, generator=gen, dtype=DTYPE)
-        return x, x @ w_true + noise * torch.randn(n, generator=gen, dtype=DTYPE)
+        y = x @ w_true + noise * torch.randn(n, generator=gen, dtype=DTYPE)
+        return x.to(device), y.to(device)
 
     (x_train, y_train), (x_val, y_val), (x_test, y_test) = sample(n_train), sample(n_val), sample(n_test)
 
@@ -114,7 +122,8 @@ def hyperparameter(seed: int = 0, *, K: int = 300, window: int = 30, features: i
     optimizer = unroll.sgd(lr=1.0 if learn_lr else lr)
     if learn_lr:
         phi0["log_lr"] = torch.tensor(math.log(lr), dtype=DTYPE)
-    return Problem("hyperparameter", inner, outer, {"w": torch.zeros(features, dtype=DTYPE)}, phi0, K, window, test,
+    theta0 = {"w": torch.zeros(features, dtype=DTYPE)}
+    return Problem("hyperparameter", inner, outer, moved(theta0, device), moved(phi0, device), K, window, test,
                    f"ridge regression, {features} features, {n_train} training / {n_val} validation points, "
                    f"K = {K} gradient-descent steps from w = 0; phi = "
                    f"{'(log weight decay, log learning rate)' if learn_lr else 'log weight decay'} at "
@@ -127,14 +136,13 @@ def ridge_hypergradient(problem: Problem, phi: Params) -> Tensor:
     −λ (X_vᵀ(X_v w* − y_v)/n_v)ᵀ A⁻¹ w*. Reads the data back from ``problem``'s closures through its losses'
     gradients: A = ∇²L, Xᵀy/n = −∇L(0) (with η factored out)."""
     theta = {"w": torch.zeros_like(problem.theta0["w"])}
-    lr = phi["log_lr"].exp() if "log_lr" in phi else torch.tensor(1.0, dtype=DTYPE)
-    d = theta["w"].numel()
+    lr = phi["log_lr"].exp() if "log_lr" in phi else torch.tensor(1.0, dtype=DTYPE, device=theta["w"].device)
 
     def inner_grad(w: Tensor) -> Tensor:
         return torch.func.grad(lambda v: problem.inner({"w": v}, phi))(w) / lr
 
     hessian = torch.func.jacfwd(inner_grad)(theta["w"])       # A, constant in w (quadratic loss)
-    w_star = torch.linalg.solve(hessian, -inner_grad(torch.zeros(d, dtype=DTYPE)))
+    w_star = torch.linalg.solve(hessian, -inner_grad(torch.zeros_like(theta["w"])))
     outer_grad = torch.func.grad(lambda v: problem.outer({"w": v}, phi))(w_star)
     weight_decay = phi["log_weight_decay"].exp()
     return -weight_decay * outer_grad @ torch.linalg.solve(hessian, w_star)
@@ -170,18 +178,18 @@ def mlp_init(sizes: tuple[int, int, int], gen: torch.Generator) -> Params:
 
 def distillation(seed: int = 0, *, K: int = 30, window: int = 10, digits: Optional[tuple[Tensor, Tensor]] = None,
                  hidden: int = 32, n_real: int = 500, n_test: int = 2000, lr: float = 0.3,
-                 weight_decay: float = 1e-3) -> Problem:
+                 weight_decay: float = 1e-3, device: Device = "cpu") -> Problem:
     """Ten synthetic 7x7 images, one per class (phi, 490 numbers, started from random noise), train a 49-``hidden``-10
     tanh MLP from one fixed initialisation by K SGD steps (rate ``lr``) on the cross-entropy of the ten images
     plus ½·``weight_decay``·||θ||² (so that a minimiser exists); outer loss: cross-entropy of the trained MLP on
     ``n_real`` real digits. ``test``: its accuracy on ``n_test`` other digits. ``digits``: (images, labels) as
     :func:`mnist_digits` returns them (loaded once by the caller), default loaded here."""
     x, y = mnist_digits() if digits is None else digits
-    x_real, y_real = x[:n_real], y[:n_real]
-    x_test, y_test = x[n_real:n_real + n_test], y[n_real:n_real + n_test]
+    x_real, y_real = x[:n_real].to(device), y[:n_real].to(device)
+    x_test, y_test = x[n_real:n_real + n_test].to(device), y[n_real:n_real + n_test].to(device)
     gen = torch.Generator().manual_seed(seed)
     theta0 = mlp_init((x.shape[1], hidden, 10), gen)
-    labels = torch.arange(10)
+    labels = torch.arange(10, device=device)
 
     def inner(theta: Params, phi: Params) -> Tensor:
         penalty = sum((p * p).sum() for p in theta.values())
@@ -194,7 +202,7 @@ def distillation(seed: int = 0, *, K: int = 30, window: int = 10, digits: Option
         return float((mlp(theta, x_test).argmax(1) == y_test).to(DTYPE).mean())
 
     phi0 = {"images": torch.randn(10, x.shape[1], generator=gen, dtype=DTYPE)}
-    return Problem("distillation", inner, outer, theta0, phi0, K, window, test,
+    return Problem("distillation", inner, outer, moved(theta0, device), moved(phi0, device), K, window, test,
                    f"10 synthetic 7x7 images (490 outer parameters) train a 49-{hidden}-10 tanh MLP (fixed init) for "
                    f"K = {K} SGD steps at rate {lr:g}; outer loss: cross-entropy on {n_real} real MNIST test-split "
                    f"digits")
@@ -210,18 +218,18 @@ def ring_of_gaussians(n: int, modes: int, gen: torch.Generator, radius: float = 
 
 
 def gan(seed: int = 0, *, K: int = 40, window: int = 10, batch: int = 128, hidden: int = 16, modes: int = 4,
-        lr: float = 0.5) -> Problem:
+        lr: float = 0.5, device: Device = "cpu") -> Problem:
     """A generator (2-``hidden``-2 tanh MLP, phi) maps a fixed batch of Gaussian noise to 2-D points; a
     discriminator (2-``hidden``-1 tanh MLP, theta) is trained by K SGD steps (rate ``lr``) on the standard GAN loss
     inner = BCE(D(real), 1) + BCE(D(G(z)), 0) against a fixed batch of a ring of ``modes`` Gaussians; the outer loss
     is −inner at theta_K (zero-sum). A stationary point of the discriminator would need ∇inner = 0; with two fixed
     finite samples the discriminator keeps growing its weights to separate them, so there is none to stand on."""
     gen = torch.Generator().manual_seed(seed)
-    real = ring_of_gaussians(batch, modes, gen)
-    noise = torch.randn(batch, 2, generator=gen, dtype=DTYPE)
-    phi0 = mlp_init((2, hidden, 2), gen)
-    theta0 = mlp_init((2, hidden, 1), gen)
-    ones, zeros = torch.ones(batch, dtype=DTYPE), torch.zeros(batch, dtype=DTYPE)
+    real = ring_of_gaussians(batch, modes, gen).to(device)
+    noise = torch.randn(batch, 2, generator=gen, dtype=DTYPE).to(device)
+    phi0 = moved(mlp_init((2, hidden, 2), gen), device)
+    theta0 = moved(mlp_init((2, hidden, 1), gen), device)
+    ones, zeros = torch.ones(batch, dtype=DTYPE, device=device), torch.zeros(batch, dtype=DTYPE, device=device)
 
     def inner(theta: Params, phi: Params) -> Tensor:
         fake = mlp(phi, noise)
