@@ -206,7 +206,13 @@ def test_state_of_another_grouping_is_refused(mlp_params: Callable[..., Dict[str
         opt.step(params, grads, state)
 
 
-def test_update_of_the_whole_is_not_callable() -> None:
-    opt = unroll.param_groups({"w": unroll.sgd(0.1)})
-    with pytest.raises(TypeError, match="no single per-tensor update"):
-        opt.update(torch.zeros(1), torch.zeros(1), {}, torch.zeros(()))
+def test_param_groups_is_a_sibling_of_the_per_tensor_optimizer() -> None:
+    """Both kinds follow the one protocol (``unroll.Optimizer``); only the per-tensor kind has an ``update``."""
+    from unroll.optimizer import TensorOptimizer
+    opt = unroll.param_groups({"w": unroll.sgd(0.1), "b": unroll.nadam(1e-3)})
+    assert isinstance(opt, unroll.Optimizer) and not isinstance(opt, TensorOptimizer)
+    assert not hasattr(opt, "update")
+    assert opt.buffers == ("exp_avg", "exp_avg_sq", "mu_product") and opt.scalar_buffers == ("mu_product",)
+    assert not opt.packable and opt.hyperparams is opt.optimizers
+    direct = unroll.Optimizer("mine", {}, (), lambda p, g, b, s: (p - g, {}))
+    assert type(direct) is TensorOptimizer and isinstance(unroll.sgd(0.1), TensorOptimizer)

@@ -11,7 +11,7 @@ from torch import Tensor
 from ._checks import check_hyperparameter
 from ._math import safe_sqrt, signed_decayed, step_number
 from ._types import Scalar
-from .optimizer import Optimizer
+from .optimizer import Optimizer, TensorOptimizer
 
 
 def adagrad(lr: Scalar = 1e-2, lr_decay: float = 0.0, weight_decay: Scalar = 0.0,
@@ -36,7 +36,7 @@ def adagrad(lr: Scalar = 1e-2, lr_decay: float = 0.0, weight_decay: Scalar = 0.0
     check_hyperparameter(eps, "epsilon value")
     update = functools.partial(_update, lr=lr, lr_decay=lr_decay, weight_decay=weight_decay, eps=eps,
                                maximize=maximize)
-    return Optimizer(
+    return TensorOptimizer(
         name="adagrad",
         hyperparams=dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
                          initial_accumulator_value=initial_accumulator_value, eps=eps, maximize=maximize),

@@ -7,7 +7,7 @@ from typing import Tuple
 
 from ._types import Scalar
 from .adam import adam
-from .optimizer import Optimizer
+from .optimizer import Optimizer, TensorOptimizer
 
 
 def adamw(lr: Scalar = 1e-3, betas: Tuple[Scalar, Scalar] = (0.9, 0.999), eps: float = 1e-8,
@@ -26,5 +26,6 @@ def adamw(lr: Scalar = 1e-3, betas: Tuple[Scalar, Scalar] = (0.9, 0.999), eps: f
     ``weight_decay=1e-2``.
     """
     optimizer = adam(lr, betas, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay=True)
+    assert isinstance(optimizer, TensorOptimizer)  # adam's rule: renamed below, not rebuilt
     hyperparams = {k: v for k, v in optimizer.hyperparams.items() if k != "decoupled_weight_decay"}
     return dataclasses.replace(optimizer, name="adamw", hyperparams=hyperparams)

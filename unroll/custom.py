@@ -7,7 +7,7 @@ from typing import Any, Callable, Dict, Mapping, Sequence, Tuple
 
 from torch import Tensor
 
-from .optimizer import Optimizer
+from .optimizer import Optimizer, TensorOptimizer
 
 UpdateRule = Callable[..., Tuple[Tensor, Dict[str, Tensor]]]
 """``rule(param, grad, buffers, step, **hyperparams) -> (new_param, new_buffers)`` for one tensor."""
@@ -51,7 +51,7 @@ def custom_optimizer(rule: UpdateRule, *, name: str, elementwise: bool, buffers:
                          f"got {buffers}")
     update = functools.partial(_checked_update, rule=rule, name=name, buffer_names=buffers,
                                hyperparams=hyperparams)
-    return Optimizer(name=name, hyperparams=dict(hyperparams), buffers=buffers, update=update,
+    return TensorOptimizer(name=name, hyperparams=dict(hyperparams), buffers=buffers, update=update,
                      packable=elementwise)
 
 

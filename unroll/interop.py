@@ -15,7 +15,7 @@ from .adam import adam
 from .adamax import adamax
 from .adamw import adamw
 from .nadam import nadam
-from .optimizer import Optimizer, _step_dtype
+from .optimizer import Optimizer, step_dtype
 from .param_groups import ParamGroups, param_groups
 from .radam import radam
 from .rmsprop import rmsprop
@@ -296,7 +296,7 @@ def _state_from_torch(torch_optimizer: torch.optim.Optimizer, optimizer: Optimiz
         raise ValueError(f"from_torch: parameters are at different step counts {sorted(steps)} (some had no "
                          f"gradient on some steps); a pure optimizer keeps one step count")
     step = steps.pop()
-    state["step"] = torch.tensor(float(step), dtype=_step_dtype(), device=state["step"].device)
+    state["step"] = torch.tensor(float(step), dtype=step_dtype(), device=state["step"].device)
     for (name, _, _), torch_state in zip(held, per_param):
         for buffer in _member(optimizer, name).buffers:
             value = torch_state.get(buffer)

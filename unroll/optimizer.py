@@ -1,7 +1,9 @@
-"""The pure optimizer type shared by :func:`unroll.sgd`, :func:`unroll.adam`, :func:`unroll.rmsprop` and the rest."""
+"""The optimizer protocol, and the per-tensor rule optimizer that :func:`unroll.sgd`, :func:`unroll.adam` and the
+rest return."""
 
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Mapping, Tuple
 
@@ -25,13 +27,12 @@ TensorUpdate = Callable[[Tensor, Tensor, Dict[str, Tensor], Tensor], Tuple[Tenso
 of steps taken before this one (a 0-dim tensor)."""
 
 
-def _step_dtype() -> torch.dtype:
-    # torch.optim keeps its step counters in this dtype (float32 unless the default dtype is float64).
+def step_dtype() -> torch.dtype:
+    """The dtype torch.optim keeps its step counters in: float32 unless the default dtype is float64."""
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
 
-@dataclass(frozen=True)
-class Optimizer:
+class Optimizer(abc.ABC):
     """A pure, differentiable optimizer: ``state = opt.init(params)``,
     ``params, state = opt.step(params, grads, state)``.
 
@@ -43,15 +44,65 @@ class Optimizer:
     buffer names (e.g. ``exp_avg``), so it can be inspected, stacked for ``vmap`` and saved with ``torch.save``.
     Each buffer holds a tensor shaped like its parameter, or, for the names in ``scalar_buffers``, a 0-dim tensor
     per parameter.
+
+    This is the protocol every optimizer follows (``name``, ``hyperparams``, ``buffers``, ``packable``,
+    ``scalar_buffers``, ``init``, ``check_state``, ``apply``; ``step`` and ``check`` are built on them). It has two
+    kinds: a :class:`TensorOptimizer` applies one per-tensor update rule to every parameter (what
+    :func:`unroll.sgd`, :func:`unroll.adam`, ... and :func:`unroll.custom_optimizer` return), and
+    :func:`unroll.param_groups` gives each parameter its own optimizer. Calling ``unroll.Optimizer(name=...,
+    hyperparams=..., buffers=..., update=...)`` builds a :class:`TensorOptimizer`, as ``pathlib.Path(...)`` builds
+    the path class of the platform.
     """
+
+    name: str
+    hyperparams: Mapping[str, Any]
+    buffers: Tuple[str, ...]
+    packable: bool
+    """True when the update is elementwise with one set of hyperparameters for every tensor, so an unroll may run
+    it once on all parameters concatenated into one vector (see ``unroll._flat``); False keeps tensors apart."""
+    scalar_buffers: Tuple[str, ...]
+    """Buffers holding one 0-dim tensor per parameter in the step counter's dtype (NAdam's ``mu_product``)."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Optimizer:
+        return super().__new__(TensorOptimizer if cls is Optimizer else cls)
+
+    @abc.abstractmethod
+    def init(self, params: Params) -> State:
+        """Fresh state for ``params``: what torch.optim creates on its first step."""
+
+    @abc.abstractmethod
+    def check_state(self, params: Params, state: State) -> None:
+        """Raise a clear error if ``state`` is not a state of this optimizer for ``params``."""
+
+    @abc.abstractmethod
+    def apply(self, params: Params, grads: Grads, state: State) -> Tuple[Dict[str, Tensor], State]:
+        """:meth:`step` without the input checks, for hot loops that checked their inputs once."""
+
+    def step(self, params: Params, grads: Grads, state: State) -> Tuple[Dict[str, Tensor], State]:
+        """One optimizer step. Returns ``(new_params, new_state)``; the inputs are left untouched."""
+        self.check(params, grads, state)
+        return self.apply(params, grads, state)
+
+    def check(self, params: Params, grads: Grads, state: State) -> None:
+        """Raise a clear error if ``params``, ``grads`` or ``state`` do not fit together."""
+        self.check_state(params, state)
+        check_tensor_mapping(grads, "grads", floating=True)
+        check_same_keys(params, grads, "grads")
+        check_shapes(params, grads, "grads")
+        check_like_params(params, grads, "grads")
+
+
+@dataclass(frozen=True)
+class TensorOptimizer(Optimizer):
+    """An optimizer made of one per-tensor update rule, ``update(param, grad, buffers, step)``, with its
+    hyperparameters bound: each parameter is stepped on its own (or, when ``packable``, all of them at once as one
+    vector)."""
 
     name: str
     hyperparams: Mapping[str, Any]
     buffers: Tuple[str, ...]
     update: TensorUpdate = field(repr=False)
     packable: bool = field(default=True, repr=False)
-    """True when ``update`` is elementwise with one set of hyperparameters for every tensor, so an unroll may run
-    it once on all parameters concatenated into one vector (see ``unroll._flat``); False keeps tensors apart."""
     initial_values: Mapping[str, Scalar] = field(default_factory=dict, repr=False)
     """The value ``init`` fills each named buffer with (e.g. Adagrad's ``initial_accumulator_value``); buffers not
     named here start at zero, as torch.optim's do."""
@@ -75,7 +126,7 @@ class Optimizer:
         says otherwise), what torch.optim creates on its first step."""
         check_tensor_mapping(params, "params", floating=True)
         first = next(iter(params.values()))
-        state: State = {"step": torch.zeros((), dtype=_step_dtype(), device=first.device)}
+        state: State = {"step": torch.zeros((), dtype=step_dtype(), device=first.device)}
         for buffer in self.buffers:
             value = self.initial_values.get(buffer, 0.0)
             state[buffer] = {name: self._initial_buffer(buffer, p, value) for name, p in params.items()}
@@ -83,25 +134,12 @@ class Optimizer:
 
     def _initial_buffer(self, buffer: str, param: Tensor, value: Scalar) -> Tensor:
         if buffer in self.scalar_buffers:
-            like = torch.zeros((), dtype=_step_dtype(), device=param.device)
+            like = torch.zeros((), dtype=step_dtype(), device=param.device)
         else:
             like = torch.zeros_like(param, memory_format=torch.preserve_format)
         if isinstance(value, Tensor):  # a tensor initial value stays differentiable
             return like + value.to(dtype=like.dtype, device=like.device)
         return like.fill_(value)
-
-    def step(self, params: Params, grads: Grads, state: State) -> Tuple[Dict[str, Tensor], State]:
-        """One optimizer step. Returns ``(new_params, new_state)``; the inputs are left untouched."""
-        self.check(params, grads, state)
-        return self.apply(params, grads, state)
-
-    def check(self, params: Params, grads: Grads, state: State) -> None:
-        """Raise a clear error if ``params``, ``grads`` or ``state`` do not fit together."""
-        self.check_state(params, state)
-        check_tensor_mapping(grads, "grads", floating=True)
-        check_same_keys(params, grads, "grads")
-        check_shapes(params, grads, "grads")
-        check_like_params(params, grads, "grads")
 
     def check_state(self, params: Params, state: State) -> None:
         """Raise a clear error if ``state`` is not a state of this optimizer for ``params``: its entries, names and

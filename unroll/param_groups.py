@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Iterable, List, Mapping, NoReturn, Optional, Tuple, Union
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 from torch import Tensor
 
@@ -55,15 +55,9 @@ def param_groups(groups: GroupSpec, names: Optional[Iterable[str]] = None) -> Pa
     return ParamGroups(groups)
 
 
-def _no_single_update(*_: Any) -> NoReturn:
-    raise TypeError("param_groups has no single per-tensor update (each parameter has its own optimizer); use "
-                    "opt.step or opt.apply, or the update of opt.optimizers[name]")
-
-
 class ParamGroups(Optimizer):
-    """The optimizer returned by :func:`param_groups`; ``optimizers`` maps each parameter name to its optimizer."""
-
-    optimizers: Mapping[str, Optimizer]
+    """The optimizer returned by :func:`param_groups`, a sibling of the per-tensor
+    :class:`~unroll.optimizer.TensorOptimizer`: ``optimizers`` maps each parameter name to its optimizer."""
 
     def __init__(self, groups: Mapping[str, Optimizer]) -> None:
         if len(groups) == 0:
@@ -78,13 +72,13 @@ class ParamGroups(Optimizer):
             if not isinstance(member, Optimizer):
                 raise TypeError(f"param_groups[{name!r}] must be an unroll optimizer (e.g. unroll.adam(1e-3)), got "
                                 f"{type(member).__name__}")
-        optimizers = dict(groups)  # a plain dict, as every optimizer's hyperparams: picklable and deep-copyable
-        buffers: List[str] = []
-        for member in optimizers.values():
-            buffers += [b for b in member.buffers if b not in buffers]
-        super().__init__(name="param_groups", hyperparams=optimizers, buffers=tuple(buffers),
-                         update=_no_single_update, packable=False)
-        object.__setattr__(self, "optimizers", optimizers)
+        # A plain dict, as every optimizer's hyperparams: picklable and deep-copyable.
+        self.optimizers: Dict[str, Optimizer] = dict(groups)
+        self.name = "param_groups"
+        self.hyperparams = self.optimizers
+        self.buffers = _union(member.buffers for member in self.optimizers.values())
+        self.scalar_buffers = _union(member.scalar_buffers for member in self.optimizers.values())
+        self.packable = False
 
     def _members(self, names: Iterable[str]) -> List[Tuple[Optimizer, List[str]]]:
         """The optimizers in use and the names each one steps, in the order of ``names``."""
@@ -149,3 +143,8 @@ class ParamGroups(Optimizer):
 
     def __repr__(self) -> str:
         return f"unroll.param_groups({dict(self.optimizers)!r})"
+
+
+def _union(names: Iterable[Tuple[str, ...]]) -> Tuple[str, ...]:
+    """Every name, once, in order of first appearance."""
+    return tuple(dict.fromkeys(name for group in names for name in group))

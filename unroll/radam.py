@@ -11,7 +11,7 @@ from torch import Tensor
 from ._checks import check_adam_hyperparameters
 from ._math import adam_moments, safe_sqrt, signed_decayed, step_number
 from ._types import Scalar
-from .optimizer import Optimizer
+from .optimizer import Optimizer, TensorOptimizer
 
 
 def radam(lr: Scalar = 1e-3, betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
@@ -38,7 +38,7 @@ def radam(lr: Scalar = 1e-3, betas: Tuple[float, float] = (0.9, 0.999), eps: flo
     beta1, beta2 = check_adam_hyperparameters(lr, betas, eps, weight_decay)
     update = functools.partial(_update, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
                                decoupled_weight_decay=decoupled_weight_decay, maximize=maximize)
-    return Optimizer(
+    return TensorOptimizer(
         name="radam",
         hyperparams=dict(lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay,
                          decoupled_weight_decay=decoupled_weight_decay, maximize=maximize),

@@ -11,7 +11,7 @@ from torch import Tensor
 from ._checks import check_hyperparameter
 from ._math import is_zero, safe_sqrt, signed_decayed
 from ._types import Scalar
-from .optimizer import Optimizer
+from .optimizer import Optimizer, TensorOptimizer
 
 
 def rmsprop(lr: Scalar = 1e-2, alpha: Scalar = 0.99, eps: float = 1e-8, weight_decay: Scalar = 0.0,
@@ -43,7 +43,7 @@ def rmsprop(lr: Scalar = 1e-2, alpha: Scalar = 0.99, eps: float = 1e-8, weight_d
         buffers += ("momentum_buffer",)
     if centered:
         buffers += ("grad_avg",)
-    return Optimizer(
+    return TensorOptimizer(
         name="rmsprop",
         hyperparams=dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum,
                          centered=centered, maximize=maximize),

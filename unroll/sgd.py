@@ -11,7 +11,7 @@ from torch import Tensor
 from ._checks import check_hyperparameter
 from ._math import is_zero, signed_decayed
 from ._types import Scalar
-from .optimizer import Optimizer
+from .optimizer import Optimizer, TensorOptimizer
 
 
 def sgd(lr: Scalar, momentum: float = 0.0, dampening: float = 0.0, weight_decay: Scalar = 0.0,
@@ -38,7 +38,7 @@ def sgd(lr: Scalar, momentum: float = 0.0, dampening: float = 0.0, weight_decay:
         raise ValueError("Nesterov momentum requires a momentum and zero dampening")
     update = functools.partial(_update, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                                nesterov=nesterov, maximize=maximize)
-    return Optimizer(
+    return TensorOptimizer(
         name="sgd",
         hyperparams=dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                          nesterov=nesterov, maximize=maximize),
