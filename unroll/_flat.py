@@ -17,6 +17,14 @@ from ._types import Params, State
 FLAT = "flat"
 
 
+def groups_by_dtype_and_device(tensors: Mapping[str, Tensor]) -> List[List[str]]:
+    """The names of ``tensors`` grouped by dtype and device, in order: the sets that can share one vector."""
+    groups: Dict[Tuple[torch.dtype, torch.device], List[str]] = {}
+    for name, t in tensors.items():
+        groups.setdefault((t.dtype, t.device), []).append(name)
+    return list(groups.values())
+
+
 class FlatLayout:
     """Names, shapes and sizes of a params dict; ``pack`` concatenates, ``unpack`` returns views."""
 
@@ -28,9 +36,7 @@ class FlatLayout:
     @staticmethod
     def applies(params: Params) -> bool:
         """Only tensors of one dtype and device can share a vector."""
-        first = next(iter(params.values()))
-        return len(params) > 1 and all(p.dtype == first.dtype and p.device == first.device
-                                       for p in params.values())
+        return len(params) > 1 and len(groups_by_dtype_and_device(params)) == 1
 
     def pack(self, tensors: Mapping[str, Tensor]) -> Dict[str, Tensor]:
         return {FLAT: torch.cat([tensors[name].reshape(-1) for name in self.names])}

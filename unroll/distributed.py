@@ -25,6 +25,7 @@ import torch.utils._pytree as pytree
 from torch import Tensor
 
 from ._checks import check_tensor_mapping
+from ._flat import groups_by_dtype_and_device
 
 __all__ = ["all_reduce_mean", "all_reduce_grads_", "check_same_shapes"]
 
@@ -85,7 +86,7 @@ class AllReduceMean:
             self._checked.add(description)
         world = dist.get_world_size(self.group)
         averaged: Dict[str, Tensor] = {}
-        for names in _groups_by_dtype_and_device(grads):
+        for names in groups_by_dtype_and_device(grads):
             # One collective per dtype and device (one in all for a usual model) on the concatenated gradient.
             flat = _all_reduce_sum(torch.cat([grads[n].reshape(-1) for n in names]), self.group) / world
             if self.check_finite:
@@ -149,7 +150,7 @@ def all_reduce_grads_(params: Union[Mapping[str, Tensor], Iterable[Tensor]], gro
 
 
 def _average_grads_in_place(named: Mapping[str, Tensor], group: Any, world: int) -> None:
-    for names in _groups_by_dtype_and_device(named):
+    for names in groups_by_dtype_and_device(named):
         tensors = [named[n] for n in names]
         grads = [torch.zeros_like(p) if p.grad is None else p.grad.detach() for p in tensors]
         has_grad = torch.tensor([p.grad is not None for p in tensors], dtype=tensors[0].dtype,
@@ -207,13 +208,6 @@ def _check_same_signature(description: str, device: torch.device, group: Any, wh
     lines = "\n".join(f"  rank {rank}: {text}" for rank, text in enumerate(texts))
     raise ValueError(f"{what} differs across ranks (names, shapes or dtypes); every rank must pass the same "
                      f"parameters and equal batch shards:\n{lines}")
-
-
-def _groups_by_dtype_and_device(tensors: Mapping[str, Tensor]) -> List[List[str]]:
-    groups: Dict[Tuple[torch.dtype, torch.device], List[str]] = {}
-    for name, t in tensors.items():
-        groups.setdefault((t.dtype, t.device), []).append(name)
-    return list(groups.values())
 
 
 def _raise_if_nonfinite(averaged: Tensor, where: str) -> None:

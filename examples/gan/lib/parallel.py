@@ -49,11 +49,7 @@ class DataParallel:
 
     def mean_values(self, values: Dict[str, Tensor]) -> Dict[str, Tensor]:
         """The mean over ranks of per-rank values of the same shapes (e.g. each rank's loss on its shard)."""
-        names = list(values)
-        flat = torch.cat([values[n].detach().reshape(-1) for n in names])
-        dist.all_reduce(flat)
-        chunks = torch.split(flat / self.world, [values[n].numel() for n in names])
-        return {n: c.view(values[n].shape) for n, c in zip(names, chunks)}
+        return unroll.distributed.all_reduce_mean(check_finite=False)({n: v.detach() for n, v in values.items()})
 
 
 def from_environment(batch: int, device: str = "cpu") -> Optional[DataParallel]:
