@@ -145,5 +145,6 @@ def test_good_per_seed_path_parses_without_creating_anything(tmp_path: Path) -> 
     path = tmp_path / "docs" / "results" / "stacked_mnist" / "per_seed.json"
     args, _, _ = stacked_mnist.parse_args(["--out", str(tmp_path / "out"), "--per-seed", str(path)])
     assert args.per_seed == path and not (tmp_path / "docs").exists()
-    args, settings, _ = cifar10.parse_args(["--out", str(tmp_path / "out")])
-    assert args.per_seed is None and "per_seed" not in settings  # not a setting: --resume never compares it
+    args, config, _ = cifar10.parse_args(["--out", str(tmp_path / "out")])
+    assert args.per_seed is None and "per_seed" not in ex.settings_of(config, cifar10.SETTINGS)  # --resume never
+    # compares it

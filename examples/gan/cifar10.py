@@ -19,8 +19,10 @@ Writes ``results.json``, ``samples.png`` (Fig. 4), ``samples_over_training.png``
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
-from typing import Any, Dict, Optional, Sequence
+from pathlib import Path
+from typing import Optional, Sequence, Tuple
 
 from lib import diversity as dv
 from lib import image_experiment as ex
@@ -30,22 +32,32 @@ from lib import runs
 from lib.cifar_data import load_cifar10
 
 # ------------------------------------------------------------------------------------------ configuration
-# App. D: G lr 1e-4, D lr 2e-4, 100k network updates (50k iterations); Sec. 3.4: K in {0, 1, 5, 10}, 5 seeds,
-# 1280 training images reconstructed with 3 L-BFGS restarts.
-PAPER: Dict[str, Any] = dict(K=[0, 1, 5, 10], size="1", seeds=[0, 1, 2, 3, 4], steps=50_000, d_lr=2e-4,
-                             g_lr=1e-4, targets=1280, restarts=3)
-PAPER_EXTRAS: Dict[str, Any] = dict(lbfgs_iters=200, snapshot_every=2_500, checkpoint_every=500)
-# The reduced default: App. F's X = 1/4 version of the model (X = 1 is ~5x slower per iteration), 3 seeds, at
-# the learning rate the same models need on colored MNIST to learn within a CPU budget (not yet run on CIFAR-10
-# here: no data). Colored MNIST's X = 1/4 runs measured 0.69 s per iteration of all four K at 1 thread; with
-# ~8 s per diversity evaluation that is about 23 minutes with 2 workers.
-REDUCED: Dict[str, Any] = dict(PAPER, size="1/4", seeds=[0, 1, 2], steps=1_200, batch=64, beta1=0.5,
-                               d_lr=ex.REDUCED_LR, g_lr=ex.REDUCED_LR, unroll_lr=None, g_loss="nonsaturating",
-                               targets=64, lbfgs_iters=50, pairs=5_000, snapshot_every=150, checkpoint_every=50,
-                               no_checksum=False, out="runs/cifar10")
+# The settings of this script: fields of ex.ImageConfig, each a flag of its name (lbfgs_iters -> --lbfgs-iters), in
+# the order results.json and settings.json store them.
+SETTINGS = ("K", "size", "seeds", "steps", "d_lr", "g_lr", "targets", "restarts", "batch", "beta1", "unroll_lr",
+            "g_loss", "lbfgs_iters", "pairs", "snapshot_every", "checkpoint_every", "no_checksum", "out")
+# The paper's configuration: the settings it states (App. D: G lr 1e-4, D lr 2e-4, 100k network updates = 50k
+# iterations; Sec. 3.4: K in {0, 1, 5, 10}, 5 seeds, 1280 training images reconstructed with 3 L-BFGS restarts) ...
+PAPER_STATES = ("K", "size", "seeds", "steps", "d_lr", "g_lr", "targets", "restarts")
+PAPER = ex.ImageConfig(K=(0, 1, 5, 10), size="1", seeds=(0, 1, 2, 3, 4), steps=50_000, d_lr=2e-4, g_lr=1e-4,
+                       targets=1280, restarts=3,
+                       # ... and ours, where it states none
+                       batch=64, beta1=0.5, unroll_lr=None, g_loss="nonsaturating", lbfgs_iters=200, pairs=5_000,
+                       snapshot_every=2_500, checkpoint_every=500, no_checksum=False, out="runs/cifar10")
+CONFIGS = {
+    # The default: App. F's X = 1/4 version of the model (X = 1 is ~5x slower per iteration), 3 seeds, at the
+    # learning rate the same models need on colored MNIST to learn within a CPU budget (not yet run on CIFAR-10
+    # here: no data). Colored MNIST's X = 1/4 runs measured 0.69 s per iteration of all four K at 1 thread; with
+    # ~8 s per diversity evaluation that is about 23 minutes with 2 workers.
+    "reduced": dataclasses.replace(PAPER, size="1/4", seeds=(0, 1, 2), steps=1_200, d_lr=ex.REDUCED_LR,
+                                   g_lr=ex.REDUCED_LR, targets=64, lbfgs_iters=50, snapshot_every=150,
+                                   checkpoint_every=50),
+    "paper": PAPER,  # --paper
+}
+# Deviations and open details besides the settings above that differ from PAPER_STATES ({name}: the setting).
 NOTES = [
     "batch size: not stated in the paper; {batch} here",
-    "Adam beta1 = 0.5 (stated in App. A/C, not in App. D)",
+    "Adam beta1 = {beta1} (stated in App. A/C, not in App. D)",
     ex.LR_NOTE,
     "generator loss: -log D(G(z)) (App. D's L_G, whose sign the text drops)",
     "unrolled steps reuse the iteration's minibatch and continue from D's current Adam state",
@@ -59,39 +71,37 @@ PAPER_TABLE3 = {"0": "0.0231 ± 0.0024, 0.63%", "1": "0.0195 ± 0.0021, 22.97%",
                 "10": "0.0181 ± 0.0018, 61.09%"}
 
 
-ALL_PAPER = {**PAPER, **PAPER_EXTRAS}
-
 
 def build_parser() -> argparse.ArgumentParser:
-    p = ex.parser(__doc__, REDUCED, ALL_PAPER)
-    p.add_argument("--size", type=ex.size_arg, default=None,
-                   help=f"model size multiplier X of App. F {ex.default_text('size', REDUCED, ALL_PAPER)}")
-    ex.add_diversity_flags(p, REDUCED, ALL_PAPER, "training images")
-    p.add_argument("--no-checksum", action="store_true", default=None,
-                   help="skip the official md5 check of the batch files (for your own conversions)")
-    return p
+    return ex.config_parser(__doc__, CONFIGS, SETTINGS,
+                            helps={"size": "model size multiplier X of App. F",
+                                   "targets": "training images reconstructed by inference via optimisation"})
 
 
-parse_args = ex.parse_args_for(build_parser, REDUCED, ALL_PAPER, ex.DIVERSITY_AT_LEAST)
+def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[argparse.Namespace, ex.ImageConfig, Path]:
+    """Parse and validate every flag: any problem is an argparse error before any work starts."""
+    args, config, _, out = ex.parse_config(build_parser(), argv, CONFIGS, SETTINGS, ex.DIVERSITY_AT_LEAST)
+    return args, config, out
 
 
 @runs.reports_errors
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args, settings, out = parse_args(argv)
+    args, config, out = parse_args(argv)
+    settings = ex.settings_of(config, SETTINGS)
     with ex.session(args, settings, out) as start:
-        checksums = {"checksums": None} if settings["no_checksum"] else {}
+        checksums = {"checksums": None} if config.no_checksum else {}
         cifar = ex.load_data(load_cifar10, "train", args.data_dir, **checksums)
         images = cifar.images.float() / 127.5 - 1.0  # [N, 3, 32, 32] in [-1, 1]
-        notes = ex.deviations(settings, PAPER, NOTES)
+        notes = ex.paper_deviations(config, PAPER, PAPER_STATES, NOTES)
         ex.announce("CIFAR-10 (Sec. 3.4, Table 3)", settings, notes, print)
 
-        x = models.parse_size(settings["size"])
-        gan = it.ImageGAN(f"cifar10(X={settings['size']})", lambda: models.cifar_generator(x),
+        x = models.parse_size(config.size)
+        gan = it.ImageGAN(f"cifar10(X={config.size})", lambda: models.cifar_generator(x),
                           lambda: models.cifar_discriminator(x), ex.uniform_sampler(images))
         specs = ex.run_specs(gan, settings)
-        probe = dv.DiversityProbe(images, n_targets=min(settings["targets"], images.shape[0]),
-                                  restarts=settings["restarts"], max_iter=settings["lbfgs_iters"],
-                                  n_pairs=settings["pairs"], n_samples=min(2000, images.shape[0]))
+        probe = dv.DiversityProbe(images, n_targets=min(config.targets, images.shape[0]),
+                                  restarts=config.restarts, max_iter=config.lbfgs_iters,
+                                  n_pairs=config.pairs, n_samples=min(2000, images.shape[0]))
         records, trainers = ex.run(args, specs, out, dv.script_evaluator(probe),
                                    ex.eval_settings(settings, ex.DIVERSITY_SETTINGS))
         diversity, table = dv.script_outputs(probe, records, specs, trainers, out, paper=PAPER_TABLE3)

@@ -17,9 +17,10 @@ folder per run with ``checkpoint.pt`` and ``result.json``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -32,20 +33,31 @@ from lib.mnist_data import ColoredMNIST, load_mnist
 from lib.plotting import pyplot, save_figure
 
 # ------------------------------------------------------------------------------------------ configuration
-PAPER: Dict[str, Any] = dict(K=[0, 1, 5, 10], sizes=["1/4", "1/2", "1"], seeds=[0, 1, 2, 3, 4], steps=50_000,
-                             d_lr=2e-4, g_lr=1e-4)
-PAPER_EXTRAS: Dict[str, Any] = dict(eval_samples=10_000, snapshot_every=2_500, checkpoint_every=500)
-# The reduced default: the smallest model only (X = 1 costs ~5x more per iteration), 3 seeds, short training at
-# a higher learning rate (measured 0.69 s per iteration of all four K at 1 thread: 21 minutes with 2 workers).
-REDUCED: Dict[str, Any] = dict(PAPER, sizes=["1/4"], seeds=[0, 1, 2], steps=1_200, eval_samples=2_000, batch=64,
-                               beta1=0.5, d_lr=ex.REDUCED_LR, g_lr=ex.REDUCED_LR, unroll_lr=None,
-                               g_loss="nonsaturating", js_samples=5_000, snapshot_every=150, checkpoint_every=50,
-                               split="auto", out="runs/colored_mnist")
+# The settings of this script: fields of ex.ImageConfig, each a flag of its name (js_samples -> --js-samples), in
+# the order results.json and settings.json store them.
+SETTINGS = ("K", "sizes", "seeds", "steps", "d_lr", "g_lr", "eval_samples", "batch", "beta1", "unroll_lr", "g_loss",
+            "js_samples", "snapshot_every", "checkpoint_every", "split", "out")
+# The paper's configuration (App. F gives the models; training follows App. D): the settings it states ...
+PAPER_STATES = ("K", "sizes", "seeds", "steps", "d_lr", "g_lr")
+PAPER = ex.ImageConfig(K=(0, 1, 5, 10), sizes=("1/4", "1/2", "1"), seeds=(0, 1, 2, 3, 4), steps=50_000, d_lr=2e-4,
+                       g_lr=1e-4,
+                       # ... and ours, where it states none
+                       eval_samples=10_000, batch=64, beta1=0.5, unroll_lr=None, g_loss="nonsaturating",
+                       js_samples=5_000, snapshot_every=2_500, checkpoint_every=500, split="auto",
+                       out="runs/colored_mnist")
+CONFIGS = {
+    # The default: the smallest model only (X = 1 costs ~5x more per iteration), 3 seeds, short training at a
+    # higher learning rate (measured 0.69 s per iteration of all four K at 1 thread: 21 minutes with 2 workers).
+    "reduced": dataclasses.replace(PAPER, sizes=("1/4",), seeds=(0, 1, 2), steps=1_200, eval_samples=2_000,
+                                   d_lr=ex.REDUCED_LR, g_lr=ex.REDUCED_LR, snapshot_every=150, checkpoint_every=50),
+    "paper": PAPER,  # --paper
+}
+# Deviations and open details besides the settings above that differ from PAPER_STATES ({name}: the setting).
 NOTES = [
     "training length: App. F gives none; the paper's value above assumes App. D's 100k network updates "
     "(50k iterations of one D and one G update)",
     "batch size: not stated in the paper; {batch} here",
-    "Adam beta1 = 0.5 (stated in App. A/C, not in App. D/F)",
+    "Adam beta1 = {beta1} (stated in App. A/C, not in App. D/F)",
     ex.LR_NOTE,
     "generator loss: -log D(G(z)) (App. D's L_G, whose sign the text drops)",
     "unrolled steps reuse the iteration's minibatch and continue from D's current Adam state",
@@ -70,24 +82,19 @@ PAPER_TABLE = {
 _DATA_EVAL_SEED = 123_457  # the data images whose colours every run is compared with
 
 
-ALL_PAPER = {**PAPER, **PAPER_EXTRAS}
-
 
 def build_parser() -> argparse.ArgumentParser:
-    p = ex.parser(__doc__, REDUCED, ALL_PAPER)
-    d = lambda name: ex.default_text(name, REDUCED, ALL_PAPER)  # noqa: E731
-    p.add_argument("--sizes", type=ex.size_arg, nargs="+", default=None, metavar="X",
-                   help=f"model size multipliers X {d('sizes')}")
-    p.add_argument("--eval-samples", type=ex.BATCH, default=None,
-                   help=f"samples (and data images) whose colours are compared {d('eval_samples')}")
-    p.add_argument("--js-samples", type=ex.BATCH, default=None,
-                   help=f"Monte Carlo draws per KDE for the JS divergence {d('js_samples')}")
-    ex.add_split_flag(p)
-    return p
+    return ex.config_parser(__doc__, CONFIGS, SETTINGS,
+                            helps={"sizes": "model size multipliers X",
+                                   "eval_samples": "samples (and data images) whose colours are compared"})
 
 
-# A 3-D KDE needs more points than dimensions to have a non-singular covariance.
-parse_args = ex.parse_args_for(build_parser, REDUCED, ALL_PAPER, {"eval_samples": 10, "js_samples": 10})
+def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[argparse.Namespace, ex.ImageConfig, Path]:
+    """Parse and validate every flag: any problem is an argparse error before any work starts."""
+    # A 3-D KDE needs more points than dimensions to have a non-singular covariance.
+    args, config, _, out = ex.parse_config(build_parser(), argv, CONFIGS, SETTINGS,
+                                           at_least={"eval_samples": 10, "js_samples": 10})
+    return args, config, out
 
 
 def plot_colors(data_colors: torch.Tensor, panels: Sequence, path: Path) -> None:
@@ -110,26 +117,27 @@ def plot_colors(data_colors: torch.Tensor, panels: Sequence, path: Path) -> None
 
 @runs.reports_errors
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args, settings, out = parse_args(argv)
-    with ex.session(args, settings, out) as start:
-        return run(args, settings, out, start, argv)
+    args, config, out = parse_args(argv)
+    with ex.session(args, ex.settings_of(config, SETTINGS), out) as start:
+        return run(args, config, out, start, argv)
 
 
-def run(args: argparse.Namespace, settings: Dict[str, Any], out: Path, start: float,
+def run(args: argparse.Namespace, config: ex.ImageConfig, out: Path, start: float,
         argv: Optional[Sequence[str]]) -> int:
     """Every run, then the table and figures."""
-    mnist = ex.load_data(load_mnist, settings["split"], args.data_dir)
+    settings = ex.settings_of(config, SETTINGS)
+    mnist = ex.load_data(load_mnist, config.split, args.data_dir)
     data = ColoredMNIST(mnist)
-    notes = ex.split_note(mnist) + ex.deviations(settings, PAPER, NOTES)
+    notes = ex.split_note(mnist) + ex.paper_deviations(config, PAPER, PAPER_STATES, NOTES)
     ex.announce("Colored MNIST (Sec. 3.3.2, Table 2)", settings, notes, print)
-    data_images, _ = data.sample(settings["eval_samples"], torch.Generator().manual_seed(_DATA_EVAL_SEED))
+    data_images, _ = data.sample(config.eval_samples, torch.Generator().manual_seed(_DATA_EVAL_SEED))
     data_colors = foreground_colors(data_images)
 
     def sample_data(n: int, gen: torch.Generator) -> torch.Tensor:
         return data.sample(n, gen)[0]
 
     specs = []
-    for size in settings["sizes"]:
+    for size in config.sizes:
         x = models.parse_size(size)
         gan = it.ImageGAN(f"colored_mnist(X={size})", lambda x=x: models.cifar_generator(x),
                           lambda x=x: models.cifar_discriminator(x), sample_data)
@@ -138,9 +146,9 @@ def run(args: argparse.Namespace, settings: Dict[str, Any], out: Path, start: fl
     model_colors: Dict[str, torch.Tensor] = {}
 
     def evaluate(trainer: it.GANTrainer, spec: it.RunSpec, run_dir: Path) -> Dict[str, Any]:
-        colors = foreground_colors(trainer.samples(settings["eval_samples"]))
+        colors = foreground_colors(trainer.samples(config.eval_samples))
         model_colors[spec.folder] = colors
-        js = js_divergence_kde(data_colors, colors, n_samples=settings["js_samples"], seed=0)
+        js = js_divergence_kde(data_colors, colors, n_samples=config.js_samples, seed=0)
         return {"js": js, "color_mean": [float(v) for v in colors.mean(0)],
                 "color_std": [float(v) for v in colors.std(0)]}
 
@@ -150,7 +158,7 @@ def run(args: argparse.Namespace, settings: Dict[str, Any], out: Path, start: fl
     first = ex.first_finished(specs, trainers)
     for _label, (spec, trainer) in first.items():
         if spec.folder not in model_colors:  # evaluated in an earlier session (--resume)
-            model_colors[spec.folder] = foreground_colors(trainer.samples(settings["eval_samples"]))
+            model_colors[spec.folder] = foreground_colors(trainer.samples(config.eval_samples))
     if first:
         plot_colors(data_colors, [(f"{label}, seed {spec.cfg.seed}", model_colors[spec.folder])
                                   for label, (spec, _) in first.items()], out / "colors.png")

@@ -18,8 +18,10 @@ Writes ``results.json``, ``samples_over_training.png`` (Fig. 3), ``samples.png``
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
-from typing import Any, Dict, Optional, Sequence
+from pathlib import Path
+from typing import Optional, Sequence, Tuple
 
 from lib import diversity as dv
 from lib import image_experiment as ex
@@ -29,17 +31,25 @@ from lib import runs
 from lib.mnist_data import load_mnist, to_symmetric
 
 # ------------------------------------------------------------------------------------------ configuration
-# App. C: 150k network updates = 75k iterations, Adam lr 1e-4 and beta1 0.5 for both; Fig. 3 shows K = 0, 20.
-# Sec. 3.4.1 (on CIFAR-10): 1280 target images, 3 L-BFGS restarts.
-PAPER: Dict[str, Any] = dict(K=[0, 20], steps=75_000, d_lr=1e-4, g_lr=1e-4, beta1=0.5, targets=1280,
-                             restarts=3)
-PAPER_EXTRAS: Dict[str, Any] = dict(seeds=[0, 1, 2], lbfgs_iters=200, snapshot_every=5_000,
-                                    checkpoint_every=500)
-# The reduced default (measured 0.048 s per iteration at K = 0 and 0.52 s at K = 20, 1 thread per worker; ~5 s
-# per diversity evaluation): 21 minutes with 2 workers, the three K = 20 runs setting the pace.
-REDUCED: Dict[str, Any] = dict(PAPER, seeds=[0, 1, 2], steps=1_200, batch=64, unroll_lr=None,
-                               g_loss="nonsaturating", targets=64, lbfgs_iters=50, pairs=5_000, snapshot_every=150,
-                               checkpoint_every=50, split="auto", out="runs/mnist_rnn")
+# The settings of this script: fields of ex.ImageConfig, each a flag of its name (lbfgs_iters -> --lbfgs-iters), in
+# the order results.json and settings.json store them.
+SETTINGS = ("K", "steps", "d_lr", "g_lr", "beta1", "targets", "restarts", "seeds", "batch", "unroll_lr", "g_loss",
+            "lbfgs_iters", "pairs", "snapshot_every", "checkpoint_every", "split", "out")
+# The paper's configuration: the settings it states (App. C: 150k network updates = 75k iterations, Adam lr 1e-4
+# and beta1 0.5 for both; Fig. 3 shows K = 0, 20. Sec. 3.4.1, on CIFAR-10: 1280 targets, 3 L-BFGS restarts) ...
+PAPER_STATES = ("K", "steps", "d_lr", "g_lr", "beta1", "targets", "restarts")
+PAPER = ex.ImageConfig(K=(0, 20), steps=75_000, d_lr=1e-4, g_lr=1e-4, beta1=0.5, targets=1280, restarts=3,
+                       # ... and ours, where it states none
+                       seeds=(0, 1, 2), batch=64, unroll_lr=None, g_loss="nonsaturating", lbfgs_iters=200,
+                       pairs=5_000, snapshot_every=5_000, checkpoint_every=500, split="auto", out="runs/mnist_rnn")
+CONFIGS = {
+    # The default (measured 0.048 s per iteration at K = 0 and 0.52 s at K = 20, 1 thread per worker; ~5 s per
+    # diversity evaluation): 21 minutes with 2 workers, the three K = 20 runs setting the pace.
+    "reduced": dataclasses.replace(PAPER, steps=1_200, targets=64, lbfgs_iters=50, snapshot_every=150,
+                                   checkpoint_every=50),
+    "paper": PAPER,  # --paper
+}
+# Deviations and open details besides the settings above that differ from PAPER_STATES ({name}: the setting).
 NOTES = [
     "batch size: not stated in the paper; {batch} here",
     "generator loss: -log D(G(z)) (App. C's L_G, whose sign the text drops)",
@@ -55,33 +65,33 @@ NOTES = [
 ]
 
 
-ALL_PAPER = {**PAPER, **PAPER_EXTRAS}
-
 
 def build_parser() -> argparse.ArgumentParser:
-    p = ex.parser(__doc__, REDUCED, ALL_PAPER)
-    ex.add_diversity_flags(p, REDUCED, ALL_PAPER, "digits")
-    ex.add_split_flag(p)
-    return p
+    return ex.config_parser(__doc__, CONFIGS, SETTINGS,
+                            helps={"targets": "digits reconstructed by inference via optimisation"})
 
 
-parse_args = ex.parse_args_for(build_parser, REDUCED, ALL_PAPER, ex.DIVERSITY_AT_LEAST)
+def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[argparse.Namespace, ex.ImageConfig, Path]:
+    """Parse and validate every flag: any problem is an argparse error before any work starts."""
+    args, config, _, out = ex.parse_config(build_parser(), argv, CONFIGS, SETTINGS, ex.DIVERSITY_AT_LEAST)
+    return args, config, out
 
 
 @runs.reports_errors
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args, settings, out = parse_args(argv)
+    args, config, out = parse_args(argv)
+    settings = ex.settings_of(config, SETTINGS)
     with ex.session(args, settings, out) as start:
-        mnist = ex.load_data(load_mnist, settings["split"], args.data_dir)
+        mnist = ex.load_data(load_mnist, config.split, args.data_dir)
         digits = to_symmetric(mnist.images).unsqueeze(1)  # [N, 1, 28, 28] in [-1, 1) (App. C)
         notes = ex.split_note(mnist, ", and the reconstruction targets come from the same digits") \
-            + ex.deviations(settings, PAPER, NOTES)
+            + ex.paper_deviations(config, PAPER, PAPER_STATES, NOTES)
         ex.announce("RNN generator on MNIST (Sec. 3.2, Fig. 3; diversity as Sec. 3.4)", settings, notes, print)
 
         gan = it.ImageGAN("mnist_rnn", models.rnn_generator, models.rnn_discriminator, ex.uniform_sampler(digits))
         specs = ex.run_specs(gan, settings)
-        probe = dv.DiversityProbe(digits, n_targets=settings["targets"], restarts=settings["restarts"],
-                                  max_iter=settings["lbfgs_iters"], n_pairs=settings["pairs"])
+        probe = dv.DiversityProbe(digits, n_targets=config.targets, restarts=config.restarts,
+                                  max_iter=config.lbfgs_iters, n_pairs=config.pairs)
         records, trainers = ex.run(args, specs, out, dv.script_evaluator(probe),
                                    ex.eval_settings(settings, ex.DIVERSITY_SETTINGS))
         diversity, diversity_md = dv.script_outputs(probe, records, specs, trainers, out)

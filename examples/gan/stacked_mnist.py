@@ -36,22 +36,31 @@ from lib.image_metrics import stacked_mode_stats
 from lib.mnist_data import StackedMNIST, load_mnist
 
 # ------------------------------------------------------------------------------------------ configuration
-# The paper's stated settings (App. E gives the models; training follows App. D).
-PAPER: Dict[str, Any] = dict(K=[0, 1, 5, 10], sizes=["1/4", "1/2"], seeds=[0, 1, 2, 3, 4], steps=50_000,
-                             eval_samples=25_600, d_lr=2e-4, g_lr=1e-4)
-# What --paper also sets that the paper does not state.
-PAPER_EXTRAS: Dict[str, Any] = dict(snapshot_every=2_500, checkpoint_every=500)
-# The reduced default: every K and X of Table 1, 3 seeds, short training at a higher learning rate, fewer
-# evaluation samples (measured 0.59 s per iteration of all 8 cells at 1 thread, ~3 s per evaluation: 23
-# minutes with 2 workers).
-REDUCED: Dict[str, Any] = dict(PAPER, seeds=[0, 1, 2], steps=1_500, eval_samples=2_560, batch=64, beta1=0.5,
-                               d_lr=ex.REDUCED_LR, g_lr=ex.REDUCED_LR, unroll_lr=None, g_loss="nonsaturating",
-                               snapshot_every=150, checkpoint_every=50, split="auto", out="runs/stacked_mnist")
+# The settings of this script: fields of ex.ImageConfig, each a flag of its name (eval_samples -> --eval-samples),
+# in the order results.json and settings.json store them.
+SETTINGS = ("K", "sizes", "seeds", "steps", "eval_samples", "d_lr", "g_lr", "batch", "beta1", "unroll_lr", "g_loss",
+            "snapshot_every", "checkpoint_every", "split", "out")
+# The paper's configuration (App. E gives the models; training follows App. D): the settings it states ...
+PAPER_STATES = ("K", "sizes", "seeds", "steps", "eval_samples", "d_lr", "g_lr")
+PAPER = ex.ImageConfig(K=(0, 1, 5, 10), sizes=("1/4", "1/2"), seeds=(0, 1, 2, 3, 4), steps=50_000,
+                       eval_samples=25_600, d_lr=2e-4, g_lr=1e-4,
+                       # ... and ours, where it states none
+                       batch=64, beta1=0.5, unroll_lr=None, g_loss="nonsaturating", snapshot_every=2_500,
+                       checkpoint_every=500, split="auto", out="runs/stacked_mnist")
+CONFIGS = {
+    # The default: every K and X of Table 1, 3 seeds, short training at a higher learning rate, fewer evaluation
+    # samples (measured 0.59 s per iteration of all 8 cells at 1 thread, ~3 s per evaluation: 23 minutes with 2
+    # workers).
+    "reduced": dataclasses.replace(PAPER, seeds=(0, 1, 2), steps=1_500, eval_samples=2_560, d_lr=ex.REDUCED_LR,
+                                   g_lr=ex.REDUCED_LR, snapshot_every=150, checkpoint_every=50),
+    "paper": PAPER,  # --paper
+}
+# Deviations and open details besides the settings above that differ from PAPER_STATES ({name}: the setting).
 NOTES = [
     "training length: App. E gives none; the paper's value above assumes App. D's 100k network updates "
     "(50k iterations of one D and one G update)",
     "batch size: not stated in the paper; {batch} here",
-    "Adam beta1 = 0.5 (stated in App. A/C, not in App. D/E)",
+    "Adam beta1 = {beta1} (stated in App. A/C, not in App. D/E)",
     ex.LR_NOTE,
     "generator loss: -log D(G(z)) (App. D's L_G, whose sign the text drops)",
     "unrolled steps reuse the iteration's minibatch (Sec. 3: 'fixed minibatches') and continue from D's "
@@ -70,16 +79,10 @@ PAPER_TABLE = {
 }
 
 
-ALL_PAPER = {**PAPER, **PAPER_EXTRAS}
-
 
 def build_parser() -> argparse.ArgumentParser:
-    p = ex.parser(__doc__, REDUCED, ALL_PAPER)
-    p.add_argument("--sizes", type=ex.size_arg, nargs="+", default=None, metavar="X",
-                   help=f"discriminator size multipliers {ex.default_text('sizes', REDUCED, ALL_PAPER)}")
-    p.add_argument("--eval-samples", type=ex.BATCH, default=None,
-                   help=f"generator samples labelled per run {ex.default_text('eval_samples', REDUCED, ALL_PAPER)}")
-    ex.add_split_flag(p)
+    p = ex.config_parser(__doc__, CONFIGS, SETTINGS,
+                         helps={"eval_samples": "generator samples labelled per run"})
     p.add_argument("--classifier-cache", default=None,
                    help=f"digit classifier cache file (default {mc.cache_path()})")
     p.add_argument("--classifier-train", type=int, default=None,
@@ -89,14 +92,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[argparse.Namespace, Dict[str, Any], Path]:
+def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[argparse.Namespace, ex.ImageConfig, Path]:
     """Parse and validate every flag: any problem is an argparse error before any work starts."""
     p = build_parser()
-    args, settings, out = ex.parse(p, argv, REDUCED, ALL_PAPER, at_least={"eval_samples": 1})
+    args, config, _, out = ex.parse_config(p, argv, CONFIGS, SETTINGS, at_least={"eval_samples": 1})
     for flag in ("classifier_train", "classifier_epochs"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be >= 1")
-    return args, settings, out
+    return args, config, out
 
 
 def classifier_config(args: argparse.Namespace) -> mc.ClassifierConfig:
@@ -110,27 +113,29 @@ def classifier_config(args: argparse.Namespace) -> mc.ClassifierConfig:
 
 @runs.reports_errors
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args, settings, out = parse_args(argv)
-    config = classifier_config(args)
-    ranks = parallel.from_environment(settings["batch"], torch.device(args.device).type)  # None without torchrun
+    args, config, out = parse_args(argv)
+    classifier = classifier_config(args)
+    ranks = parallel.from_environment(config.batch, torch.device(args.device).type)  # None without torchrun
     args.device = parallel.rank_device(args.device, ranks)
     # The classifier labels every sample: its settings are the evaluation's.
-    with ex.session(args, settings, out, extra={"classifier": dataclasses.asdict(config)}, parallel=ranks) as start:
-        return run(args, settings, out, config, start, argv, ranks)
+    with ex.session(args, ex.settings_of(config, SETTINGS), out, extra={"classifier": dataclasses.asdict(classifier)},
+                    parallel=ranks) as start:
+        return run(args, config, out, classifier, start, argv, ranks)
 
 
-def run(args: argparse.Namespace, settings: Dict[str, Any], out: Path, config: mc.ClassifierConfig,
+def run(args: argparse.Namespace, config: ex.ImageConfig, out: Path, classifier_cfg: mc.ClassifierConfig,
         start: float, argv: Optional[Sequence[str]], ranks: Optional[parallel.DataParallel] = None) -> int:
     """Train the classifier (or load it), every run, then the table and figures. Under ``torchrun`` (``ranks``)
     rank 0 trains and caches the classifier first, every rank trains every run on its shards and evaluates it
     (the replicas are identical), and rank 0 alone writes."""
-    mnist = ex.load_data(load_mnist, settings["split"], args.data_dir)
+    settings = ex.settings_of(config, SETTINGS)
+    mnist = ex.load_data(load_mnist, config.split, args.data_dir)
     data = StackedMNIST(mnist)
-    notes = ex.split_note(mnist) + ex.deviations(settings, PAPER, NOTES)
+    notes = ex.split_note(mnist) + ex.paper_deviations(config, PAPER, PAPER_STATES, NOTES)
     ex.announce("Stacked MNIST (Sec. 3.3.1, Table 1)", settings, notes, print)
 
     with parallel.rank_zero_first(ranks):
-        classifier, report = mc.load_or_train(config, args.data_dir, args.classifier_cache,
+        classifier, report = mc.load_or_train(classifier_cfg, args.data_dir, args.classifier_cache,
                                               progress=not args.no_progress and (ranks is None or ranks.writes))
     print(f"digit classifier: {100 * report['heldout_accuracy']:.2f}% on {report['n_heldout']} held-out digits "
           f"of the {report['data']} ({'cached' if report['cached'] else 'trained now'}: {report['cache_path']})")
@@ -142,18 +147,18 @@ def run(args: argparse.Namespace, settings: Dict[str, Any], out: Path, config: m
         return data.sample(n, gen)[0]
 
     specs = []
-    for size in settings["sizes"]:
+    for size in config.sizes:
         gan = it.ImageGAN(f"stacked_mnist(X={size})", models.stacked_generator,
                           lambda size=size: models.stacked_discriminator(models.parse_size(size)), sample_data)
         specs += ex.run_specs(gan, settings, X=size)
 
     def evaluate(trainer: it.GANTrainer, spec: it.RunSpec, run_dir: Path) -> Dict[str, Any]:
-        labels, _ = mc.label_stacked(classifier, trainer.samples(settings["eval_samples"]))
+        labels, _ = mc.label_stacked(classifier, trainer.samples(config.eval_samples))
         stats = stacked_mode_stats(labels)
         return {"modes": stats.modes, "kl": stats.kl, "n_samples": stats.n_samples}
 
     records, trainers = ex.run(args, specs, out, evaluate, ex.eval_settings(
-        settings, ("eval_samples",), classifier=dataclasses.asdict(config)), ranks)
+        settings, ("eval_samples",), classifier=dataclasses.asdict(classifier_cfg)), ranks)
     status = 3 if any(r["status"] != "done" for r in records) else 0
     if ranks is not None and not ranks.writes:
         return status  # rank 0 writes the table, results.json and the figures

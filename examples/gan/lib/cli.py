@@ -141,6 +141,13 @@ def seed(text: str) -> int:
     return value
 
 
+def folder(text: str) -> str:
+    """An output folder: any non-empty path (an empty one would write into the current folder)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must name a folder, got an empty string")
+    return text
+
+
 def physical_memory() -> int:
     """This machine's physical memory in bytes (0 where the platform does not tell)."""
     try:
@@ -181,14 +188,17 @@ Config = TypeVar("Config")
 
 
 def option(default: Any, help: str, *, type: Optional[Callable[[str], Any]] = None,
-           choices: Optional[Sequence[Any]] = None) -> Any:
+           choices: Optional[Sequence[Any]] = None, metavar: Optional[str] = None) -> Any:
     """A dataclass field whose default, help text, argparse ``type`` (a validator such as :func:`learning_rate`;
-    without one, the field's annotation) and ``choices`` sit next to it, for :func:`add_config_flags`."""
+    without one, the field's annotation), ``choices`` and ``metavar`` (the value's name in ``--help``) sit next to
+    it, for :func:`add_config_flags`. A ``Tuple[X, ...]`` field takes one or more values (``type`` validates each)."""
     metadata: Dict[str, Any] = {"help": help}
     if type is not None:
         metadata["type"] = type
     if choices is not None:
         metadata["choices"] = tuple(choices)
+    if metavar is not None:
+        metadata["metavar"] = metavar
     return dataclasses.field(default=default, metadata=metadata)
 
 
@@ -204,6 +214,20 @@ def _value_type(hint: Any) -> Any:
         if len(kinds) == 1:
             return kinds[0]
     return hint
+
+
+def as_typed(value: Any) -> str:
+    """A flag's value as it is typed on the command line: a tuple's items separated by spaces (``0 1 5``), anything
+    else as ``str``."""
+    return " ".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+def _item_type(hint: Any) -> Any:
+    """``Tuple[X, ...]`` -> ``X`` (a field of one or more values); None for any other annotation."""
+    args = get_args(hint)
+    if get_origin(hint) is tuple and len(args) == 2 and args[1] is Ellipsis:
+        return args[0]
+    return None
 
 
 def _config_fields(config: Any) -> List[dataclasses.Field[Any]]:
@@ -245,12 +269,20 @@ def add_config_flags(parser: argparse.ArgumentParser, defaults: Any, *,
         by_preset = {name: getattr(preset, f.name) for name, preset in (presets or {}).items()}
         if any(value != default for value in by_preset.values()):
             kwargs["default"] = argparse.SUPPRESS
-            shown = ", ".join(f"{name} {value}" for name, value in by_preset.items())
+            shown = ", ".join(f"{name} {as_typed(value)}" for name, value in by_preset.items())
             kwargs["help"] += f" (default by preset: {shown})".replace("%", "%%")
         value_type = _value_type(hints[f.name])
+        if "metavar" in f.metadata:
+            kwargs["metavar"] = f.metadata["metavar"]
         if value_type is bool:
             kwargs["action"] = argparse.BooleanOptionalAction if default else "store_true"
         else:
+            item_type = _item_type(value_type)
+            if item_type is not None:  # parsed as a list; config_from_args makes it the field's tuple
+                kwargs["nargs"] = "+"
+                value_type = item_type
+                if kwargs["default"] is not argparse.SUPPRESS and "default" not in text:
+                    kwargs["help"] += f" (default: {as_typed(default)})".replace("%", "%%")
             kwargs["type"] = f.metadata.get("type", value_type)
             if not callable(kwargs["type"]):
                 raise ValueError(f"{kind}.{f.name}: give its argparse type in cli.option (annotation {value_type})")
@@ -264,8 +296,9 @@ def config_from_args(args: argparse.Namespace, base: Config) -> Config:
     by its parsed value; the fields without a flag, or whose flag was not given and has no default, keep
     ``base``'s value. Nothing is validated here: that is the configuration's own job."""
     given = vars(args)
-    return dataclasses.replace(base, **{f.name: given[f.name] for f in _config_fields(base)  # type: ignore[type-var]
-                                        if f.name in given})
+    return dataclasses.replace(base, **{f.name: tuple(given[f.name]) if isinstance(given[f.name], list)  # nargs
+                                        else given[f.name]
+                                        for f in _config_fields(base) if f.name in given})  # type: ignore[type-var]
 
 
 def changed_fields(config: Any, base: Any) -> Dict[str, Any]:

@@ -1,6 +1,7 @@
 """What the image experiment scripts (``mnist_rnn.py``, ``stacked_mnist.py``, ``colored_mnist.py``,
-``cifar10.py``) share around :mod:`image_training`: their flags (a reduced default, ``--paper`` for the paper's
-settings, explicit flags over both; ``--help`` shows each default), validation before any work, the run folder
+``cifar10.py``) share around :mod:`image_training`: their settings (:class:`ImageConfig`, one flag per field; each
+script's presets at its top, the reduced one by default, ``--paper`` for the paper's, explicit flags over both;
+``--help`` shows each default), validation before any work, the run folder
 (:func:`session`: lock, ``--resume`` and the stored settings, through :mod:`runs`), the deviations from the paper,
 tables, and the outputs every script writes (``results.json``, the figures and, with ``--per-seed FILE``, each run's
 final numbers in a small file to commit beside a results page: :func:`per_seed_record`)."""
@@ -9,11 +10,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import math
 import os
 import platform
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, TypeVar
 
@@ -107,43 +110,12 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[Tuple[st
 # ------------------------------------------------------------------------------ shared flags and config
 
 
-def default_text(name: str, reduced: Mapping[str, Any], paper: Mapping[str, Any]) -> str:
-    """``"default X"``, and ``"; --paper: Y"`` where the paper's configuration differs, for a flag's help."""
-    show = lambda v: " ".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)  # noqa: E731
-    text = f"default {show(reduced[name])}"
-    if name in paper and show(paper[name]) != show(reduced[name]):
-        text += f"; --paper: {show(paper[name])}"
-    return f"({text})"
-
-
-def parser(description: str, reduced: Mapping[str, Any], paper: Mapping[str, Any]) -> argparse.ArgumentParser:
-    """An argument parser with the flags every image script has. Settings that ``--paper`` switches default to
-    ``None`` here (their help names both values) and are resolved by :func:`resolve`."""
-    p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
-    d = lambda name: default_text(name, reduced, paper)  # noqa: E731
-    p.add_argument("--paper", action="store_true",
-                   help="the paper's full configuration (explicit flags still override it)")
-    p.add_argument("--K", type=UNROLLED_STEPS, nargs="+", default=None, metavar="K",
-                   help=f"unrolled discriminator steps {d('K')}")
-    p.add_argument("--seeds", type=cli.seed, nargs="+", default=None, metavar="S", help=f"seeds {d('seeds')}")
-    p.add_argument("--steps", type=int, default=None,
-                   help=f"training iterations, one D and one G update each {d('steps')}")
-    p.add_argument("--batch", type=BATCH, default=None, help=f"minibatch size {d('batch')}")
-    p.add_argument("--d-lr", type=cli.learning_rate, default=None, help=f"discriminator Adam learning rate {d('d_lr')}")
-    p.add_argument("--g-lr", type=cli.learning_rate, default=None, help=f"generator Adam learning rate {d('g_lr')}")
-    p.add_argument("--unroll-lr", type=cli.learning_rate, default=None,
-                   help="learning rate of the K look-ahead Adam steps (default: the discriminator's, as the paper)")
-    p.add_argument("--beta1", type=float, default=None, help=f"Adam beta1 of both players {d('beta1')}")
-    p.add_argument("--g-loss", choices=G_LOSSES, default=None,
-                   help=f"nonsaturating: -log D(G(z)); minimax: G maximises L_D {d('g_loss')}")
-    p.add_argument("--snapshot-every", type=int, default=None,
-                   help=f"iterations between sample-grid snapshots {d('snapshot_every')}")
-    p.add_argument("--checkpoint-every", type=int, default=None,
-                   help=f"iterations between checkpoints {d('checkpoint_every')}")
+def add_run_flags(p: argparse.ArgumentParser) -> None:
+    """The flags that do not change the numbers: where the data is, how the runs are carried out, what else is
+    written."""
     p.add_argument("--data-dir", default=None,
                    help="folder with the dataset files (default: $UNROLL_MNIST_DIR / $UNROLL_CIFAR10_DIR, else "
                         "../shared/data/<name> beside the repository, else data/<name> where downloads go)")
-    p.add_argument("--out", default=None, help=f"output folder (default {reduced['out']})")
     p.add_argument("--resume", action="store_true",
                    help="continue the runs in --out from their checkpoints (the same settings; --steps may grow)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
@@ -157,7 +129,6 @@ def parser(description: str, reduced: Mapping[str, Any], paper: Mapping[str, Any
                         "meant to be committed beside a results page, e.g. docs/results/stacked_mnist/"
                         "per_seed.json; a rerun of the same command on the same machine writes the same bytes "
                         "(default: none)")
-    return p
 
 
 def check_per_seed_path(path: Path) -> Optional[str]:
@@ -179,27 +150,8 @@ def check_per_seed_path(path: Path) -> Optional[str]:
     return None
 
 
-def add_diversity_flags(p: argparse.ArgumentParser, reduced: Mapping[str, Any], paper: Mapping[str, Any],
-                        what: str) -> None:
-    """The flags of the Sec. 3.4 diversity analyses (:class:`diversity.DiversityProbe`); ``what`` names the
-    targets (e.g. ``"digits"``)."""
-    d = lambda name: default_text(name, reduced, paper)  # noqa: E731
-    p.add_argument("--targets", type=int, default=None,
-                   help=f"{what} reconstructed by inference via optimisation {d('targets')}")
-    p.add_argument("--restarts", type=int, default=None, help=f"L-BFGS random restarts per target {d('restarts')}")
-    p.add_argument("--lbfgs-iters", type=int, default=None,
-                   help=f"L-BFGS iterations per restart {d('lbfgs_iters')}")
-    p.add_argument("--pairs", type=int, default=None,
-                   help=f"random pairs for the distance histograms {d('pairs')}")
-
-
 DIVERSITY_SETTINGS = ("targets", "restarts", "lbfgs_iters", "pairs")
 DIVERSITY_AT_LEAST = {name: 1 for name in DIVERSITY_SETTINGS}
-
-
-def add_split_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--split", choices=("auto", "train", "test"), default=None,
-                   help="MNIST split to train on (default auto: train if present or downloadable, else test)")
 
 
 def size_arg(text: str) -> str:
@@ -210,14 +162,84 @@ def size_arg(text: str) -> str:
         raise argparse.ArgumentTypeError(str(error)) from error
 
 
-def resolve(args: argparse.Namespace, reduced: Mapping[str, Any], paper: Mapping[str, Any]) -> Dict[str, Any]:
-    """Every setting: the flag if given, else the paper's value with ``--paper``, else the reduced default."""
-    base = {**reduced, **paper} if args.paper else dict(reduced)
-    out = {}
-    for name, default in base.items():
-        value = getattr(args, name, None)
-        out[name] = default if value is None else value
-    return out
+@dataclass(frozen=True)
+class ImageConfig:
+    """Every setting an image experiment's numbers depend on, and its output folder: one flag each, of the field's
+    name (``d_lr`` -> ``--d-lr``, :func:`cli.add_config_flags`). A script uses some of the fields (its
+    ``SETTINGS``, in the order ``settings.json`` and ``results.json`` store them) and names its presets at its top
+    (``CONFIGS["reduced"]``, the default, and ``CONFIGS["paper"]``, ``--paper``); the defaults here are App. D's
+    training settings where the paper states them, else common values of the scripts."""
+
+    K: Tuple[int, ...] = cli.option((0, 1, 5, 10), "unrolled discriminator steps", type=UNROLLED_STEPS,
+                                    metavar="K")
+    sizes: Tuple[str, ...] = cli.option(("1/4",), "discriminator size multipliers", type=size_arg, metavar="X")
+    size: str = cli.option("1/4", "model size multiplier X", type=size_arg)
+    seeds: Tuple[int, ...] = cli.option((0, 1, 2), "seeds", type=cli.seed, metavar="S")
+    steps: int = cli.option(50_000, "training iterations, one D and one G update each", type=int)
+    eval_samples: int = cli.option(2_000, "generator samples evaluated per run", type=BATCH)
+    js_samples: int = cli.option(5_000, "Monte Carlo draws per KDE for the JS divergence", type=BATCH)
+    batch: int = cli.option(64, "minibatch size", type=BATCH)
+    d_lr: float = cli.option(2e-4, "discriminator Adam learning rate", type=cli.learning_rate)
+    g_lr: float = cli.option(1e-4, "generator Adam learning rate", type=cli.learning_rate)
+    unroll_lr: Optional[float] = cli.option(
+        None, "learning rate of the K look-ahead Adam steps (default: the discriminator's, as the paper)",
+        type=cli.learning_rate)
+    beta1: float = cli.option(0.5, "Adam beta1 of both players", type=float)
+    g_loss: str = cli.option("nonsaturating", "nonsaturating: -log D(G(z)); minimax: G maximises L_D",
+                             choices=G_LOSSES)
+    targets: int = cli.option(64, "images reconstructed by inference via optimisation", type=int)
+    restarts: int = cli.option(3, "L-BFGS random restarts per target", type=int)
+    lbfgs_iters: int = cli.option(50, "L-BFGS iterations per restart", type=int)
+    pairs: int = cli.option(5_000, "random pairs for the distance histograms", type=int)
+    snapshot_every: int = cli.option(150, "iterations between sample-grid snapshots", type=int)
+    checkpoint_every: int = cli.option(50, "iterations between checkpoints", type=int)
+    split: str = cli.option("auto", "MNIST split to train on (auto: train if present or downloadable, else test)",
+                            choices=("auto", "train", "test"))
+    no_checksum: bool = cli.option(False, "skip the official md5 check of the batch files (for your own "
+                                          "conversions)")
+    out: str = cli.option("runs/image", "output folder", type=cli.folder)
+
+    def __post_init__(self) -> None:
+        for name in ("K", "sizes", "seeds"):  # lists (e.g. from JSON) as the tuples the presets compare with
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+
+
+def settings_of(config: ImageConfig, names: Sequence[str]) -> Dict[str, Any]:
+    """The fields ``names`` of ``config`` (a script's ``SETTINGS``), in that order, tuples as lists: the settings
+    that ``results.json`` and ``settings.json`` store, that ``--resume`` compares and that the notes name."""
+    return {name: list(value) if isinstance(value, tuple) else value
+            for name, value in ((name, getattr(config, name)) for name in names)}
+
+
+def config_parser(description: str, configs: Mapping[str, ImageConfig], names: Sequence[str],
+                  helps: Optional[Mapping[str, str]] = None) -> argparse.ArgumentParser:
+    """An argument parser with one flag per setting ``names`` of :class:`ImageConfig` (``helps``: this script's
+    words for some), whose default is the ``"reduced"`` preset's or, where the presets differ, the chosen one's
+    (``--paper``: ``"paper"``; the help names both), and the flags that do not change the numbers."""
+    p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
+    reduced, paper = configs["reduced"], configs["paper"]
+    differ = [name for name in names if getattr(paper, name) != getattr(reduced, name)]
+    p.add_argument("--paper", action="store_true",
+                   help="the paper preset, as if given " + " ".join(
+                       f"{cli.flag_name(name)} {cli.as_typed(getattr(paper, name))}" for name in differ)
+                        + " (explicit flags still override it)")
+    cli.add_config_flags(p, reduced, presets=configs, only=names, helps=helps,
+                         title="settings (lib/image_experiment.py ImageConfig; the reduced preset unless --paper)")
+    add_run_flags(p)
+    return p
+
+
+def parse_config(p: argparse.ArgumentParser, argv: Optional[Sequence[str]], configs: Mapping[str, ImageConfig],
+                 names: Sequence[str], at_least: Mapping[str, int] = {}
+                 ) -> Tuple[argparse.Namespace, ImageConfig, Dict[str, Any], Path]:
+    """Parse and validate every flag of :func:`config_parser` (``at_least``: minimum values of settings): any
+    problem is an argparse error before any work starts. Returns ``(args, config, settings, out)``, ``settings``
+    being :func:`settings_of` the effective ``config``; nothing is written."""
+    args = p.parse_args(argv)
+    config = cli.config_from_args(args, configs["paper" if args.paper else "reduced"])
+    settings = settings_of(config, names)
+    check_args(p, args, settings, at_least)
+    return args, config, settings, Path(config.out)
 
 
 def make_config(settings: Mapping[str, Any], K: int, seed: int) -> GANConfig:
@@ -228,13 +250,11 @@ def make_config(settings: Mapping[str, Any], K: int, seed: int) -> GANConfig:
                      checkpoint_every=settings["checkpoint_every"])
 
 
-def parse(p: argparse.ArgumentParser, argv: Optional[Sequence[str]], reduced: Mapping[str, Any],
-          paper: Mapping[str, Any], at_least: Mapping[str, int] = {}) -> Tuple[argparse.Namespace, Dict[str, Any],
-                                                                            Path]:
-    """Parse and validate every flag (``at_least``: minimum values of script settings): any problem is an
-    argparse error before any work starts. Returns ``(args, settings, out)``; nothing is written."""
-    args = p.parse_args(argv)
-    settings = resolve(args, reduced, paper)
+def check_args(p: argparse.ArgumentParser, args: argparse.Namespace, settings: Mapping[str, Any],
+               at_least: Mapping[str, int] = {}) -> None:
+    """Every check of the parsed flags and settings that argparse's types cannot make (distinct K and seeds,
+    ``at_least``, each run's :class:`GANConfig`, the device, ``--per-seed``, ``--workers``): a problem is
+    ``p.error``. Fills in ``args.workers``."""
     for name in ("K", "seeds"):
         values = list(settings[name])
         if len(set(values)) != len(values):
@@ -265,21 +285,6 @@ def parse(p: argparse.ArgumentParser, argv: Optional[Sequence[str]], reduced: Ma
     elif args.workers > 1 and not can_run_in_workers(device):
         p.error(f"--workers {args.workers}: parallel runs need --device cpu and a platform that can fork "
                 f"processes (Linux); use --workers 1")
-    return args, settings, Path(args.out or settings["out"])
-
-
-Parsed = Tuple[argparse.Namespace, Dict[str, Any], Path]
-
-
-def parse_args_for(build_parser: Callable[[], argparse.ArgumentParser], reduced: Mapping[str, Any],
-                   paper: Mapping[str, Any], at_least: Mapping[str, int] = {}
-                   ) -> Callable[[Optional[Sequence[str]]], Parsed]:
-    """A script's ``parse_args(argv) -> (args, settings, out)``: :func:`parse` with its parser and defaults."""
-    def parse_args(argv: Optional[Sequence[str]] = None) -> Parsed:
-        """Parse and validate every flag: any problem is an argparse error before any work starts."""
-        return parse(build_parser(), argv, reduced, paper, at_least)
-
-    return parse_args
 
 
 @contextlib.contextmanager
@@ -351,6 +356,14 @@ def deviations(settings: Mapping[str, Any], paper: Mapping[str, Any], notes: Ite
     lines = [f"{name}: {settings[name]} (paper: {paper[name]})" for name in paper
              if _normalise(settings.get(name)) != _normalise(paper[name])]
     return lines + [note.format(**settings) for note in notes]
+
+
+def paper_deviations(config: ImageConfig, paper: ImageConfig, stated: Sequence[str], notes: Iterable[str]
+                     ) -> List[str]:
+    """:func:`deviations` of ``config`` from the paper preset: a line for each setting the paper states
+    (``stated``, in that order) on which they differ, then the ``notes``, formatted with ``config``'s fields."""
+    every = [f.name for f in dataclasses.fields(config)]
+    return deviations(settings_of(config, every), settings_of(paper, stated), notes)
 
 
 def _normalise(value: Any) -> Any:
