@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
@@ -183,3 +184,12 @@ def test_fig2_refuses_a_preset_k_override_below_one(capsys: pytest.CaptureFixtur
     with pytest.raises(SystemExit):
         fig2.parse_args(["--paper", "--K", "0"])
     assert "--K must be >= 1 (the unrolled GAN" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("script", ["mixture", "fig2"])
+def test_an_empty_output_folder_is_refused(script: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--out ""`` would write into the current folder: refused before any work, naming the flag."""
+    module = importlib.import_module(script)
+    with pytest.raises(SystemExit):
+        module.build_parser().parse_args(["--out", ""])
+    assert "argument --out: must name a folder, got an empty string" in capsys.readouterr().err

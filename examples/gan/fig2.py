@@ -68,7 +68,7 @@ class RunOptions:
     no_control: bool = cli.option(False, "skip the compute-matched control")
     workers: int = cli.option(min(2, torch.get_num_threads() or 1),
                               "configurations trained at once, each in its own process on one thread")
-    out: str = cli.option(DEFAULT_OUT, "output folder")
+    out: str = cli.option(DEFAULT_OUT, "output folder", type=cli.folder)
     resume: bool = cli.option(False, "continue a killed run in --out (the same settings)")
     no_progress: bool = cli.option(False, "no progress bar")
 

@@ -41,7 +41,7 @@ class RunOptions:
     seeds: str = cli.option("0-4", f"e.g. 0-9 or 0,3,7: trained together (vmapped), at most {MAX_SEEDS}")
     checkpoint_every: int = cli.option(DEFAULT_CHECKPOINT_EVERY, "iterations between checkpoints besides those "
                                                                  "at evaluations (what a kill can lose)")
-    out: Optional[str] = cli.option(None, f"output folder (default: {DEFAULT_OUT}/<settings>)")
+    out: Optional[str] = cli.option(None, f"output folder (default: {DEFAULT_OUT}/<settings>)", type=cli.folder)
     resume: bool = cli.option(False, "continue from <out>/checkpoint.pt (the same settings; --steps may grow)")
     no_progress: bool = cli.option(False, "no tqdm bar")
 
