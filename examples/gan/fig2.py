@@ -1,11 +1,11 @@
 """The headline of Metz et al. (2017), Fig. 2, in a few minutes: the plain GAN collapses, the unrolled GAN learns
 the ring.
 
-    python examples/gan/fig2.py            # K = 0, K = 5 and the compute-matched control, 3 paired seeds
+    python examples/gan/fig2.py            # K = 0, K = 5 and the step-matched control, 3 paired seeds
     python examples/gan/fig2.py --paper    # App. A's learning rates (1e-4) and K = 10: about an hour (mixture_app_a.md)
 
 Trains, on the paper's ring of 8 Gaussians, the plain GAN (K = 0), an unrolled GAN (K unrolled discriminator
-steps) and the compute-matched control (K + 1 committed discriminator steps per generator step, no unrolling:
+steps) and the step-matched control (K + 1 committed discriminator steps per generator step, no unrolling:
 what unrolling must beat to be more than "more D steps"), each for the same paired seeds (same initial
 parameters and data), all seeds of a configuration at once with ``torch.func.vmap``, the configurations in
 parallel processes (one per core). Writes to ``--out``: ``fig2.png`` (rows = configurations, seed 0; columns =
@@ -65,7 +65,7 @@ class RunOptions:
     """Which seeds, where the outputs go and how the configurations are trained."""
 
     seeds: str = cli.option("0-2", "paired seeds, e.g. 0-2 or 0,3,7")
-    no_control: bool = cli.option(False, "skip the compute-matched control")
+    no_control: bool = cli.option(False, "skip the step-matched control")
     workers: int = cli.option(min(2, torch.get_num_threads() or 1),
                               "configurations trained at once, each in its own process on one thread")
     out: str = cli.option(DEFAULT_OUT, "output folder", type=cli.folder)
