@@ -15,7 +15,7 @@ import historical_averaging as ha
 import second_gradient as sg
 import unroll
 from lib.metrics import steps_to_stable_coverage
-from lib.training import CHECKPOINT, TrainConfig, Trainer
+from lib.training import CHECKPOINT, Strategies, TrainConfig, Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,17 +57,21 @@ def test_stable_coverage_is_none_when_the_last_evaluation_fails() -> None:
 
 
 # ---- the ensemble of past discriminators ----
+def ensemble_of(size: int, period: int = 1, loss: str = "saturating") -> Strategies:
+    return Strategies(generator=ha.HistoricalAverage(size, period, loss=loss))
+
+
 def snapshot(value: float) -> Dict[str, torch.Tensor]:
     return {"w": torch.full((2,), value), "b": torch.tensor(value)}
 
 
 def test_history_keeps_one_snapshot_every_period() -> None:
-    hooks = ha.ensemble_hooks(size=3, period=2)
-    extra = hooks.init_extra(snapshot(0.0))
-    extra = hooks.after_d_step(extra, snapshot(1.0), None)
+    rule = ha.HistoricalAverage(size=3, period=2)
+    extra = rule.init_extra(snapshot(0.0))
+    extra = rule.after_d_step(extra, snapshot(1.0), None)
     assert extra["history"]["b"].tolist() == [1.0, 0.0, 0.0] and extra["valid"].tolist() == [1.0, 0.0, 0.0]
     for t in range(2, 8):
-        extra = hooks.after_d_step(extra, snapshot(float(t)), None)
+        extra = rule.after_d_step(extra, snapshot(float(t)), None)
     # Snapshots after D updates 1, 3, 5, 7; the ensemble holds the newest three.
     assert extra["history"]["b"].tolist() == [7.0, 5.0, 3.0]
     assert extra["history"]["w"][:, 0].tolist() == [7.0, 5.0, 3.0]
@@ -97,7 +101,7 @@ def test_ensemble_of_one_is_the_plain_gan(loss: str) -> None:
     """N = 1 (the current D) trains exactly like K = 0: the ensemble adds nothing but bookkeeping."""
     cfg = small(K=0, loss=loss, steps=3)
     plain = Trainer(cfg, [0, 1])
-    ensemble = Trainer(cfg, [0, 1], hooks=ha.ensemble_hooks(1, loss=loss))
+    ensemble = Trainer(cfg, [0, 1], strategies=ensemble_of(1, loss=loss))
     for trainer in (plain, ensemble):
         for _ in range(cfg.steps):
             trainer.state, _ = trainer.step_fn(trainer.state, trainer.draw_batch())
@@ -107,8 +111,8 @@ def test_ensemble_of_one_is_the_plain_gan(loss: str) -> None:
 
 def test_a_larger_ensemble_trains_differently() -> None:
     cfg = small(K=0, steps=3)
-    one = Trainer(cfg, [0, 1], hooks=ha.ensemble_hooks(1))
-    five = Trainer(cfg, [0, 1], hooks=ha.ensemble_hooks(5))
+    one = Trainer(cfg, [0, 1], strategies=ensemble_of(1))
+    five = Trainer(cfg, [0, 1], strategies=ensemble_of(5))
     for trainer in (one, five):
         trainer.run()
     assert not torch.allclose(one.state["g"]["w2"], five.state["g"]["w2"])
@@ -116,21 +120,21 @@ def test_a_larger_ensemble_trains_differently() -> None:
 
 def test_ensemble_run_resumes_with_the_same_numbers(tmp_path: Path) -> None:
     cfg = small(K=0, steps=6)
-    hooks = ha.ensemble_hooks(3, period=2)
-    uninterrupted = Trainer(cfg, [0, 1], out_dir=tmp_path / "a", hooks=hooks)
+    strategies = ensemble_of(3, period=2)
+    uninterrupted = Trainer(cfg, [0, 1], out_dir=tmp_path / "a", strategies=strategies)
     uninterrupted.run()
-    first = Trainer(small(K=0, steps=4), [0, 1], out_dir=tmp_path / "b", hooks=hooks)
+    first = Trainer(small(K=0, steps=4), [0, 1], out_dir=tmp_path / "b", strategies=strategies)
     first.run()
-    resumed = Trainer(cfg, [0, 1], out_dir=tmp_path / "b", hooks=hooks, resume=True)
+    resumed = Trainer(cfg, [0, 1], out_dir=tmp_path / "b", strategies=strategies, resume=True)
     resumed.run()
     assert_trees_close(resumed.state, uninterrupted.state, rtol=0, atol=0)
 
 
-def test_ensemble_hooks_reject_bad_settings() -> None:
+def test_ensemble_rule_rejects_bad_settings() -> None:
     with pytest.raises(ValueError, match="size and period"):
-        ha.ensemble_hooks(0)
+        ha.HistoricalAverage(0)
     with pytest.raises(ValueError, match="combine"):
-        ha.ensemble_hooks(2, combine="median")
+        ha.HistoricalAverage(2, combine="median")
 
 
 # ---- the sweeps, end to end ----

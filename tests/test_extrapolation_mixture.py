@@ -25,7 +25,7 @@ def small(**kwargs: Any) -> TrainConfig:
 
 
 def trained(cfg: TrainConfig, alpha: Any = None) -> Trainer:
-    trainer = Trainer(cfg, [0, 1], hooks=None if alpha is None else ex.extrapolation_hooks(cfg, alpha))
+    trainer = Trainer(cfg, [0, 1], strategies=None if alpha is None else ex.extrapolated(cfg, alpha))
     trainer.run()
     return trainer
 
@@ -50,7 +50,7 @@ def test_larger_alpha_moves_the_generator_further_along_the_unrolling_direction(
     cfg = small(K=1, steps=1)
     grads = {}
     for alpha in (0.0, 1.0, 3.0):
-        trainer = Trainer(cfg, [0, 1], hooks=ex.extrapolation_hooks(cfg, alpha))
+        trainer = Trainer(cfg, [0, 1], strategies=ex.extrapolated(cfg, alpha))
         before = trainer.state["g"]["w2"].clone()
         trainer.state, _ = trainer.step_fn(trainer.state, trainer.draw_batch())
         grads[alpha] = trainer.state["g_opt"]["exp_avg"]["w2"] / (1 - cfg.beta1)  # first Adam step: m = (1-β1) g

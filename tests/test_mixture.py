@@ -5,8 +5,9 @@ from __future__ import annotations
 import csv
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Callable, Dict, List
 
 import pytest
 import torch
@@ -15,13 +16,46 @@ import mixture
 import sweep_mixture
 import unroll
 from lib.models import d_loss_from_logits, discriminator_forward, generator_forward
-from lib.training import CHECKPOINT, Hooks, TrainConfig, Trainer, TrainingDiverged, index_state, init_state
+from lib.training import (
+    CHECKPOINT,
+    GeneratorRule,
+    StepInputs,
+    Strategies,
+    TrainConfig,
+    Trainer,
+    TrainingDiverged,
+    index_state,
+    init_state,
+)
 
 SMALL = dict(batch=64, eval_samples=400, eval_every=2)
 
 
 def small(**kwargs: Any) -> TrainConfig:
     return TrainConfig(**{**SMALL, "steps": 4, **kwargs})
+
+
+@dataclass(frozen=True)
+class Counting(GeneratorRule):
+    """A generator rule with per-seed state: ``extra["count"]`` counts D updates; G's loss is ``loss(count, d,
+    x, fake)`` of its samples."""
+
+    loss: Callable[..., torch.Tensor]
+    activation: str = "relu"
+
+    def init_extra(self, d: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        return {"count": torch.zeros(())}
+
+    def after_d_step(self, extra: Dict[str, torch.Tensor], d: Any, d_state: Any) -> Dict[str, torch.Tensor]:
+        return {"count": extra["count"] + 1}
+
+    def sample_loss(self, fake: torch.Tensor, d: Any, d_state: Any, extra: Dict[str, torch.Tensor],
+                    inputs: StepInputs) -> torch.Tensor:
+        return self.loss(extra["count"], d, inputs.x, fake)
+
+
+def counting(loss: Callable[..., torch.Tensor]) -> Strategies:
+    return Strategies(generator=Counting(loss))
 
 
 def assert_trees_equal(a: Any, b: Any) -> None:
@@ -111,12 +145,10 @@ def test_control_takes_K_plus_one_discriminator_steps() -> None:
     assert trainer.state["g_opt"]["step"].tolist() == [2.0, 2.0]
 
 
-def test_hooks_carry_extra_state() -> None:
-    hooks = Hooks(init_extra=lambda d: {"count": torch.zeros(())},
-                  after_d_step=lambda extra, d, d_state: {"count": extra["count"] + 1},
-                  generator_loss=lambda extra, d, d_state, x, fake: -d_loss_from_logits(
-                      discriminator_forward(d, x), discriminator_forward(d, fake)))
-    trainer = Trainer(small(K=2, steps=3, g_steps=2), [0, 1], hooks=hooks)
+def test_a_generator_rule_carries_extra_state() -> None:
+    strategies = counting(lambda count, d, x, fake: -d_loss_from_logits(discriminator_forward(d, x),
+                                                                   discriminator_forward(d, fake)))
+    trainer = Trainer(small(K=2, steps=3, g_steps=2), [0, 1], strategies=strategies)
     trainer.run()
     assert trainer.state["extra"]["count"].tolist() == [3.0, 3.0]
     assert trainer.state["g_opt"]["step"].tolist() == [6.0, 6.0]
@@ -188,10 +220,8 @@ def test_resume_refuses_other_settings(tmp_path: Path) -> None:
 
 def test_nan_loss_stops_with_step_and_seed_and_keeps_the_last_checkpoint(tmp_path: Path) -> None:
     # The loss divides by zero once the per-seed counter reaches 3; seed 9's counter starts ahead.
-    hooks = Hooks(init_extra=lambda d: {"count": torch.zeros(())},
-                  after_d_step=lambda extra, d, d_state: {"count": extra["count"] + 1},
-                  generator_loss=lambda extra, d, d_state, x, fake: fake.mean() / (3 - extra["count"]))
-    trainer = Trainer(small(steps=6), [5, 9], out_dir=tmp_path, hooks=hooks)
+    strategies = counting(lambda count, d, x, fake: fake.mean() / (3 - count))
+    trainer = Trainer(small(steps=6), [5, 9], out_dir=tmp_path, strategies=strategies)
     trainer.state["extra"]["count"][1] = 1.0
     with pytest.raises(TrainingDiverged, match=r"iteration 2 for seed 9") as error:
         trainer.run()
@@ -208,11 +238,8 @@ def test_nan_loss_stops_with_step_and_seed_and_keeps_the_last_checkpoint(tmp_pat
 def test_a_nonfinite_adam_state_with_finite_losses_is_named_with_its_iteration_and_seed(tmp_path: Path) -> None:
     """Seed 9's generator loss is scaled by 1e30 at iteration 2: the loss stays finite, its squared gradients
     overflow Adam's second moment to inf (and the update to 0, so the parameters stay finite too)."""
-    hooks = Hooks(init_extra=lambda d: {"count": torch.zeros(())},
-                  after_d_step=lambda extra, d, d_state: {"count": extra["count"] + 1},
-                  generator_loss=lambda extra, d, d_state, x, fake: fake.mean() * torch.where(
-                      extra["count"] == 3, 1e30, 1.0))
-    trainer = Trainer(small(steps=6, eval_every=3), [5, 9], out_dir=tmp_path, hooks=hooks)
+    strategies = counting(lambda count, d, x, fake: fake.mean() * torch.where(count == 3, 1e30, 1.0))
+    trainer = Trainer(small(steps=6, eval_every=3), [5, 9], out_dir=tmp_path, strategies=strategies)
     trainer.state["extra"]["count"][1] = 1.0
     with pytest.raises(TrainingDiverged, match=r"generator Adam state \(exp_avg_sq\..*\) \(inf\) at iteration 2 "
                                                r"for seed 9") as error:

@@ -1,5 +1,5 @@
 """examples/gan/symmetric_recursive.py: symmetric and recursive unrolling on the 2-D mixture (the trainer's
-discriminator_loss and generator_params_loss hooks)."""
+rules of D and of G's parameters)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 import symmetric_recursive as sr
 import unroll
 from lib.models import init_discriminator, init_generator
-from lib.training import Hooks, TrainConfig, Trainer, d_inner_loss
+from lib.training import Strategies, TrainConfig, Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -30,8 +30,8 @@ def leaves(tree: Any) -> List[torch.Tensor]:
     return [x for v in tree.values() for x in leaves(v)] if isinstance(tree, dict) else [tree]
 
 
-def trained(cfg: TrainConfig, hooks: Any = None) -> Trainer:
-    trainer = Trainer(cfg, [0, 1], hooks=hooks)
+def trained(cfg: TrainConfig, strategies: Any = None) -> Trainer:
+    trainer = Trainer(cfg, [0, 1], strategies=strategies)
     trainer.run()
     return trainer
 
@@ -39,7 +39,7 @@ def trained(cfg: TrainConfig, hooks: Any = None) -> Trainer:
 def test_symmetric_with_k0_trains_like_the_plain_gan() -> None:
     """K = 0: D's look-ahead loss is L_D itself, so every parameter and Adam state is the plain run's."""
     cfg = small(K=0)
-    plain, symmetric = trained(cfg), trained(cfg, sr.symmetric_hooks(cfg))
+    plain, symmetric = trained(cfg), trained(cfg, sr.symmetric(cfg))
     for a, b in zip(leaves(symmetric.state), leaves(plain.state), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
@@ -47,10 +47,10 @@ def test_symmetric_with_k0_trains_like_the_plain_gan() -> None:
 def test_recursive_with_k1_is_one_sided_and_differs_from_k2() -> None:
     """One simultaneous joint step moves D from (θ_G, θ_D) whatever G does, so recursive K = 1 is the paper's
     K = 1; from K = 2 on, D's look-ahead answers a moving G and the runs part."""
-    one_sided, recursive = trained(small(K=1)), trained(small(K=1), sr.recursive_hooks(small(K=1)))
+    one_sided, recursive = trained(small(K=1)), trained(small(K=1), sr.recursive(small(K=1)))
     for a, b in zip(leaves(recursive.state), leaves(one_sided.state), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
-    one_sided2, recursive2 = trained(small(K=2)), trained(small(K=2), sr.recursive_hooks(small(K=2)))
+    one_sided2, recursive2 = trained(small(K=2)), trained(small(K=2), sr.recursive(small(K=2)))
     assert not torch.allclose(recursive2.state["g"]["w2"], one_sided2.state["g"]["w2"], rtol=1e-4, atol=1e-6)
 
 
@@ -91,8 +91,9 @@ def directional_check(loss: Callable[[Dict[str, torch.Tensor]], torch.Tensor], p
 def test_symmetric_discriminator_gradient_matches_finite_differences() -> None:
     """D's gradient through G's K = 2 Adam look-ahead steps (the total derivative, G's response included)."""
     p = float64_players()
-    hook = sr.symmetric_hooks(small(K=2, unroll_lr=1e-2)).discriminator_loss
-    grads = directional_check(lambda d: hook(d, {}, p["g"], p["g_state"], p["x"], p["z"]), p["d"])
+    rule = sr.symmetric(small(K=2, unroll_lr=1e-2)).discriminator
+    assert isinstance(rule, sr.SymmetricD)
+    grads = directional_check(lambda d: rule.loss(d, p["g"], p["g_state"], p["x"], p["z"]), p["d"])
     plain = torch.func.grad(lambda d: sr.g_inner_loss(p["g"], d, p["x"], p["z"], "relu").neg())(p["d"])
     assert not torch.allclose(grads["w0"], plain["w0"])  # the look-ahead changes D's gradient
 
@@ -100,16 +101,16 @@ def test_symmetric_discriminator_gradient_matches_finite_differences() -> None:
 def test_recursive_generator_gradient_matches_finite_differences() -> None:
     """G's gradient through K = 2 joint look-ahead steps of both players, in which G moves too."""
     p = float64_players()
-    hook = sr.recursive_hooks(small(K=2, unroll_lr=1e-2)).generator_params_loss
-    directional_check(lambda g: hook(g, p["g_state"], p["d"], p["d_state"], {}, p["x"], p["z"]), p["g"])
+    rule = sr.recursive(small(K=2, unroll_lr=1e-2)).generator
+    assert isinstance(rule, sr.Recursive)
+    directional_check(lambda g: rule.params_loss(g, p["g_state"], p["d"], p["d_state"], p["x"], p["z"]), p["g"])
 
 
-def test_hooks_reject_ambiguous_or_unsupported_settings() -> None:
-    with pytest.raises(ValueError, match="not both"):
-        Hooks(generator_loss=lambda *a: None, generator_params_loss=lambda *a: None)
+def test_own_rules_reject_resampled_batches() -> None:
     cfg = small(K=1, unroll_batches="resampled")
-    with pytest.raises(ValueError, match="resampled"):
-        Trainer(cfg, [0], hooks=Hooks(discriminator_loss=lambda d, *a: d_inner_loss(d, a[-2], a[-2])))
+    for strategies in (sr.symmetric(cfg), sr.recursive(cfg), Strategies(discriminator=sr.symmetric(cfg).discriminator)):
+        with pytest.raises(ValueError, match="resampled"):
+            Trainer(cfg, [0], strategies=strategies)
 
 
 def test_sweep_end_to_end(tmp_path: Path) -> None:

@@ -28,13 +28,16 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+from torch import Tensor
 
 import unroll
 from lib import ablations as ab
 from lib.sweeps import Cell, CellMeta
-from lib.training import SIZE_FLAGS, Hooks, TrainConfig, d_inner_loss
+from lib.training import SIZE_FLAGS, GeneratorRule, StepInputs, Strategies, TrainConfig, d_inner_loss
 
 # ---- configuration ----
 ALPHAS = (1.0, 2.0, 5.0, 10.0)
@@ -44,12 +47,26 @@ GOAL_COST = 1.5  # the goal: K = 10's stable coverage at <= 1.5x the plain GAN's
 GOAL_K = 10
 
 
-def extrapolation_hooks(cfg: TrainConfig, alpha: float) -> Hooks:
-    """The generator's loss f_0 + alpha (f_1 - f_0) (saturating, as the plain and unrolled rows): its gradient is
-    g_0 + alpha (g_1 - g_0); the look-ahead step is Adam at ``cfg.lookahead_lr`` from D's current state."""
+@dataclass(frozen=True)
+class Extrapolated(GeneratorRule):
+    """One-step extrapolation of the unrolled gradient (Sec. 4, Discussion): G's loss f_0 + alpha (f_1 - f_0)
+    (saturating, as the plain and unrolled rows), whose gradient is g_0 + alpha (g_1 - g_0), g_1 Eq. 12's with
+    K = 1. ``surrogate``: ``unroll.extrapolated_surrogate_loss`` (:func:`extrapolated`)."""
+
+    activation: str
+    surrogate: Callable[..., Tensor]
+
+    def sample_loss(self, fake: Tensor, d: Dict[str, Tensor], d_state: Dict[str, Any], extra: Dict[str, Tensor],
+                    inputs: StepInputs) -> Tensor:
+        return self.surrogate(d, d_state, inputs.x, fake)
+
+
+def extrapolated(cfg: TrainConfig, alpha: float) -> Strategies:
+    """G's rule :class:`Extrapolated` with factor ``alpha``, its look-ahead step Adam at ``cfg.lookahead_lr`` from
+    D's current state; D trains plainly."""
     surrogate = unroll.extrapolated_surrogate_loss(
         d_inner_loss, alpha, optimizer=unroll.adam(cfg.lookahead_lr, betas=(cfg.beta1, cfg.beta2)))
-    return Hooks(generator_loss=lambda extra, d, d_state, x, fake: surrogate(d, d_state, x, fake))
+    return Strategies(generator=Extrapolated(cfg.activation, surrogate))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,13 +95,13 @@ def build_cells(args: argparse.Namespace) -> List[Cell]:
 
     ks = sorted(set(args.ks))
     cells = [unrolled(0)] + [unrolled(K) for K in ks if K == 1]
-    cfg = TrainConfig(K=1, **base)  # one look-ahead step (the hook replaces the surrogate)
+    cfg = TrainConfig(K=1, **base)  # one look-ahead step (the extrapolated rule replaces the surrogate)
     for alpha in args.alphas:
         if alpha == 1:  # trains exactly like K = 1, bit for bit (tests/test_extrapolation_mixture.py): one run
             cells.append(Cell("main", "extrapolated α=1 (the K=1 run)", cfg, seeds))
             continue
         cells.append(Cell("main", f"extrapolated α={alpha:g}", cfg, seeds, tag=f"alpha{alpha:g}",
-                          hooks=extrapolation_hooks(cfg, alpha)))
+                          strategies=extrapolated(cfg, alpha)))
     cells += [Cell("main", f"control, {K + 1} D steps", TrainConfig(K=K, control=True, **base), seeds)
               for K in sorted(set(args.control))]
     cells += [unrolled(K) for K in sorted((k for k in ks if k > 1), reverse=True)]  # the goal's K = 10 first

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -36,7 +37,7 @@ from torch import Tensor
 from lib import ablations as ab
 from lib.models import discriminator_forward
 from lib.sweeps import Cell
-from lib.training import LOSSES, SIZE_FLAGS, Hooks, TrainConfig
+from lib.training import LOSSES, SIZE_FLAGS, GeneratorRule, StepInputs, Strategies, TrainConfig
 
 # ---- configuration ----
 SIZES = (1, 5, 20, 50)  # Fig. App.1: ensembles of the last N discriminators
@@ -48,29 +49,38 @@ PAPER_CLAIM = ("historical averaging does not visibly increase stability (Fig. A
                "between the ensemble's discriminators the model becomes less and less stable (Fig. App.2)")
 
 
-# ---- the ensemble, as hooks of the training loop (pure functions of per-seed tensors: vmap-able) ----
-def ensemble_hooks(size: int, period: int = 1, combine: str = "probabilities",
-                   loss: str = "saturating") -> Hooks:
-    """The generator trains against the last ``size`` snapshots of D, one taken every ``period`` D updates.
+# ---- the ensemble, as the generator's rule in the training loop (pure functions of per-seed tensors: vmap-able) ----
+@dataclass(frozen=True)
+class HistoricalAverage(GeneratorRule):
+    """Historical averaging (App. B.1): no unrolling, G descends its loss against the ensemble of the last ``size``
+    snapshots of D, one taken every ``period`` D updates, combined by ``combine`` (:func:`ensemble_log_probs`).
 
     ``extra`` holds ``history`` (each D parameter stacked ``[size, ...]``, newest first), ``valid`` (``[size]``,
     1 where a snapshot exists) and ``updates`` (D updates so far). Snapshots are taken after the D update, so with
     ``period == 1`` the newest member is the current D and ``size == 1`` is the plain GAN.
     """
-    if size < 1 or period < 1:
-        raise ValueError(f"ensemble size and period must be >= 1, got size={size}, period={period}")
-    if combine not in COMBINES:
-        raise ValueError(f"combine must be one of {COMBINES}, got {combine!r}")
-    if loss not in LOSSES:
-        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
 
-    def init_extra(d: Dict[str, Tensor]) -> Dict[str, Tensor]:
-        history = {name: torch.zeros(size, *p.shape, dtype=p.dtype) for name, p in d.items()}
-        return {"history": history, "valid": torch.zeros(size), "updates": torch.zeros(())}
+    size: int
+    period: int = 1
+    combine: str = "probabilities"
+    loss: str = "saturating"
+    activation: str = "relu"
 
-    def after_d_step(extra: Dict[str, Tensor], d: Dict[str, Tensor], d_state: object) -> Dict[str, Tensor]:
+    def __post_init__(self) -> None:
+        if self.size < 1 or self.period < 1:
+            raise ValueError(f"ensemble size and period must be >= 1, got size={self.size}, period={self.period}")
+        if self.combine not in COMBINES:
+            raise ValueError(f"combine must be one of {COMBINES}, got {self.combine!r}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+
+    def init_extra(self, d: Dict[str, Tensor]) -> Dict[str, Tensor]:
+        history = {name: torch.zeros(self.size, *p.shape, dtype=p.dtype) for name, p in d.items()}
+        return {"history": history, "valid": torch.zeros(self.size), "updates": torch.zeros(())}
+
+    def after_d_step(self, extra: Dict[str, Tensor], d: Dict[str, Tensor], d_state: object) -> Dict[str, Tensor]:
         updates = extra["updates"] + 1
-        take = (updates - 1) % period == 0  # the first update is always taken
+        take = (updates - 1) % self.period == 0  # the first update is always taken
 
         def push(stack: Tensor, new: Tensor) -> Tensor:
             # A shift, not an in-place write: the history is a vmapped, checkpointed input.
@@ -80,14 +90,12 @@ def ensemble_hooks(size: int, period: int = 1, combine: str = "probabilities",
         valid = push(extra["valid"], torch.ones(()))
         return {"history": history, "valid": valid, "updates": updates}
 
-    def generator_loss(extra: Dict[str, Tensor], d: Dict[str, Tensor], d_state: object, x: Tensor,
-                       fake: Tensor) -> Tensor:
+    def sample_loss(self, fake: Tensor, d: Dict[str, Tensor], d_state: object, extra: Dict[str, Tensor],
+                    inputs: StepInputs) -> Tensor:
         logits = torch.func.vmap(discriminator_forward, in_dims=(0, None))(extra["history"], fake)  # [size, B]
-        log_real, log_fake = ensemble_log_probs(logits, extra["valid"], combine)
+        log_real, log_fake = ensemble_log_probs(logits, extra["valid"], self.combine)
         # App. A's saturating loss log(1 - D(G(z))) (the real term does not depend on G), or -log D(G(z)).
-        return log_fake.mean() if loss == "saturating" else -log_real.mean()
-
-    return Hooks(init_extra=init_extra, after_d_step=after_d_step, generator_loss=generator_loss)
+        return log_fake.mean() if self.loss == "saturating" else -log_real.mean()
 
 
 def ensemble_log_probs(logits: Tensor, valid: Tensor, combine: str) -> Tuple[Tensor, Tensor]:
@@ -134,7 +142,8 @@ def build_cells(args: argparse.Namespace) -> List[Cell]:
     def ensemble(label: str, size: int, period: int) -> Cell:
         # The folder depends on what is trained, not on the row: "5 every P=1" is "last N=5" and shares its runs.
         return Cell("ensembles", label, cfg, args.seed_list, tag=f"size{size}_every{period}{suffix}",
-                    hooks=ensemble_hooks(size, period, args.combine, args.loss))
+                    strategies=Strategies(generator=HistoricalAverage(size, period, args.combine, args.loss,
+                                                                 cfg.activation)))
 
     cells = [ensemble(f"last N={n}", n, 1) for n in args.sizes]
     cells += [ensemble(f"{PERIOD_ENSEMBLE} every P={p}", PERIOD_ENSEMBLE, p) for p in args.periods]

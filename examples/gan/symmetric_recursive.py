@@ -26,16 +26,29 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+import torch
 from torch import Tensor
 
 import unroll
 from lib import ablations as ab
 from lib.models import generator_forward
 from lib.sweeps import Cell
-from lib.training import SIZE_FLAGS, Hooks, TrainConfig, d_inner_loss
+from lib.training import (
+    SIZE_FLAGS,
+    GeneratorRule,
+    Params,
+    PlainD,
+    Pullback,
+    StepInputs,
+    Strategies,
+    TrainConfig,
+    d_inner_loss,
+    plain_d,
+)
 
 # ---- configuration ----
 KS = (1, 5)
@@ -46,30 +59,68 @@ def g_inner_loss(g: Dict[str, Tensor], d: Dict[str, Tensor], x: Tensor, z: Tenso
     return -d_inner_loss(d, x, generator_forward(g, z, activation))
 
 
-def symmetric_hooks(cfg: TrainConfig) -> Hooks:
-    """D descends L_D at G's K-step look-ahead: the outer loss of a surrogate whose inner player is G (the
-    saturating game is zero-sum, so the default outer loss -inner is D's loss). G keeps the paper's surrogate."""
+@dataclass(frozen=True)
+class SymmetricD(PlainD):
+    """Symmetric unrolling (Sec. 4, Discussion: "unrolling the generator when updating the discriminator as well"):
+    D's committed step descends L_D(θ_G^K(θ_G, θ_D), θ_D), θ_G^K after K look-ahead steps of G against this D
+    (``g_looks_ahead``: ``unroll.surrogate_loss`` with the roles swapped; the saturating game is zero-sum, so the
+    default outer loss -inner is D's loss). The gradient is the total derivative, G's response included."""
+
+    g_looks_ahead: Callable[..., Tensor]
+
+    def loss(self, d: Params, g: Params, g_state: Dict[str, Any], x: Tensor, z: Tensor) -> Tensor:
+        """D's loss at G's K-step look-ahead."""
+        return self.g_looks_ahead(g, g_state, d, x, z)
+
+    def loss_gradient(self, d: Params, g: Params, g_state: Dict[str, Any], inputs: StepInputs,
+                      fake: Tensor) -> Tuple[Params, Tensor]:
+        return torch.func.grad_and_value(self.loss)(d, g, g_state, inputs.x, inputs.z)
+
+
+def symmetric(cfg: TrainConfig) -> Strategies:
+    """D's rule :class:`SymmetricD` (look-ahead Adam at ``cfg.lookahead_lr``); G keeps the paper's surrogate."""
     adam = unroll.adam(cfg.lookahead_lr, betas=(cfg.beta1, cfg.beta2))
-    d_looks_ahead = unroll.surrogate_loss(
+    g_looks_ahead = unroll.surrogate_loss(
         lambda g, d, x, z: g_inner_loss(g, d, x, z, cfg.activation), cfg.K, optimizer=adam)
-    return Hooks(discriminator_loss=lambda d, extra, g, g_state, x, z: d_looks_ahead(g, g_state, d, x, z))
+    plain = plain_d(cfg)
+    return Strategies(discriminator=SymmetricD(plain.opt, plain.average, g_looks_ahead))
 
 
-def recursive_hooks(cfg: TrainConfig) -> Hooks:
-    """G's loss at (θ_G, θ_D^K), θ_D^K after K joint look-ahead steps of both players (``unrolled_game``)."""
+@dataclass(frozen=True)
+class Recursive(GeneratorRule):
+    """Recursive unrolling (Sec. 4, Discussion: "unrolling sequences of G and D updates"): G descends its loss at
+    (θ_G, θ_D^K), θ_D^K after K joint look-ahead steps in which G keeps learning too (``joint``:
+    ``unroll.unrolled_game``); G's gradient flows through both players' steps. A loss of G's parameters, not of
+    its samples."""
+
+    activation: str
+    joint: Callable[..., Tuple[Params, Any]]
+
+    def params_loss(self, g: Params, g_state: Dict[str, Any], d: Params, d_state: Dict[str, Any], x: Tensor,
+                    z: Tensor) -> Tensor:
+        """G's loss against D's end point of the joint look-ahead."""
+        end, _ = self.joint({"g": g, "d": d}, {"g": g_state, "d": d_state}, x, z)
+        return g_inner_loss(g, end["d"], x, z, self.activation)
+
+    def samples(self, g: Params, z: Tensor) -> Tuple[Tensor, Optional[Pullback]]:
+        return generator_forward(g, z, self.activation), None  # differentiated by parameters: no vjp to keep
+
+    def gradient(self, g: Params, g_state: Dict[str, Any], d: Params, d_state: Dict[str, Any], extra: Params,
+                 inputs: StepInputs, fake: Tensor, pullback: Optional[Pullback]) -> Tuple[Params, Tensor]:
+        return torch.func.grad_and_value(self.params_loss)(g, g_state, d, d_state, inputs.x, inputs.z)
+
+
+def recursive(cfg: TrainConfig) -> Strategies:
+    """G's rule :class:`Recursive`, both players' look-ahead steps Adam at ``cfg.lookahead_lr``; D trains plainly."""
     adam = unroll.adam(cfg.lookahead_lr, betas=(cfg.beta1, cfg.beta2))
     act = cfg.activation
     losses = {"g": lambda p, x, z: g_inner_loss(p["g"], p["d"], x, z, act),
               "d": lambda p, x, z: d_inner_loss(p["d"], x, generator_forward(p["g"], z, act))}
     joint = unroll.unrolled_game(losses, cfg.K, optimizers={"g": adam, "d": adam})
-
-    def generator_params_loss(g, g_state, d, d_state, extra, x, z):
-        end, _ = joint({"g": g, "d": d}, {"g": g_state, "d": d_state}, x, z)
-        return g_inner_loss(g, end["d"], x, z, act)
-    return Hooks(generator_params_loss=generator_params_loss)
+    return Strategies(generator=Recursive(act, joint))
 
 
-HOOKS = {"symmetric": symmetric_hooks, "recursive": recursive_hooks}
+STRATEGIES = {"symmetric": symmetric, "recursive": recursive}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,10 +142,10 @@ def build_cells(args: argparse.Namespace) -> List[Cell]:
     for K in sorted(set(args.ks)):
         cfg = TrainConfig(K=K, **base)
         cells.append(Cell("main", f"one-sided K={K} (the paper)", cfg, seeds))
-        for kind, make_hooks in HOOKS.items():
+        for kind, strategies in STRATEGIES.items():
             if kind == "recursive" and K == 1:
                 continue
-            cells.append(Cell("main", f"{kind} K={K}", cfg, seeds, tag=kind, hooks=make_hooks(cfg)))
+            cells.append(Cell("main", f"{kind} K={K}", cfg, seeds, tag=kind, strategies=strategies(cfg)))
     return cells
 
 

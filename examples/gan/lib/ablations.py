@@ -141,7 +141,7 @@ def time_cells(cells: Sequence[Cell], iterations: int, rounds: int, warmup: int 
     """Seconds per iteration of every cell (all its seeds vmapped, random draws included, no evaluation): the
     median over ``rounds`` rounds of ``iterations`` iterations each, the cells interleaved within a round, after
     ``warmup`` untimed iterations (first-call overheads; state that grows, such as an ensemble filling up)."""
-    trainers = {c.folder: Trainer(c.cfg, c.seeds, hooks=c.hooks) for c in cells}
+    trainers = {c.folder: Trainer(c.cfg, c.seeds, strategies=c.strategies) for c in cells}
     for trainer in trainers.values():
         for _ in range(warmup):
             trainer.state, _ = trainer.step_fn(trainer.state, trainer.draw_batch())

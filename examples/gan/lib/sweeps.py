@@ -24,7 +24,7 @@ from .report import fmt as fmt
 from .report import summary_stats as summary_stats
 from .report import table as table
 from .runs import CHECKPOINT
-from .training import Hooks, TrainConfig, Trainer, TrainingDiverged, run_name
+from .training import Strategies, TrainConfig, Trainer, TrainingDiverged, run_name
 
 METRICS = "metrics.json"
 LOG = "sweep_log.json"
@@ -40,8 +40,8 @@ class Cell:
     label: str
     cfg: TrainConfig
     seeds: Tuple[int, ...]
-    tag: str = ""  # tells apart cells whose TrainConfig is the same (e.g. different hooks)
-    hooks: Optional[Hooks] = field(default=None, compare=False)
+    tag: str = ""  # tells apart cells whose TrainConfig is the same (e.g. different strategies)
+    strategies: Optional[Strategies] = field(default=None, compare=False)
 
     @property
     def folder(self) -> str:
@@ -157,7 +157,8 @@ def check_sweep(cells: Sequence[Cell], out_root: Path) -> None:
         folder = Path(out_root) / cell.folder
         read_cell(cell, folder)
         if (folder / CHECKPOINT).exists():
-            Trainer(cell.cfg, cell.seeds, out_dir=folder, hooks=cell.hooks, resume=True)  # reads; writes nothing
+            # Reads the checkpoint back (validated); writes nothing.
+            Trainer(cell.cfg, cell.seeds, out_dir=folder, strategies=cell.strategies, resume=True)
     read_log(out_root)
     read_timing(out_root)
 
@@ -170,7 +171,8 @@ def run_cell(cell: Cell, folder: Path, progress: bool, log: List[Dict[str, Any]]
         return meta
     resume = (folder / CHECKPOINT).exists()
     start = time.time()
-    trainer = Trainer(cell.cfg, cell.seeds, out_dir=folder, hooks=cell.hooks, resume=resume, progress=progress)
+    trainer = Trainer(cell.cfg, cell.seeds, out_dir=folder, strategies=cell.strategies, resume=resume,
+                      progress=progress)
     start_step = trainer.step
     try:
         trainer.run()

@@ -1,13 +1,15 @@
 """A multi-seed GAN training loop on 2-D mixtures: one pure iteration, ``torch.func.vmap``-ed over seeds.
 
 Everything a seed needs lives in a stacked pytree (parameters and Adam states of both players, plus an optional
-``extra`` dict for hooks); every random number (data batches, latents) is drawn outside ``vmap`` from per-seed
-``torch.Generator`` streams, so seed ``s`` gives the same numbers alone or in a batch of seeds, and for every K
-(paired seeds: the init and the main data stream do not depend on K or on the other flags).
+``extra`` dict for a generator rule's own state); every random number (data batches, latents) is drawn outside
+``vmap`` from per-seed ``torch.Generator`` streams, so seed ``s`` gives the same numbers alone or in a batch of
+seeds, and for every K (paired seeds: the init and the main data stream do not depend on K or on the other flags).
 
-Reusable pieces: :class:`TrainConfig`, :func:`make_iteration` (the pure step, with :class:`Hooks` for the App. B
-ablations), :class:`Trainer` (streams, evaluation, checkpoints and outputs through :mod:`runs`), :func:`run_name`.
-Only names in ``unroll.__all__`` are used.
+Reusable pieces: :class:`TrainConfig`; the rules of an iteration, one small object per variation (G's gradient:
+:class:`PlainGAN`, :class:`Unrolled`; D's update: :class:`PlainD`, :class:`ControlD`; chosen from the config by
+:func:`generator_rule` and :func:`discriminator_rule`, or given as :class:`Strategies` by the App. B and Sec. 4
+experiments); :func:`make_iteration` (the pure step that calls them); :class:`Trainer` (streams, evaluation,
+checkpoints and outputs through :mod:`runs`); :func:`run_name`. Only names in ``unroll.__all__`` are used.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -137,37 +139,6 @@ class TrainConfig:
         make_mixture(self.dataset)  # unknown dataset -> ValueError
 
 
-@dataclass
-class Hooks:
-    """Extension points for the App. B ablations; the defaults give the plain / unrolled GAN.
-
-    - ``init_extra(d_params) -> extra``: per-seed extra state (e.g. a history of discriminators), a dict of
-      tensors; it is stacked, vmapped, checkpointed with the rest.
-    - ``after_d_step(extra, d_params, d_opt_state) -> extra``: called after every discriminator update.
-    - ``generator_loss(extra, d_params, d_opt_state, x, fake) -> scalar``: replaces the unrolled surrogate.
-    - ``generator_params_loss(g_params, g_opt_state, d_params, d_opt_state, extra, x, z) -> scalar``: replaces
-      it too, as a function of G's parameters rather than its samples (a look-ahead in which G moves as well:
-      recursive unrolling). At most one of the two generator hooks.
-    - ``discriminator_loss(d_params, extra, g_params, g_opt_state, x, z) -> scalar``: replaces L_D in D's first
-      committed step of the iteration (a look-ahead of D at G's response: symmetric unrolling).
-
-    The two parameter hooks are differentiated with respect to their first argument.
-
-    The hooks see the iteration's fixed minibatch (``x``, ``z``); they do not combine with resampled unroll
-    batches.
-    """
-
-    init_extra: Optional[Callable[[Dict[str, Tensor]], Dict[str, Tensor]]] = None
-    after_d_step: Optional[Callable[..., Dict[str, Tensor]]] = None
-    generator_loss: Optional[Callable[..., Tensor]] = None
-    generator_params_loss: Optional[Callable[..., Tensor]] = None
-    discriminator_loss: Optional[Callable[..., Tensor]] = None
-
-    def __post_init__(self) -> None:
-        if self.generator_loss is not None and self.generator_params_loss is not None:
-            raise ValueError("Hooks: give generator_loss or generator_params_loss, not both")
-
-
 def _betas(cfg: TrainConfig) -> Tuple[float, float]:
     return (cfg.beta1, cfg.beta2)
 
@@ -198,90 +169,213 @@ def make_surrogate(cfg: TrainConfig, transform_grads: Optional[GradMean] = None)
         average_over_steps=cfg.average_over_steps, transform_grads=transform_grads)
 
 
-def make_iteration(cfg: TrainConfig, hooks: Optional[Hooks] = None, grad_mean: Optional[GradMean] = None
+# ----- the rules of an iteration: how G's gradient and D's update are computed, one small object per variation -----
+Params = Dict[str, Tensor]
+Pullback = Callable[[Tensor], Tuple[Params]]
+"""G's vector-Jacobian product at its samples (``torch.func.vjp``): d loss/d samples -> (d loss/d parameters,)."""
+
+
+def _unaveraged(grads: Params) -> Params:
+    return grads
+
+
+class StepInputs(NamedTuple):
+    """One generator step's data: real points ``x`` [B, 2]; latents ``z`` [B, latent] (with resampled look-ahead
+    batches, their K * B latents appended, so that G's one forward pass makes every sample); the look-ahead
+    batches' real points ``u_x`` [K, B, 2], or None when the look-ahead steps reuse ``x``."""
+
+    x: Tensor
+    z: Tensor
+    u_x: Optional[Tensor]
+
+
+def step_inputs(batch: Batch, j: int) -> StepInputs:
+    """Generator step ``j``'s inputs from the iteration's random draws (:meth:`Trainer.draw_batch`)."""
+    x, z = batch["x"][j], batch["z"][j]
+    if "u_x" not in batch:  # drawn only for resampled look-ahead batches of an unrolled G
+        return StepInputs(x, z, None)
+    return StepInputs(x, torch.cat([z, batch["u_z"][j].reshape(-1, z.shape[-1])]), batch["u_x"][j])
+
+
+_d_grad_and_loss = torch.func.grad_and_value(d_inner_loss)
+
+
+class GeneratorRule:
+    """How G's gradient is computed. The base case is a loss of G's samples, :meth:`sample_loss`, whose gradient
+    is pulled back through G's forward pass (one forward, shared with D's update, and one backward per G step);
+    a rule of G's parameters overrides :meth:`samples` and :meth:`gradient` instead. A rule may carry per-seed
+    state ``extra`` (a dict of tensors, vmapped and checkpointed with the rest), updated after every D update."""
+
+    activation: str
+
+    def init_extra(self, d: Params) -> Params:
+        """The per-seed state at the start (none by default)."""
+        return {}
+
+    def after_d_step(self, extra: Params, d: Params, d_state: Dict[str, Any]) -> Params:
+        """The per-seed state after a discriminator update (unchanged by default)."""
+        return extra
+
+    def samples(self, g: Params, z: Tensor) -> Tuple[Tensor, Optional[Pullback]]:
+        """G's samples of ``z`` and the pullback that turns a gradient at the samples into one at G's parameters."""
+        return torch.func.vjp(lambda g_: generator_forward(g_, z, self.activation), g)
+
+    def sample_loss(self, fake: Tensor, d: Params, d_state: Dict[str, Any], extra: Params,
+                    inputs: StepInputs) -> Tensor:
+        """G's loss as a function of its samples ``fake`` (those of ``inputs.z``)."""
+        raise NotImplementedError
+
+    def gradient(self, g: Params, g_state: Dict[str, Any], d: Params, d_state: Dict[str, Any], extra: Params,
+                 inputs: StepInputs, fake: Tensor, pullback: Optional[Pullback]) -> Tuple[Params, Tensor]:
+        """(G's gradient, G's loss) at the current players."""
+        assert pullback is not None
+        grad_fake, loss = torch.func.grad_and_value(self.sample_loss)(fake, d, d_state, extra, inputs)
+        (grads,) = pullback(grad_fake)
+        return grads, loss
+
+
+@dataclass(frozen=True)
+class Unrolled(GeneratorRule):
+    """G descends the unrolled surrogate f_K(θ_G, θ_D) = f(θ_G, θ_D^K(θ_G, θ_D)) (Eq. 10), θ_D^K after K Adam
+    look-ahead steps of D from its current state; the gradient is Eq. 12's, both terms. Its options (App. B.2):
+    ``stop_grad`` keeps Eq. 12's first term only, ``average_over_steps`` averages f over θ_D^1 .. θ_D^K;
+    ``unroll_batches == "resampled"`` takes each look-ahead step on a fresh batch (``inputs.u_x`` and the
+    samples appended to the main batch's). ``surrogate``: :func:`make_surrogate`."""
+
+    activation: str
+    surrogate: Callable[..., Tensor]
+
+    def sample_loss(self, fake: Tensor, d: Params, d_state: Dict[str, Any], extra: Params,
+                    inputs: StepInputs) -> Tensor:
+        if inputs.u_x is None:
+            return self.surrogate(d, d_state, inputs.x, fake)
+        n_main = inputs.x.shape[0]
+        return self.surrogate(d, d_state, inputs.x, fake[:n_main], inputs.u_x, fake[n_main:].reshape(inputs.u_x.shape))
+
+
+class PlainGAN(Unrolled):
+    """The plain GAN: :class:`Unrolled` with K = 0, G descends f(θ_G, θ_D) (Eq. 10 with K = 0): App. A's saturating
+    loss -L_D, or the nonsaturating -log D(G(z)) (Goodfellow et al., 2014). Also G's rule in the compute-matched
+    control, whose extra D steps are committed rather than unrolled (:class:`ControlD`)."""
+
+
+def generator_rule(cfg: TrainConfig, grad_mean: Optional[GradMean] = None) -> GeneratorRule:
+    """G's rule for ``cfg``: :class:`PlainGAN` (K = 0, or the control), else :class:`Unrolled`; ``grad_mean``
+    averages every look-ahead gradient over data-parallel ranks."""
+    rule = PlainGAN if cfg.K == 0 or cfg.control else Unrolled
+    return rule(cfg.activation, make_surrogate(cfg, grad_mean))
+
+
+@dataclass(frozen=True)
+class PlainD:
+    """D's update: one Adam step at ``d_lr`` on L_D (App. A) at the iteration's first minibatch ``(x, G(z))``.
+    ``average`` is applied to the gradient before the step: identity, or the mean over data-parallel ranks
+    (:mod:`parallel`), which makes the step the one-process step on the global batch."""
+
+    opt: unroll.Optimizer
+    average: GradMean
+
+    def __call__(self, d: Params, d_state: Dict[str, Any], g: Params, g_state: Dict[str, Any],
+                 inputs: StepInputs, fake: Tensor, batch: Batch) -> Tuple[Params, Dict[str, Any], Tensor]:
+        """(D, D's Adam state, D's loss) after the update; ``fake`` is G's samples of the main batch."""
+        grads, loss = self.loss_gradient(d, g, g_state, inputs, fake)
+        d, d_state = self.opt.apply(d, self.average(grads), d_state)
+        return d, d_state, loss
+
+    def loss_gradient(self, d: Params, g: Params, g_state: Dict[str, Any], inputs: StepInputs,
+                      fake: Tensor) -> Tuple[Params, Tensor]:
+        """(the gradient of D's loss, the loss) at ``d``."""
+        return _d_grad_and_loss(d, inputs.x, fake)
+
+
+@dataclass(frozen=True)
+class ControlD:
+    """The compute-matched control of the Sec. 3.1 / Fig. 2 mixture experiment (this project's baseline, not the
+    paper's: what unrolling must beat to be more than "more D steps"): the ``committed`` step of :class:`PlainD`,
+    then K more committed steps (``extra``, Adam at ``lookahead_lr``: what unrolling spends on look-ahead steps),
+    on the same minibatch or, with resampled batches, on ``c_x, G(c_z)``; G takes the plain gradient
+    (:class:`PlainGAN`)."""
+
+    committed: PlainD
+    extra: PlainD
+    K: int
+    activation: str
+
+    def __call__(self, d: Params, d_state: Dict[str, Any], g: Params, g_state: Dict[str, Any],
+                 inputs: StepInputs, fake: Tensor, batch: Batch) -> Tuple[Params, Dict[str, Any], Tensor]:
+        d, d_state, loss = self.committed(d, d_state, g, g_state, inputs, fake, batch)
+        for k in range(self.K):
+            if "c_x" in batch:  # drawn only for resampled batches
+                inputs, fake = inputs._replace(x=batch["c_x"][k]), generator_forward(g, batch["c_z"][k],
+                                                                                     self.activation)
+            d, d_state, _ = self.extra(d, d_state, g, g_state, inputs, fake, batch)
+        return d, d_state, loss
+
+
+DiscriminatorRule = Callable[[Params, Dict[str, Any], Params, Dict[str, Any], StepInputs, Tensor, Batch],
+                             Tuple[Params, Dict[str, Any], Tensor]]
+"""``(d, d_state, g, g_state, inputs, fake, batch) -> (d, d_state, d_loss)``: D's update of an iteration, given
+G's samples ``fake`` of the main batch (:class:`PlainD`, :class:`ControlD`)."""
+
+
+def discriminator_rule(cfg: TrainConfig, grad_mean: Optional[GradMean] = None) -> DiscriminatorRule:
+    """D's rule for ``cfg``: :class:`ControlD` with ``control``, else :class:`PlainD`; ``grad_mean`` averages
+    every gradient over data-parallel ranks."""
+    if cfg.control:
+        extra = plain_d(cfg, grad_mean, cfg.lookahead_lr)
+        return ControlD(plain_d(cfg, grad_mean), extra, cfg.K, cfg.activation)
+    return plain_d(cfg, grad_mean)
+
+
+def plain_d(cfg: TrainConfig, grad_mean: Optional[GradMean] = None, lr: Optional[float] = None) -> PlainD:
+    """:class:`PlainD` with Adam at ``lr`` (default ``d_lr``) and ``cfg``'s betas."""
+    average = grad_mean if grad_mean is not None else _unaveraged
+    return PlainD(unroll.adam(cfg.d_lr if lr is None else lr, betas=_betas(cfg)), average)
+
+
+@dataclass(frozen=True)
+class Strategies:
+    """An experiment's own rules in place of those :func:`generator_rule` and :func:`discriminator_rule` choose
+    from the config (None: the config's). They see each step's fixed minibatch, so they do not combine with
+    ``unroll_batches='resampled'``, and they run in one process."""
+
+    generator: Optional[GeneratorRule] = None
+    discriminator: Optional[DiscriminatorRule] = None
+
+
+
+
+def make_iteration(cfg: TrainConfig, strategies: Optional[Strategies] = None, grad_mean: Optional[GradMean] = None
                    ) -> Callable[[TrainState, Batch], Tuple[TrainState, Dict[str, Tensor]]]:
     """The pure training iteration ``(state, batch) -> (state, {"d_loss", "g_loss"})`` for ONE seed.
 
     As in the reference implementation, both players see the same minibatch ``(x[0], G(z[0]))``: D takes one
-    Adam step at ``d_lr`` on it (with ``control``, then K more at ``lookahead_lr``: on the same batch if
-    ``unroll_batches == "fixed"``, else on ``c_x, G(c_z)``); then G takes ``g_steps`` Adam steps (step j on
-    ``x[j], z[j]``), each on the unrolled surrogate, whose K look-ahead steps start from D's current Adam state.
-    G's forward pass is shared between the D step and the first G step (``torch.func.vjp``), so G costs one
-    forward and one backward per generator step.
-
-    Data-parallel (:mod:`parallel`): with ``grad_mean`` (``unroll.distributed.all_reduce_mean()``) and each rank's
-    shard of the batch, every gradient (D's committed steps, D's K unrolled steps inside the surrogate, G's
-    steps) is averaged over ranks before its Adam step: the one-process iteration on the global batch.
+    update on it (its rule), then G takes ``g_steps`` Adam steps (step j on ``x[j], z[j]``), each on its rule's
+    gradient. G's forward pass is shared between the D update and the first G step, so G costs one forward and
+    one backward per generator step. Data-parallel (:mod:`parallel`): with ``grad_mean``
+    (``unroll.distributed.all_reduce_mean()``) and each rank's shard of the batch, every gradient is averaged over
+    ranks before its Adam step: the one-process iteration on the global batch.
     """
-    hooks = hooks or Hooks()
-    average = grad_mean if grad_mean is not None else (lambda grads: grads)
-    d_opt = unroll.adam(cfg.d_lr, betas=_betas(cfg))
+    strategies = strategies or Strategies()
+    if cfg.unroll_batches == "resampled" and strategies != Strategies():
+        raise ValueError("an experiment's own generator / discriminator rules use the fixed minibatch: they do "
+                         "not combine with unroll_batches='resampled'")
+    generator = strategies.generator or generator_rule(cfg, grad_mean)
+    discriminator = strategies.discriminator or discriminator_rule(cfg, grad_mean)
+    average = grad_mean if grad_mean is not None else _unaveraged
     g_opt = unroll.adam(cfg.g_lr, betas=_betas(cfg))
-    look_opt = unroll.adam(cfg.lookahead_lr, betas=_betas(cfg))
-    surrogate = make_surrogate(cfg, grad_mean)
-    d_grad = torch.func.grad_and_value(d_inner_loss)
-    custom_g = hooks.generator_loss is not None or hooks.generator_params_loss is not None
-    if cfg.unroll_batches == "resampled" and (custom_g or hooks.discriminator_loss is not None):
-        raise ValueError("the generator_loss / generator_params_loss / discriminator_loss hooks use the fixed "
-                         "minibatch: they do not combine with unroll_batches='resampled'")
-    resampled_unroll = cfg.unroll_batches == "resampled" and cfg.K > 0 and not cfg.control
-    act = cfg.activation
-
-    def fake_loss(fake: Tensor, d: Dict[str, Tensor], d_state: Dict[str, Any], extra: Dict[str, Tensor],
-                  x: Tensor, u_x: Optional[Tensor]) -> Tensor:
-        """The generator's loss as a function of its samples (the look-ahead batches' samples appended)."""
-        if hooks.generator_loss is not None:
-            return hooks.generator_loss(extra, d, d_state, x, fake)
-        if u_x is not None:
-            n_main = x.shape[0]
-            u_fake = fake[n_main:].reshape(u_x.shape)
-            return surrogate(d, d_state, x, fake[:n_main], u_x, u_fake)
-        return surrogate(d, d_state, x, fake)
-
-    fake_grad = torch.func.grad_and_value(fake_loss)
-    params_grad = (torch.func.grad_and_value(hooks.generator_params_loss)
-                   if hooks.generator_params_loss is not None else None)
-    d_hook_grad = (torch.func.grad_and_value(hooks.discriminator_loss)
-                   if hooks.discriminator_loss is not None else None)
-
-    def d_update(d: Dict[str, Tensor], d_state: Dict[str, Any], x: Tensor, fake: Tensor,
-                 opt: unroll.Optimizer) -> Tuple[Dict[str, Tensor], Dict[str, Any], Tensor]:
-        grads, value = d_grad(d, x, fake)
-        d, d_state = opt.apply(d, average(grads), d_state)
-        return d, d_state, value
 
     def iteration(state: TrainState, batch: Batch) -> Tuple[TrainState, Dict[str, Tensor]]:
         g, d, g_state, d_state, extra = state["g"], state["d"], state["g_opt"], state["d_opt"], state["extra"]
         g_loss = d_loss = None
         for j in range(cfg.g_steps):
-            x, z = batch["x"][j], batch["z"][j]
-            u_x = None
-            if resampled_unroll:
-                u_x = batch["u_x"][j]
-                z = torch.cat([z, batch["u_z"][j].reshape(-1, z.shape[-1])])
-            if params_grad is not None:  # G's loss is differentiated by its parameters: no vjp to keep
-                fake = generator_forward(g, z, act)
-            else:
-                fake, g_vjp = torch.func.vjp(lambda g_: generator_forward(g_, z, act), g)  # noqa: B023 (called here)
-            if j == 0:
-                main_fake = fake[:x.shape[0]]
-                if d_hook_grad is not None:
-                    d_grads, d_loss = d_hook_grad(d, extra, g, g_state, x, z)
-                    d, d_state = d_opt.apply(d, average(d_grads), d_state)
-                else:
-                    d, d_state, d_loss = d_update(d, d_state, x, main_fake, d_opt)
-                if cfg.control:
-                    for k in range(cfg.K):
-                        x_k, fake_k = ((batch["c_x"][k], generator_forward(g, batch["c_z"][k], act))
-                                       if cfg.unroll_batches == "resampled" else (x, main_fake))
-                        d, d_state, _ = d_update(d, d_state, x_k, fake_k, look_opt)
-                if hooks.after_d_step is not None:
-                    extra = hooks.after_d_step(extra, d, d_state)
-            if params_grad is not None:
-                grads, g_loss = params_grad(g, g_state, d, d_state, extra, x, z)
-            else:
-                grad_fake, g_loss = fake_grad(fake, d, d_state, extra, x, u_x)
-                (grads,) = g_vjp(grad_fake)
+            inputs = step_inputs(batch, j)
+            fake, pullback = generator.samples(g, inputs.z)
+            if j == 0:  # one D update per iteration, on G's samples of the first minibatch
+                main_fake = fake[:inputs.x.shape[0]]
+                d, d_state, d_loss = discriminator(d, d_state, g, g_state, inputs, main_fake, batch)
+                extra = generator.after_d_step(extra, d, d_state)
+            grads, g_loss = generator.gradient(g, g_state, d, d_state, extra, inputs, fake, pullback)
             g, g_state = g_opt.apply(g, average(grads), g_state)
         new_state = {"g": g, "d": d, "g_opt": g_state, "d_opt": d_state, "extra": extra}
         return new_state, {"d_loss": d_loss, "g_loss": g_loss}
@@ -289,12 +383,13 @@ def make_iteration(cfg: TrainConfig, hooks: Optional[Hooks] = None, grad_mean: O
     return iteration
 
 
-def init_state(cfg: TrainConfig, seed: int, hooks: Optional[Hooks] = None) -> TrainState:
+def init_state(cfg: TrainConfig, seed: int, strategies: Optional[Strategies] = None) -> TrainState:
     """Seed ``seed``'s initial parameters and fresh Adam states; independent of K and every other flag."""
     gen = torch.Generator().manual_seed(seed * _STREAMS + _INIT)
     g, d = init_generator(gen), init_discriminator(gen)
     opt = unroll.adam(cfg.d_lr, betas=_betas(cfg))  # the state layout does not depend on the lr
-    extra = hooks.init_extra(d) if hooks is not None and hooks.init_extra is not None else {}
+    rule = strategies.generator if strategies is not None else None
+    extra = rule.init_extra(d) if rule is not None else {}  # the per-seed state of an experiment's generator rule
     return {"g": g, "d": d, "g_opt": opt.init(g), "d_opt": opt.init(d), "extra": extra}
 
 
@@ -318,7 +413,7 @@ TrainingDiverged = runs.Diverged
 
 # What each part of a TrainState is, for divergence messages.
 STATE_PARTS = {"g": "generator parameters", "d": "discriminator parameters", "g_opt": "generator Adam state",
-               "d_opt": "discriminator Adam state", "extra": "hook state"}
+               "d_opt": "discriminator Adam state", "extra": "generator rule state"}
 LOSS_NAMES = {"d_loss": "discriminator loss", "g_loss": "generator loss"}
 CHECKPOINT_KEYS = ("config", "seeds", "step", "state", "rng", "records", "snapshots", "last_losses")
 CHECKPOINT_TYPES = {"config": dict, "seeds": list, "step": int, "state": dict, "rng": dict, "records": list,
@@ -369,11 +464,12 @@ class Trainer:
     every evaluation and every ``checkpoint_every`` iterations; ``resume=True`` continues from that checkpoint
     (refusing other settings) and ends with exactly the numbers of an uninterrupted run. Every iteration checks the
     losses, parameters and Adam states of every seed: the first NaN or infinity raises :class:`TrainingDiverged`,
-    naming it, its iteration and its seed. (The caller holds ``out_dir`` with :func:`runs.claim`.)
+    naming it, its iteration and its seed. (The caller holds ``out_dir`` with :func:`runs.claim`.) ``strategies``: an
+    experiment's own rules (:class:`Strategies`), in place of those the config chooses.
     """
 
     def __init__(self, cfg: TrainConfig, seeds: Sequence[int], out_dir: Optional[Path] = None,
-                 hooks: Optional[Hooks] = None, resume: bool = False, progress: bool = False,
+                 strategies: Optional[Strategies] = None, resume: bool = False, progress: bool = False,
                  figure_seeds: int = 4, checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
                  parallel: Optional[DataParallel] = None) -> None:
         cfg.validate()
@@ -382,11 +478,12 @@ class Trainer:
             raise ValueError(f"seeds must be at most {MAX_SEEDS} distinct non-negative integers, got {seeds}")
         if checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
-        if parallel is not None and hooks is not None:
-            raise ValueError("hooks (the App. B ablations) are not data-parallel: run them in one process")
+        if parallel is not None and strategies is not None:
+            raise ValueError("an experiment's own rules (the App. B ablations) are not data-parallel: run them in "
+                             "one process")
         if parallel is not None and cfg.batch % parallel.world:
             raise ValueError(f"batch {cfg.batch} does not split evenly over {parallel.world} ranks")
-        self.cfg, self.seeds, self.hooks, self.parallel = cfg, seeds, hooks, parallel
+        self.cfg, self.seeds, self.strategies, self.parallel = cfg, seeds, strategies, parallel
         # Every rank trains, evaluates and holds the same numbers; only rank 0 writes.
         self.writes = out_dir is not None and (parallel is None or parallel.writes)
         progress = progress and (parallel is None or parallel.writes)
@@ -396,13 +493,13 @@ class Trainer:
         self.extent = histogram_extent(self.mixture)
         self.reference = self.mixture.sample(max(cfg.eval_samples, 2000),
                                              torch.Generator().manual_seed(_REFERENCE_SEED))
-        self.step_fn = torch.func.vmap(make_iteration(cfg, hooks, None if parallel is None else parallel.mean))
+        self.step_fn = torch.func.vmap(make_iteration(cfg, strategies, None if parallel is None else parallel.mean))
         self.streams = {name: [torch.Generator().manual_seed(s * _STREAMS + j) for s in seeds]
                         for name, j in (("main", _MAIN), ("extra", _EXTRA))}
         # vmap over a batch of one takes other reduction kernels than over >= 2 (last-bit differences in the
         # bias gradients), so a lone seed is run next to a copy of itself to give the numbers it gets in a batch.
         self._copies = 2 if len(seeds) == 1 else 1
-        self.state = stack_states([init_state(cfg, s, hooks) for s in seeds] * self._copies)
+        self.state = stack_states([init_state(cfg, s, strategies) for s in seeds] * self._copies)
         self.step = 0
         self.records: List[Dict[str, Any]] = []
         self.snapshots: List[Tuple[int, Tensor]] = []  # (step, int32 histograms [S, bins, bins])
@@ -430,7 +527,7 @@ class Trainer:
         if cfg.unroll_batches == "resampled" and cfg.K > 0:
             if cfg.control:
                 batch["c_x"], batch["c_z"] = xz(extra, cfg.K)
-            elif self.hooks is None or self.hooks.generator_loss is None:
+            else:
                 batch["u_x"], batch["u_z"] = xz(extra, cfg.g_steps, cfg.K)
         return batch
 
