@@ -46,7 +46,6 @@ import unroll
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT / "examples" / "gan"))  # lib.runs, lib.cli, lib.plotting
 sys.path.insert(0, str(ROOT))                       # benchmarks.memory
 

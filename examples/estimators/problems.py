@@ -21,9 +21,7 @@ same generators, the same numbers on every device) and then moved there.
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Dict, Optional, Union
 
 import torch
@@ -31,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import unroll
+from lib.mnist_data import load_mnist  # examples/gan/lib, on the path that compare.py (or pytest) sets
 
 Params = Dict[str, Tensor]
 Loss = Callable[[Params, Params], Tensor]
@@ -154,9 +153,6 @@ def ridge_hypergradient(problem: Problem, phi: Params) -> Tensor:
 def mnist_digits(split_seed: int = 0) -> tuple[Tensor, Tensor]:
     """The MNIST test split (10,000 digits, md5-checked), 4x4-average-pooled to 7x7, normalised, in a fixed random
     order: (images [10000, 49], labels). Loaded with ``examples/gan/lib/mnist_data.py``."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "gan"))
-    from lib.mnist_data import load_mnist  # noqa: E402  (the project's checksummed IDX loader)
-
     mnist = load_mnist("test", download=False)
     x = F.avg_pool2d(mnist.images.to(DTYPE).unsqueeze(1) / 255, 4).flatten(1)
     x = (x - MNIST_MEAN) / MNIST_STD
