@@ -11,9 +11,15 @@ from typing import Any, Dict, List, Optional
 
 import pytest
 
+import extrapolation
 import fig2
+import historical_averaging
 import mixture
-from lib import cli
+import second_gradient
+import sweep_mixture
+import symmetric_recursive
+from lib import ablations, cli
+from lib.sweeps import Cell
 from lib.training import TrainConfig
 
 
@@ -193,3 +199,96 @@ def test_an_empty_output_folder_is_refused(script: str, capsys: pytest.CaptureFi
     with pytest.raises(SystemExit):
         module.build_parser().parse_args(["--out", ""])
     assert "argument --out: must name a folder, got an empty string" in capsys.readouterr().err
+
+
+def test_config_from_args_takes_only_the_fields_named() -> None:
+    """A script's own flag that shares a field's name (extrapolation.py's ``--control``, a list of controls) is
+    not that field when ``only`` names the flags made from the configuration."""
+    p = parser_for(Toy(), only=("count",))
+    p.add_argument("--name", nargs="+", default=["x", "y"])
+    args = p.parse_args(["--count", "7", "--name", "p", "q"])
+    assert cli.config_from_args(args, Toy(), only=("count",)) == Toy(count=7)
+    assert cli.config_from_args(args, Toy()) == Toy(count=7, name=("p", "q"))  # without only, the list is taken
+    with pytest.raises(ValueError, match="Toy has no field"):
+        cli.config_from_args(args, Toy(), only=("size",))
+
+
+ABLATIONS = {  # script, the flags that keep its sweep small, its --steps default before the flags came from TrainConfig
+    "second_gradient": (second_gradient, ["--ks", "0", "2", "--regimes", "1"], 2000),
+    "historical_averaging": (historical_averaging, ["--sizes", "1", "--periods", "2", "--unrolled-ks", "1"], 3000),
+    "extrapolation": (extrapolation, ["--ks", "0", "1", "--alphas", "2", "--control", "1"], 2000),
+    "symmetric_recursive": (symmetric_recursive, ["--ks", "2"], 2000),
+}
+# The ablations' shared settings as they were written out by hand (ablations.py) before they came from TrainConfig.
+ABLATION_DEFAULTS = dict(dataset="ring", d_lr=1e-3, g_lr=1e-3, unroll_lr=1e-3, eval_every=250, eval_samples=10_000)
+CHANGED = ["--dataset", "grid", "--steps", "7", "--d-lr", "0.002", "--g-lr", "0.003", "--unroll-lr", "0.004",
+           "--eval-every", "3", "--eval-samples", "300"]
+CHANGED_CONFIG = dict(dataset="grid", steps=7, d_lr=0.002, g_lr=0.003, unroll_lr=0.004, eval_every=3,
+                      eval_samples=300)
+
+
+def _shared(cell: Cell) -> TrainConfig:
+    """A cell's configuration less what the sweeps vary from cell to cell."""
+    return dataclasses.replace(cell.cfg, K=0, control=False, stop_grad=False, average_over_steps=False)
+
+
+@pytest.mark.parametrize("changed", [False, True], ids=["defaults", "every-flag-changed"])
+@pytest.mark.parametrize("name", list(ABLATIONS))
+def test_ablation_cells_share_the_common_flags(name: str, changed: bool) -> None:
+    """Every cell of an ablation sweep has the dataset, steps, learning rates and evaluation settings of its flags
+    (their defaults: the values written out before), and nothing else of the shared settings changes."""
+    module, small, steps = ABLATIONS[name]
+    argv = small + (CHANGED if changed else [])
+    extra = {"loss": "nonsaturating"} if name == "historical_averaging" else {}
+    if extra and changed:
+        argv += ["--loss", "nonsaturating"]
+    expected = TrainConfig(**CHANGED_CONFIG, **(extra if changed else {})) if changed else \
+        TrainConfig(**ABLATION_DEFAULTS, steps=steps)
+    _, cells = ablations.parse_and_check(module.build_parser(), module.build_cells, argv)
+    assert cells and all(_shared(cell) == expected for cell in cells), name
+    assert cells[0].cfg.K == 0 and not cells[0].cfg.control  # the plain GAN's cost reference
+
+
+def test_extrapolation_control_flag_is_the_list_of_controls_not_the_field() -> None:
+    _, cells = ablations.parse_and_check(extrapolation.build_parser(), extrapolation.build_cells,
+                                         ["--ks", "0", "1", "--alphas", "2", "--control", "1", "3"])
+    assert [(c.cfg.K, c.cfg.control) for c in cells] == [(0, False), (1, False), (1, False), (1, True), (3, True)]
+
+
+def test_historical_averaging_loss_flag_is_the_field() -> None:
+    _, cells = ablations.parse_and_check(historical_averaging.build_parser(), historical_averaging.build_cells,
+                                         ["--sizes", "1", "--periods", "2", "--unrolled-ks", "1", "--loss",
+                                          "nonsaturating"])
+    assert {c.cfg.loss for c in cells} == {"nonsaturating"}
+
+
+@pytest.mark.parametrize("quick", [False, True])
+def test_sweep_mixture_cells_are_the_flags_settings(quick: bool) -> None:
+    """Main cells: the flags' settings per dataset, activation and mode weights (the grid with --steps-grid);
+    sensitivity cells: the ring with --sens-steps and one factor changed, written out here as before."""
+    argv = ["--datasets", "ring", "grid", "--activations", "tanh", "--weight-stds", "0", "0.1", "--ks", "0", "3",
+            "--control-ks", "2", "--steps", "9", "--steps-grid", "11", "--sens-steps", "5", "--d-lr", "0.002",
+            "--g-lr", "0.003", "--unroll-lr", "0.004", "--eval-every", "3", "--eval-samples", "300", "--batch", "16"]
+    args = sweep_mixture.build_parser().parse_args(argv + (["--quick"] if quick else []))
+    cells = sweep_mixture.build_cells(args)
+    shared = dict(d_lr=0.002, g_lr=0.003, unroll_lr=0.004, eval_every=3, eval_samples=300, batch=16)
+    main = [TrainConfig(dataset=dataset, activation="tanh", weight_std=std, steps=11 if dataset == "grid" else 9,
+                        K=K, control=control, **shared)
+            for dataset in ("ring", "grid") for std in (0.0, 0.1) for K, control in ((0, False), (3, False), (2, True))]
+    ring = dict(shared, dataset="ring", steps=5)
+    sensitivity = [dataclasses.replace(TrainConfig(**ring, K=10), unroll_lr=1e-4)]  # App. A as written
+    if not quick:
+        sensitivity += [dataclasses.replace(TrainConfig(**ring, K=K), **change) for change, ks in [
+            (dict(g_lr=1e-3), (0, 10)), (dict(g_lr=1e-3, unroll_lr=1e-4), (10,)), (dict(activation="tanh"), (0, 10)),
+            (dict(activation="tanh", g_lr=1e-3), (0,)), (dict(loss="nonsaturating"), (0, 10)),
+            (dict(stop_grad=True), (10,))] for K in ks]
+    assert [c.cfg for c in cells if c.group == "main"] == main
+    assert [c.cfg for c in cells if c.group == "sensitivity"] == sensitivity
+
+
+def test_sweep_mixture_defaults_are_app_a_with_its_look_ahead_rate() -> None:
+    args = sweep_mixture.build_parser().parse_args(["--datasets", "ring", "--ks", "0", "--control-ks", "1",
+                                                    "--no-sensitivity"])
+    assert [c.cfg for c in sweep_mixture.build_cells(args)] == [
+        TrainConfig(unroll_lr=1e-3, eval_every=250, steps=2000, K=0),
+        TrainConfig(unroll_lr=1e-3, eval_every=250, steps=2000, K=1, control=True)]

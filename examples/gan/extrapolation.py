@@ -26,6 +26,7 @@ the cells interleaved over several rounds (median), so that the load of a shared
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 from dataclasses import dataclass
@@ -39,7 +40,10 @@ from lib import ablations as ab
 from lib.sweeps import Cell, CellMeta
 from lib.training import SIZE_FLAGS, GeneratorRule, StepInputs, Strategies, TrainConfig, d_inner_loss
 
-# ---- configuration ----
+# ---- configuration: TRAINING's fields dataset, steps, d_lr, g_lr, unroll_lr, eval_every and eval_samples are flags
+# of their names (--d-lr ...) whose defaults are its values here (ablations.add_common_flags); the cells vary K,
+# control and the generator's rule ----
+TRAINING = dataclasses.replace(ab.COMMON, steps=2000)
 ALPHAS = (1.0, 2.0, 5.0, 10.0)
 KS = (0, 1, 5, 10)
 CONTROL_KS = (1,)  # extra committed D steps: 1 matches the extrapolation's single look-ahead step
@@ -71,7 +75,7 @@ def extrapolated(cfg: TrainConfig, alpha: float) -> Strategies:
 
 def build_parser() -> argparse.ArgumentParser:
     p = ab.parser(__doc__)
-    ab.add_common_flags(p, out="runs/extrapolation", doc="docs/results/extrapolation.md", steps=2000)
+    ab.add_common_flags(p, TRAINING, out="runs/extrapolation", doc="docs/results/extrapolation.md")
     p.add_argument("--alphas", type=float, nargs="+", default=list(ALPHAS), help="extrapolation factors")
     p.add_argument("--ks", type=SIZE_FLAGS["K"], nargs="+", default=list(KS),
                    help="unrolling steps of the reference rows")
@@ -87,22 +91,23 @@ def build_cells(args: argparse.Namespace) -> List[Cell]:
         raise ValueError(f"--ks must include 0 (the plain GAN, the cost reference), got {args.ks}")
     if any(k < 0 for k in args.ks) or any(k < 1 for k in args.control):
         raise ValueError(f"--ks must be >= 0 and --control >= 1, got {args.ks} and {args.control}")
-    base = dict(steps=args.steps, **ab.base_settings(args))
+    base = ab.base_config(args, TRAINING)  # not args.control: that flag is the list of controls
     seeds = args.seed_list
 
     def unrolled(K: int) -> Cell:
-        return Cell("main", "K=0 (plain GAN)" if K == 0 else f"K={K}", TrainConfig(K=K, **base), seeds)
+        return Cell("main", "K=0 (plain GAN)" if K == 0 else f"K={K}", dataclasses.replace(base, K=K), seeds)
 
     ks = sorted(set(args.ks))
     cells = [unrolled(0)] + [unrolled(K) for K in ks if K == 1]
-    cfg = TrainConfig(K=1, **base)  # one look-ahead step (the extrapolated rule replaces the surrogate)
+    cfg = dataclasses.replace(base, K=1)  # one look-ahead step (the extrapolated rule replaces the surrogate)
     for alpha in args.alphas:
         if alpha == 1:  # trains exactly like K = 1, bit for bit (tests/test_extrapolation_mixture.py): one run
             cells.append(Cell("main", "extrapolated α=1 (the K=1 run)", cfg, seeds))
             continue
         cells.append(Cell("main", f"extrapolated α={alpha:g}", cfg, seeds, tag=f"alpha{alpha:g}",
                           strategies=extrapolated(cfg, alpha)))
-    cells += [Cell("main", f"control, {K + 1} D steps", TrainConfig(K=K, control=True, **base), seeds)
+    cells += [Cell("main", f"control, {K + 1} D steps", dataclasses.replace(base, K=K, control=True),
+                   seeds)
               for K in sorted(set(args.control))]
     cells += [unrolled(K) for K in sorted((k for k in ks if k > 1), reverse=True)]  # the goal's K = 10 first
     return cells

@@ -25,6 +25,7 @@ the ensemble holds the ones taken so far.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,9 +38,12 @@ from torch import Tensor
 from lib import ablations as ab
 from lib.models import discriminator_forward
 from lib.sweeps import Cell
-from lib.training import LOSSES, SIZE_FLAGS, GeneratorRule, StepInputs, Strategies, TrainConfig
+from lib.training import LOSSES, SIZE_FLAGS, GeneratorRule, StepInputs, Strategies
 
-# ---- configuration ----
+# ---- configuration: TRAINING's fields in FLAGS are flags of their names (--d-lr ...) whose defaults are its values
+# here (ablations.add_common_flags); the cells vary K and the discriminator ensembles ----
+TRAINING = dataclasses.replace(ab.COMMON, steps=3000)
+FLAGS = ab.COMMON_FLAGS + ("loss",)
 SIZES = (1, 5, 20, 50)  # Fig. App.1: ensembles of the last N discriminators
 PERIODS = (1, 10, 100, 1000)  # Fig. App.2: 5 discriminators, one snapshot every P discriminator updates
 PERIOD_ENSEMBLE = 5
@@ -118,8 +122,8 @@ def ensemble_log_probs(logits: Tensor, valid: Tensor, combine: str) -> Tuple[Ten
 # ---- the sweep ----
 def build_parser() -> argparse.ArgumentParser:
     p = ab.parser(__doc__)
-    ab.add_common_flags(p, out="runs/historical_averaging", doc="docs/results/historical_averaging.md",
-                        steps=3000)
+    ab.add_common_flags(p, TRAINING, out="runs/historical_averaging", doc="docs/results/historical_averaging.md",
+                        fields=FLAGS)
     p.add_argument("--sizes", type=SIZE_FLAGS["ensemble"], nargs="+", default=list(SIZES),
                    help="ensembles of the last N")
     p.add_argument("--periods", type=int, nargs="+", default=list(PERIODS),
@@ -128,7 +132,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="unrolled runs to compare with (full gradient)")
     p.add_argument("--combine", choices=COMBINES, default="probabilities",
                    help="average the members' probabilities or their logits")
-    p.add_argument("--loss", choices=LOSSES, default="saturating", help="the generator's loss")
     ab.add_timing_flags(p)
     return p
 
@@ -136,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
 def build_cells(args: argparse.Namespace) -> List[Cell]:
     if any(n < 1 for n in args.sizes + args.periods) or any(k < 1 for k in args.unrolled_ks):
         raise ValueError("--sizes, --periods and --unrolled-ks must be >= 1")
-    cfg = TrainConfig(K=0, steps=args.steps, loss=args.loss, **ab.base_settings(args))
+    cfg = dataclasses.replace(ab.base_config(args, TRAINING, FLAGS), K=0)
     suffix = "" if args.combine == "probabilities" else "_logits"
 
     def ensemble(label: str, size: int, period: int) -> Cell:
@@ -147,8 +150,7 @@ def build_cells(args: argparse.Namespace) -> List[Cell]:
 
     cells = [ensemble(f"last N={n}", n, 1) for n in args.sizes]
     cells += [ensemble(f"{PERIOD_ENSEMBLE} every P={p}", PERIOD_ENSEMBLE, p) for p in args.periods]
-    cells += [Cell("unrolled", f"unrolled K={k}", TrainConfig(K=k, steps=args.steps, loss=args.loss,
-                                                                **ab.base_settings(args)), args.seed_list)
+    cells += [Cell("unrolled", f"unrolled K={k}", dataclasses.replace(cfg, K=k), args.seed_list)
               for k in args.unrolled_ks]
     return cells
 

@@ -21,15 +21,20 @@ App.4 go to ``--fig-dir``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from lib import ablations as ab
 from lib.sweeps import Cell, table
-from lib.training import SIZE_FLAGS, TrainConfig
+from lib.training import SIZE_FLAGS
 
-# ---- configuration ----
+# ---- configuration: TRAINING's fields dataset, steps, d_lr, g_lr, unroll_lr, eval_every and eval_samples are flags
+# of their names (--d-lr ...) whose defaults are its values here (ablations.add_common_flags); the cells vary K,
+# g_steps and CONFIGS' fields ----
+TRAINING = dataclasses.replace(ab.COMMON, steps=2000)
+STEPS_G5 = 800  # iterations of the five-G-step regime (--steps-g5)
 CONFIGS: Dict[str, Dict[str, bool]] = {
     "full": {},
     "stop_grad": {"stop_grad": True},
@@ -48,8 +53,8 @@ PAPER_CLAIM = {
 
 def build_parser() -> argparse.ArgumentParser:
     p = ab.parser(__doc__)
-    ab.add_common_flags(p, out="runs/second_gradient", doc="docs/results/second_gradient.md", steps=2000)
-    p.add_argument("--steps-g5", type=int, default=800,
+    ab.add_common_flags(p, TRAINING, out="runs/second_gradient", doc="docs/results/second_gradient.md")
+    p.add_argument("--steps-g5", type=int, default=STEPS_G5,
                    help="iterations per run with five G updates per D update (each costs about five times more)")
     p.add_argument("--ks", type=SIZE_FLAGS["K"], nargs="+", default=list(KS),
                    help="unrolling steps (0 is shared by all)")
@@ -64,17 +69,17 @@ def build_cells(args: argparse.Namespace) -> List[Cell]:
     """K = 0 once per regime (no unrolling: the configurations coincide), then every configuration and K > 0."""
     if any(k < 0 for k in args.ks):
         raise ValueError(f"--ks must be >= 0, got {args.ks}")
-    base = ab.base_settings(args)
+    base = ab.base_config(args, TRAINING)
     cells = []
     for g_steps in args.regimes:
         steps = args.steps if g_steps == 1 else args.steps_g5
         group = f"g{g_steps}"
         if 0 in args.ks:
-            cells.append(Cell(group, "K=0 (plain GAN)", TrainConfig(K=0, g_steps=g_steps, steps=steps, **base),
+            cells.append(Cell(group, "K=0 (plain GAN)", dataclasses.replace(base, K=0, g_steps=g_steps, steps=steps),
                               args.seed_list))
         for name in args.configs:
             for K in sorted(k for k in args.ks if k > 0):
-                cfg = TrainConfig(K=K, g_steps=g_steps, steps=steps, **CONFIGS[name], **base)
+                cfg = dataclasses.replace(base, K=K, g_steps=g_steps, steps=steps, **CONFIGS[name])
                 cells.append(Cell(group, f"{name}, K={K}", cfg, args.seed_list))
     return cells
 

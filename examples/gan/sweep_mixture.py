@@ -46,6 +46,18 @@ from lib.sweeps import (
 )
 from lib.training import SIZE_FLAGS, TrainConfig
 
+# ---- configuration: MAIN's fields in FLAGS are flags of their names (--d-lr ...) whose defaults are its values here
+# (cli.add_config_flags); the main tables vary dataset, activation, weight_std, K and control (--datasets ...), the
+# sensitivity table one field at a time ----
+MAIN = TrainConfig(steps=2000, unroll_lr=1e-3, eval_every=250)
+"""App. A's settings (D and G lr 1e-4, batch 512, 10,000 samples per evaluation) with look-ahead lr 1e-3 and
+2,000 iterations (on the grid ``--steps-grid``; in the sensitivity table ``--sens-steps``)."""
+FLAGS = ("steps", "d_lr", "g_lr", "unroll_lr", "eval_every", "eval_samples", "batch")
+HELPS = {"steps": "iterations per run on the rings", "unroll_lr": "look-ahead lr of the main table",
+         "d_lr": "discriminator Adam lr of every cell (App. A)", "g_lr": "generator Adam lr of every cell (App. A)",
+         "eval_every": "iterations between evaluations (and checkpoints)", "batch": "minibatch size"}
+"""This sweep's words for the flags (a TrainConfig help such as --unroll-lr's names mixture.py's default)."""
+
 # Published numbers to compare with: VEEGAN Table 1 and PacGAN Table 1 (their GAN baselines and VEEGAN's "Unrolled").
 PUBLISHED = {
     "ring-veegan": [("VEEGAN Table 1: GAN", "1", "99.3", "-"), ("VEEGAN Table 1: Unrolled GAN", "7.6", "35.6", "-"),
@@ -71,27 +83,26 @@ def section_title(cfg: TrainConfig) -> str:
 
 
 def build_cells(args: argparse.Namespace) -> List[Cell]:
-    base = dict(unroll_lr=args.unroll_lr, d_lr=args.d_lr, g_lr=args.g_lr, eval_every=args.eval_every,
-                batch=args.batch, eval_samples=args.eval_samples)
+    main = cli.config_from_args(args, MAIN, only=FLAGS)
     cells: List[Cell] = []
     seeds = tuple(parse_seeds(args.seeds))
     for dataset in args.datasets:
         for activation in args.activations:
             for weight_std in args.weight_stds:
-                data = dict(base, dataset=dataset, activation=activation, weight_std=weight_std,
-                            steps=args.steps_grid if dataset == "grid" else args.steps)
+                data = dataclasses.replace(main, dataset=dataset, activation=activation, weight_std=weight_std,
+                                           steps=args.steps_grid if dataset == "grid" else main.steps)
                 for K in args.ks:
-                    cells.append(Cell("main", f"K={K}", TrainConfig(K=K, **data), seeds))
+                    cells.append(Cell("main", f"K={K}", dataclasses.replace(data, K=K), seeds))
                 for control_k in args.control_ks:
                     cells.append(Cell("main", f"control ({control_k + 1} D steps)",
-                                      TrainConfig(K=control_k, control=True, **data), seeds))
+                                      dataclasses.replace(data, K=control_k, control=True), seeds))
     if args.no_sensitivity:
         return cells
     # Sensitivity on the paper ring: one factor at a time away from the main setting, K=0 beside K=10 where
     # the factor changes the plain GAN too. The steps factor is read off the evaluations along the way.
     sens = tuple(parse_seeds(args.sens_seeds))
-    ring = dict(base, dataset="ring", steps=args.sens_steps)
-    variants = [
+    ring = dataclasses.replace(main, dataset="ring", steps=args.sens_steps)
+    variants: List[Tuple[str, Dict[str, Any], Tuple[int, ...]]] = [
         ("App. A as written: unroll lr = D lr 1e-4", dict(unroll_lr=1e-4), (10,)),
         ("generator lr 1e-3", dict(g_lr=1e-3), (0, 10)),
         ("generator lr 1e-3, unroll lr 1e-4", dict(g_lr=1e-3, unroll_lr=1e-4), (10,)),
@@ -104,7 +115,7 @@ def build_cells(args: argparse.Namespace) -> List[Cell]:
         variants = variants[:1]
     for label, change, ks in variants:
         for K in ks:
-            cells.append(Cell("sensitivity", f"{label}, K={K}", TrainConfig(**{**ring, **change, "K": K}), sens))
+            cells.append(Cell("sensitivity", f"{label}, K={K}", dataclasses.replace(ring, **change, K=K), sens))
     return cells
 
 
@@ -326,20 +337,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--control-ks", type=SIZE_FLAGS["K"], nargs="+", default=[10],
                    help="one control per value k: k + 1 committed D steps per G step, no unrolling")
     p.add_argument("--seeds", default="0-9", help="paired seeds of the main tables (e.g. 0-9 or 0,3,7)")
-    p.add_argument("--steps", type=int, default=2000, help="iterations per run on the rings")
-    p.add_argument("--steps-grid", type=int, default=2000, help="iterations per run on the grid")
-    p.add_argument("--unroll-lr", type=cli.learning_rate, default=1e-3, help="look-ahead lr of the main table")
-    p.add_argument("--d-lr", type=cli.learning_rate, default=1e-4, help="discriminator Adam lr of every cell (App. A)")
-    p.add_argument("--g-lr", type=cli.learning_rate, default=1e-4, help="generator Adam lr of every cell (App. A)")
+    p.add_argument("--steps-grid", type=int, default=MAIN.steps, help="iterations per run on the grid")
     p.add_argument("--no-sensitivity", action="store_true", help="the main tables only")
     p.add_argument("--sens-seeds", default="0-3", help="paired seeds of the sensitivity table")
     p.add_argument("--sens-steps", type=int, default=2000, help="iterations per sensitivity run")
-    p.add_argument("--eval-every", type=int, default=250, help="iterations between evaluations (and checkpoints)")
     p.add_argument("--horizons", type=int, nargs="+", default=HORIZONS,
                    help="iterations at which the page counts the seeds with full coverage")
-    p.add_argument("--eval-samples", type=SIZE_FLAGS["eval_samples"], default=10_000,
-                   help="generator samples per evaluation")
-    p.add_argument("--batch", type=SIZE_FLAGS["batch"], default=512, help="minibatch size")
+    cli.add_config_flags(p, MAIN, only=FLAGS, helps=HELPS,
+                         title="every cell's training settings (lib/training.py TrainConfig)")
     ab.add_timing_flags(p)
     add_threads_flag(p)
     p.add_argument("--quick", action="store_true", help="one sensitivity cell only (smoke tests)")

@@ -25,6 +25,7 @@ after training, the cells interleaved in one process.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +51,10 @@ from lib.training import (
     plain_d,
 )
 
-# ---- configuration ----
+# ---- configuration: TRAINING's fields dataset, steps, d_lr, g_lr, unroll_lr, eval_every and eval_samples are flags
+# of their names (--d-lr ...) whose defaults are its values here (ablations.add_common_flags); the cells vary K and
+# the kind of unrolling ----
+TRAINING = dataclasses.replace(ab.COMMON, steps=2000)
 KS = (1, 5)
 
 
@@ -125,7 +129,7 @@ STRATEGIES = {"symmetric": symmetric, "recursive": recursive}
 
 def build_parser() -> argparse.ArgumentParser:
     p = ab.parser(__doc__)
-    ab.add_common_flags(p, out="runs/symmetric_recursive", doc="docs/results/symmetric_recursive.md", steps=2000)
+    ab.add_common_flags(p, TRAINING, out="runs/symmetric_recursive", doc="docs/results/symmetric_recursive.md")
     p.add_argument("--ks", type=SIZE_FLAGS["K"], nargs="+", default=list(KS),
                    help="look-ahead steps of every kind of unrolling")
     ab.add_timing_flags(p)
@@ -136,11 +140,11 @@ def build_cells(args: argparse.Namespace) -> List[Cell]:
     """K = 0 first (the cost reference), then one-sided, symmetric and recursive for every K."""
     if any(k < 1 for k in args.ks):
         raise ValueError(f"--ks must be >= 1 (K = 0 is always the first row), got {args.ks}")
-    base = dict(steps=args.steps, **ab.base_settings(args))
+    base = ab.base_config(args, TRAINING)
     seeds = args.seed_list
-    cells = [Cell("main", "K=0 (plain GAN)", TrainConfig(K=0, **base), seeds)]
+    cells = [Cell("main", "K=0 (plain GAN)", dataclasses.replace(base, K=0), seeds)]
     for K in sorted(set(args.ks)):
-        cfg = TrainConfig(K=K, **base)
+        cfg = dataclasses.replace(base, K=K)
         cells.append(Cell("main", f"one-sided K={K} (the paper)", cfg, seeds))
         for kind, strategies in STRATEGIES.items():
             if kind == "recursive" and K == 1:

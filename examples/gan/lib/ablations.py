@@ -18,7 +18,7 @@ import torch
 
 from . import REPO_ROOT, cli, report, runs
 from .cli import HelpFormatter, add_threads_flag, parse_seeds, positive_int
-from .data import DATASETS, make_mixture
+from .data import make_mixture
 from .metrics import steps_to_stable_coverage
 from .report import fmt, summary_stats, table
 from .sweeps import (
@@ -35,28 +35,29 @@ from .sweeps import (
     read_timing,
     run_cells,
 )
-from .training import SIZE_FLAGS, Trainer
+from .training import TrainConfig, Trainer
 
 # The ablations need runs that converge within a CPU budget. With App. A's learning rates (1e-4) K = 10 settles only
 # after 6,500-9,500 iterations (docs/results/mixture_app_a.md); with 1e-3 for D, G and the look-ahead steps, K = 5
 # covers all 8 ring modes from about 1,250 iterations (docs/results/mixture.md), while K = 0 collapses. Every flag
 # can restore App. A.
-COMMON = dict(dataset="ring", d_lr=1e-3, g_lr=1e-3, unroll_lr=1e-3, eval_every=250, eval_samples=10_000)
+COMMON = TrainConfig(dataset="ring", d_lr=1e-3, g_lr=1e-3, unroll_lr=1e-3, eval_every=250, eval_samples=10_000)
+"""The settings every ablation sweep starts from (each script sets its ``steps``); the cells vary the rest."""
+COMMON_FLAGS = ("dataset", "steps", "d_lr", "g_lr", "unroll_lr", "eval_every", "eval_samples")
+"""The TrainConfig fields that are flags of every ablation sweep (:func:`add_common_flags`)."""
+COMMON_HELPS = {"steps": "training iterations per run", "d_lr": "discriminator Adam learning rate",
+                "g_lr": "generator Adam learning rate", "unroll_lr": "look-ahead Adam lr"}
+"""The ablations' words for fields whose TrainConfig help names App. A's defaults (theirs are :data:`COMMON`)."""
 MIN_HQ = 0.05
 
 
-def add_common_flags(p: argparse.ArgumentParser, *, out: str, doc: str, steps: int, seeds: str = "0-4") -> None:
-    """Flags every ablation sweep has; defaults are :data:`COMMON`."""
-    p.add_argument("--dataset", choices=DATASETS, default=COMMON["dataset"], help="the 2-D mixture")
+def add_common_flags(p: argparse.ArgumentParser, training: TrainConfig, *, out: str, doc: str, seeds: str = "0-4",
+                     fields: Sequence[str] = COMMON_FLAGS) -> None:
+    """Flags every ablation sweep has: one per TrainConfig field in ``fields``, its default from ``training`` (the
+    script's settings, :data:`COMMON` with its ``steps``), and the sweep's own flags."""
+    cli.add_config_flags(p, training, only=fields, helps={k: v for k, v in COMMON_HELPS.items() if k in fields},
+                         title="every cell's training settings (lib/training.py TrainConfig)")
     p.add_argument("--seeds", default=seeds, help="paired seeds, trained together (e.g. 0-4)")
-    p.add_argument("--steps", type=int, default=steps, help="training iterations per run")
-    p.add_argument("--d-lr", type=cli.learning_rate, default=COMMON["d_lr"], help="discriminator Adam learning rate")
-    p.add_argument("--g-lr", type=cli.learning_rate, default=COMMON["g_lr"], help="generator Adam learning rate")
-    p.add_argument("--unroll-lr", type=cli.learning_rate, default=COMMON["unroll_lr"], help="look-ahead Adam lr")
-    p.add_argument("--eval-every", type=int, default=COMMON["eval_every"],
-                   help="iterations between evaluations (and checkpoints)")
-    p.add_argument("--eval-samples", type=SIZE_FLAGS["eval_samples"], default=COMMON["eval_samples"],
-                   help="generator samples per evaluation")
     p.add_argument("--min-hq", type=float, default=MIN_HQ,
                    help="share of high-quality samples that 'stable coverage' requires besides all modes")
     p.add_argument("--out", default=out, help="run folders (checkpoints, metrics)")
@@ -73,10 +74,11 @@ def parser(description: str) -> argparse.ArgumentParser:
     return argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
 
 
-def base_settings(args: argparse.Namespace) -> Dict[str, Any]:
-    """TrainConfig fields shared by every cell of the sweep."""
-    return dict(dataset=args.dataset, d_lr=args.d_lr, g_lr=args.g_lr, unroll_lr=args.unroll_lr,
-                eval_every=args.eval_every, eval_samples=args.eval_samples)
+def base_config(args: argparse.Namespace, training: TrainConfig, fields: Sequence[str] = COMMON_FLAGS
+                ) -> TrainConfig:
+    """``training`` with the flags of :func:`add_common_flags` (the same ``fields``) applied: what every cell of
+    the sweep shares."""
+    return cli.config_from_args(args, training, only=fields)
 
 
 def parse_and_check(parser: argparse.ArgumentParser, build_cells, argv: Optional[Sequence[str]]

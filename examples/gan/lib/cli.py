@@ -291,14 +291,21 @@ def add_config_flags(parser: argparse.ArgumentParser, defaults: Any, *,
         target.add_argument(flag_name(f.name), **kwargs)
 
 
-def config_from_args(args: argparse.Namespace, base: Config) -> Config:
+def config_from_args(args: argparse.Namespace, base: Config, *, only: Optional[Sequence[str]] = None) -> Config:
     """``base`` with every field that the parsed ``args`` hold (the flags of :func:`add_config_flags`) replaced
     by its parsed value; the fields without a flag, or whose flag was not given and has no default, keep
-    ``base``'s value. Nothing is validated here: that is the configuration's own job."""
+    ``base``'s value. ``only`` (the ``only`` given to :func:`add_config_flags`) takes those fields alone: a
+    script's own flag that shares a field's name (a list of controls named ``--control``) is not the field's.
+    Nothing is validated here: that is the configuration's own job."""
     given = vars(args)
-    return dataclasses.replace(base, **{f.name: tuple(given[f.name]) if isinstance(given[f.name], list)  # nargs
-                                        else given[f.name]
-                                        for f in _config_fields(base) if f.name in given})  # type: ignore[type-var]
+    names = [f.name for f in _config_fields(base)]
+    unknown = sorted(set(only or ()) - set(names))
+    if unknown:
+        raise ValueError(f"{type(base).__name__} has no field(s) {', '.join(unknown)}")
+    return dataclasses.replace(base, **{name: tuple(given[name]) if isinstance(given[name], list)  # nargs
+                                        else given[name]
+                                        for name in names
+                                        if name in given and (only is None or name in only)})  # type: ignore[type-var]
 
 
 def changed_fields(config: Any, base: Any) -> Dict[str, Any]:
