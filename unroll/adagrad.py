@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from typing import Dict, Tuple
 
 import torch
@@ -11,7 +10,7 @@ from torch import Tensor
 from ._checks import check_hyperparameter
 from ._math import safe_sqrt, signed_decayed, step_number
 from ._types import Scalar
-from .optimizer import Optimizer, TensorOptimizer
+from .optimizer import Optimizer, from_rule
 
 
 def adagrad(lr: Scalar = 1e-2, lr_decay: float = 0.0, weight_decay: Scalar = 0.0,
@@ -34,20 +33,15 @@ def adagrad(lr: Scalar = 1e-2, lr_decay: float = 0.0, weight_decay: Scalar = 0.0
     check_hyperparameter(weight_decay, "weight_decay value")
     check_hyperparameter(initial_accumulator_value, "initial_accumulator_value value")
     check_hyperparameter(eps, "epsilon value")
-    update = functools.partial(_update, lr=lr, lr_decay=lr_decay, weight_decay=weight_decay, eps=eps,
-                               maximize=maximize)
-    return TensorOptimizer(
-        name="adagrad",
-        hyperparams=dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
-                         initial_accumulator_value=initial_accumulator_value, eps=eps, maximize=maximize),
-        buffers=("sum",),
-        update=update,
-        initial_values={"sum": initial_accumulator_value},
-    )
+    hyperparams = dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
+                       initial_accumulator_value=initial_accumulator_value, eps=eps, maximize=maximize)
+    return from_rule("adagrad", _update, hyperparams, ("sum",), initial_values={"sum": initial_accumulator_value})
 
 
 def _update(param: Tensor, grad: Tensor, buffers: Dict[str, Tensor], step: Tensor, *, lr: Scalar,
-            lr_decay: float, weight_decay: Scalar, eps: float, maximize: bool) -> Tuple[Tensor, Dict[str, Tensor]]:
+            lr_decay: float, weight_decay: Scalar, initial_accumulator_value: Scalar, eps: float,
+            maximize: bool) -> Tuple[Tensor, Dict[str, Tensor]]:
+    # initial_accumulator_value is where `sum` starts (init's business); the step does not read it.
     param, grad = signed_decayed(param, grad, lr=lr, weight_decay=weight_decay, maximize=maximize)
     decayed_lr = (lr / (1 + (step_number(step) - 1) * lr_decay)).to(param.dtype)
     state_sum = torch.addcmul(buffers["sum"], grad, grad)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from typing import Dict, Tuple
 
 import torch
@@ -11,7 +10,7 @@ from torch import Tensor
 from ._checks import check_adam_hyperparameters
 from ._math import adam_moments, safe_sqrt, signed_decayed, step_number
 from ._types import Scalar
-from .optimizer import Optimizer, TensorOptimizer
+from .optimizer import Optimizer, from_rule
 
 
 def adam(lr: Scalar = 1e-3, betas: Tuple[Scalar, Scalar] = (0.9, 0.999), eps: float = 1e-8,
@@ -37,20 +36,16 @@ def adam(lr: Scalar = 1e-3, betas: Tuple[Scalar, Scalar] = (0.9, 0.999), eps: fl
     meta-gradients; forward values are those of torch.optim.
     """
     beta1, beta2 = check_adam_hyperparameters(lr, betas, eps, weight_decay)
-    update = functools.partial(_update, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-                               amsgrad=amsgrad, maximize=maximize, decoupled_weight_decay=decoupled_weight_decay)
-    return TensorOptimizer(
-        name="adam",
-        hyperparams=dict(lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-                         maximize=maximize, decoupled_weight_decay=decoupled_weight_decay),
-        buffers=("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ()),
-        update=update,
-    )
+    hyperparams = dict(lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                       maximize=maximize, decoupled_weight_decay=decoupled_weight_decay)
+    return from_rule("adam", _update, hyperparams,
+                     ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ()))
 
 
-def _update(param: Tensor, grad: Tensor, buffers: Dict[str, Tensor], step: Tensor, *, lr: Scalar, beta1: Scalar,
-            beta2: Scalar, eps: float, weight_decay: Scalar, amsgrad: bool, maximize: bool,
+def _update(param: Tensor, grad: Tensor, buffers: Dict[str, Tensor], step: Tensor, *, lr: Scalar,
+            betas: Tuple[Scalar, Scalar], eps: float, weight_decay: Scalar, amsgrad: bool, maximize: bool,
             decoupled_weight_decay: bool) -> Tuple[Tensor, Dict[str, Tensor]]:
+    beta1, beta2 = betas
     param, grad = signed_decayed(param, grad, lr=lr, weight_decay=weight_decay, maximize=maximize,
                                  decoupled=decoupled_weight_decay)
     exp_avg, exp_avg_sq = adam_moments(buffers["exp_avg"], buffers["exp_avg_sq"], grad, beta1, beta2)

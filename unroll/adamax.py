@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from typing import Dict, Tuple
 
 import torch
@@ -11,7 +10,7 @@ from torch import Tensor
 from ._checks import check_adam_hyperparameters
 from ._math import signed_decayed, step_number
 from ._types import Scalar
-from .optimizer import Optimizer, TensorOptimizer
+from .optimizer import Optimizer, from_rule
 
 
 def adamax(lr: Scalar = 2e-3, betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
@@ -29,18 +28,14 @@ def adamax(lr: Scalar = 2e-3, betas: Tuple[float, float] = (0.9, 0.999), eps: fl
     and :math:`u_t \ge \epsilon`, so zero gradient entries give finite meta-gradients.
     """
     beta1, beta2 = check_adam_hyperparameters(lr, betas, eps, weight_decay)
-    update = functools.partial(_update, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-                               maximize=maximize)
-    return TensorOptimizer(
-        name="adamax",
-        hyperparams=dict(lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay, maximize=maximize),
-        buffers=("exp_avg", "exp_inf"),
-        update=update,
-    )
+    hyperparams = dict(lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay, maximize=maximize)
+    return from_rule("adamax", _update, hyperparams, ("exp_avg", "exp_inf"))
 
 
-def _update(param: Tensor, grad: Tensor, buffers: Dict[str, Tensor], step: Tensor, *, lr: Scalar, beta1: float,
-            beta2: float, eps: float, weight_decay: Scalar, maximize: bool) -> Tuple[Tensor, Dict[str, Tensor]]:
+def _update(param: Tensor, grad: Tensor, buffers: Dict[str, Tensor], step: Tensor, *, lr: Scalar,
+            betas: Tuple[float, float], eps: float, weight_decay: Scalar,
+            maximize: bool) -> Tuple[Tensor, Dict[str, Tensor]]:
+    beta1, beta2 = betas
     param, grad = signed_decayed(param, grad, lr=lr, weight_decay=weight_decay, maximize=maximize)
     exp_avg = torch.lerp(buffers["exp_avg"], grad, 1 - beta1)
     exp_inf = torch.maximum(buffers["exp_inf"] * beta2, grad.abs() + eps)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from typing import Dict, Tuple
 
 from torch import Tensor
@@ -10,7 +9,7 @@ from torch import Tensor
 from ._checks import check_adam_hyperparameters, check_hyperparameter
 from ._math import adam_moments, safe_sqrt, signed_decayed, step_number
 from ._types import Scalar
-from .optimizer import Optimizer, TensorOptimizer
+from .optimizer import Optimizer, from_rule
 
 
 def nadam(lr: Scalar = 2e-3, betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
@@ -35,25 +34,16 @@ def nadam(lr: Scalar = 2e-3, betas: Tuple[float, float] = (0.9, 0.999), eps: flo
     """
     beta1, beta2 = check_adam_hyperparameters(lr, betas, eps, weight_decay)
     check_hyperparameter(momentum_decay, "momentum_decay value")
-    update = functools.partial(_update, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-                               momentum_decay=momentum_decay, decoupled_weight_decay=decoupled_weight_decay,
-                               maximize=maximize)
-    return TensorOptimizer(
-        name="nadam",
-        hyperparams=dict(lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay,
-                         momentum_decay=momentum_decay, decoupled_weight_decay=decoupled_weight_decay,
-                         maximize=maximize),
-        buffers=("exp_avg", "exp_avg_sq", "mu_product"),
-        update=update,
-        packable=False,
-        initial_values={"mu_product": 1.0},
-        scalar_buffers=("mu_product",),
-    )
+    hyperparams = dict(lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay,
+                       momentum_decay=momentum_decay, decoupled_weight_decay=decoupled_weight_decay, maximize=maximize)
+    return from_rule("nadam", _update, hyperparams, ("exp_avg", "exp_avg_sq", "mu_product"), packable=False,
+                     initial_values={"mu_product": 1.0}, scalar_buffers=("mu_product",))
 
 
-def _update(param: Tensor, grad: Tensor, buffers: Dict[str, Tensor], step: Tensor, *, lr: Scalar, beta1: float,
-            beta2: float, eps: float, weight_decay: Scalar, momentum_decay: float, decoupled_weight_decay: bool,
-            maximize: bool) -> Tuple[Tensor, Dict[str, Tensor]]:
+def _update(param: Tensor, grad: Tensor, buffers: Dict[str, Tensor], step: Tensor, *, lr: Scalar,
+            betas: Tuple[float, float], eps: float, weight_decay: Scalar, momentum_decay: float,
+            decoupled_weight_decay: bool, maximize: bool) -> Tuple[Tensor, Dict[str, Tensor]]:
+    beta1, beta2 = betas
     param, grad = signed_decayed(param, grad, lr=lr, weight_decay=weight_decay, maximize=maximize,
                                  decoupled=decoupled_weight_decay)
     t = step_number(step)

@@ -4,6 +4,7 @@ rest return."""
 from __future__ import annotations
 
 import abc
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Mapping, Tuple
 
@@ -185,3 +186,12 @@ class TensorOptimizer(Optimizer):
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.hyperparams.items())
         return f"unroll.{self.name}({args})"
+
+
+def from_rule(name: str, rule: Callable[..., Tuple[Tensor, Dict[str, Tensor]]], hyperparams: Dict[str, Any],
+              buffers: Tuple[str, ...], **options: Any) -> TensorOptimizer:
+    """The :class:`TensorOptimizer` whose update is ``rule(param, grad, buffers, step, **hyperparams)``: a factory
+    lists its hyperparameters once, for the rule and for ``opt.hyperparams`` alike. ``options``: the other fields
+    (``packable``, ``initial_values``, ``scalar_buffers``)."""
+    return TensorOptimizer(name=name, hyperparams=hyperparams, buffers=buffers,
+                           update=functools.partial(rule, **hyperparams), **options)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from typing import Dict, Tuple
 
 import torch
@@ -11,7 +10,7 @@ from torch import Tensor
 from ._checks import check_adam_hyperparameters
 from ._math import adam_moments, safe_sqrt, signed_decayed, step_number
 from ._types import Scalar
-from .optimizer import Optimizer, TensorOptimizer
+from .optimizer import Optimizer, from_rule
 
 
 def radam(lr: Scalar = 1e-3, betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
@@ -36,20 +35,15 @@ def radam(lr: Scalar = 1e-3, betas: Tuple[float, float] = (0.9, 0.999), eps: flo
     stay finite on either side and at zero gradient entries. State buffers: ``exp_avg``, ``exp_avg_sq``.
     """
     beta1, beta2 = check_adam_hyperparameters(lr, betas, eps, weight_decay)
-    update = functools.partial(_update, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-                               decoupled_weight_decay=decoupled_weight_decay, maximize=maximize)
-    return TensorOptimizer(
-        name="radam",
-        hyperparams=dict(lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay,
-                         decoupled_weight_decay=decoupled_weight_decay, maximize=maximize),
-        buffers=("exp_avg", "exp_avg_sq"),
-        update=update,
-    )
+    hyperparams = dict(lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay,
+                       decoupled_weight_decay=decoupled_weight_decay, maximize=maximize)
+    return from_rule("radam", _update, hyperparams, ("exp_avg", "exp_avg_sq"))
 
 
-def _update(param: Tensor, grad: Tensor, buffers: Dict[str, Tensor], step: Tensor, *, lr: Scalar, beta1: float,
-            beta2: float, eps: float, weight_decay: Scalar, decoupled_weight_decay: bool,
+def _update(param: Tensor, grad: Tensor, buffers: Dict[str, Tensor], step: Tensor, *, lr: Scalar,
+            betas: Tuple[float, float], eps: float, weight_decay: Scalar, decoupled_weight_decay: bool,
             maximize: bool) -> Tuple[Tensor, Dict[str, Tensor]]:
+    beta1, beta2 = betas
     param, grad = signed_decayed(param, grad, lr=lr, weight_decay=weight_decay, maximize=maximize,
                                  decoupled=decoupled_weight_decay)
     exp_avg, exp_avg_sq = adam_moments(buffers["exp_avg"], buffers["exp_avg_sq"], grad, beta1, beta2)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from typing import Dict, Tuple
 
 import torch
@@ -11,7 +10,7 @@ from torch import Tensor
 from ._checks import check_hyperparameter
 from ._math import is_zero, safe_sqrt, signed_decayed
 from ._types import Scalar
-from .optimizer import Optimizer, TensorOptimizer
+from .optimizer import Optimizer, from_rule
 
 
 def rmsprop(lr: Scalar = 1e-2, alpha: Scalar = 0.99, eps: float = 1e-8, weight_decay: Scalar = 0.0,
@@ -36,20 +35,14 @@ def rmsprop(lr: Scalar = 1e-2, alpha: Scalar = 0.99, eps: float = 1e-8, weight_d
     check_hyperparameter(momentum, "momentum value")
     check_hyperparameter(weight_decay, "weight_decay value")
     check_hyperparameter(alpha, "alpha value")
-    update = functools.partial(_update, lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
-                               momentum=momentum, centered=centered, maximize=maximize)
     buffers: Tuple[str, ...] = ("square_avg",)
     if not is_zero(momentum):
         buffers += ("momentum_buffer",)
     if centered:
         buffers += ("grad_avg",)
-    return TensorOptimizer(
-        name="rmsprop",
-        hyperparams=dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum,
-                         centered=centered, maximize=maximize),
-        buffers=buffers,
-        update=update,
-    )
+    hyperparams = dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum, centered=centered,
+                       maximize=maximize)
+    return from_rule("rmsprop", _update, hyperparams, buffers)
 
 
 def _update(param: Tensor, grad: Tensor, buffers: Dict[str, Tensor], step: Tensor, *, lr: Scalar,

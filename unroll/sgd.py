@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from typing import Dict, Tuple
 
 import torch
@@ -11,7 +10,7 @@ from torch import Tensor
 from ._checks import check_hyperparameter
 from ._math import is_zero, signed_decayed
 from ._types import Scalar
-from .optimizer import Optimizer, TensorOptimizer
+from .optimizer import Optimizer, from_rule
 
 
 def sgd(lr: Scalar, momentum: float = 0.0, dampening: float = 0.0, weight_decay: Scalar = 0.0,
@@ -36,15 +35,9 @@ def sgd(lr: Scalar, momentum: float = 0.0, dampening: float = 0.0, weight_decay:
     check_hyperparameter(dampening, "dampening value", low=None)  # torch.optim lets any dampening through
     if nesterov and (momentum <= 0 or dampening != 0):
         raise ValueError("Nesterov momentum requires a momentum and zero dampening")
-    update = functools.partial(_update, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                               nesterov=nesterov, maximize=maximize)
-    return TensorOptimizer(
-        name="sgd",
-        hyperparams=dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                         nesterov=nesterov, maximize=maximize),
-        buffers=() if is_zero(momentum) else ("momentum_buffer",),
-        update=update,
-    )
+    hyperparams = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
+                       maximize=maximize)
+    return from_rule("sgd", _update, hyperparams, () if is_zero(momentum) else ("momentum_buffer",))
 
 
 def _update(param: Tensor, grad: Tensor, buffers: Dict[str, Tensor], step: Tensor, *, lr: Scalar,
