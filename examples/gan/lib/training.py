@@ -343,8 +343,6 @@ class Strategies:
     discriminator: Optional[DiscriminatorRule] = None
 
 
-
-
 def make_iteration(cfg: TrainConfig, strategies: Optional[Strategies] = None, grad_mean: Optional[GradMean] = None
                    ) -> Callable[[TrainState, Batch], Tuple[TrainState, Dict[str, Tensor]]]:
     """The pure training iteration ``(state, batch) -> (state, {"d_loss", "g_loss"})`` for ONE seed.
