@@ -40,12 +40,20 @@ fi
 echo "problems, in this order: ${problems[*]}; budget ${BUDGET_S} s"
 
 mkdir -p "$OUT"
+for name in estimators_cuda estimators_cpu estimators_runs.tar.gz compare_cpu_cuda.txt; do
+    if [ -e "$OUT/$name" ] || [ -L "$OUT/$name" ]; then
+        echo "error: $OUT/$name exists; give an empty OUT (this script writes nothing over what it did not make)" >&2
+        exit 2
+    fi
+done
+# The runs go to a scratch folder of the script's own; only the summaries and one archive go to $OUT.
+WORK=$(mktemp -d)
 flags=(--seeds 5 --timing-reps 3 --outer-problems "" --threads 1 "${extra_flags[@]}")
 
 # run_all DEVICE FOLDER [FLAGS...]: the problems one invocation at a time, each adding one, until the deadline.
 run_all() {
     local device=$1 folder=$2 chosen="" left log
-    log="$OUT/log_$(basename "$2").txt"
+    log="$WORK/log_$(basename "$2").txt"
     shift 2
     for problem in "${problems[@]}"; do
         left=$(( deadline - $(date +%s) ))
@@ -64,15 +72,15 @@ run_all() {
     done
 }
 
-run_all cpu "$OUT/estimators_cpu" --no-memory &
+run_all cpu "$WORK/estimators_cpu" --no-memory &
 cpu_run=$!
-run_all "$DEVICE" "$OUT/estimators_cuda"
+run_all "$DEVICE" "$WORK/estimators_cuda"
 wait "$cpu_run" || true
-tail -n 15 "$OUT/log_estimators_cuda.txt" || true
+tail -n 15 "$WORK/log_estimators_cuda.txt" || true
 
 # Per problem and estimator: ms per gradient on this CPU and on CUDA, CUDA's peak MiB, and how far each CUDA
 # gradient of a deterministic estimator is from the CPU's (float64 on both: should be ~1e-12 or less).
-"$PYTHON" - "$OUT/estimators_cpu" "$OUT/estimators_cuda" <<'EOF' | tee "$OUT/compare_cpu_cuda.txt" || echo "(the comparison failed)"
+"$PYTHON" - "$WORK/estimators_cpu" "$WORK/estimators_cuda" <<'EOF' | tee "$OUT/compare_cpu_cuda.txt" || echo "(the comparison failed)"
 import json, math, sys
 from pathlib import Path
 cpu_dir, cuda_dir = map(Path, sys.argv[1:])
@@ -101,16 +109,20 @@ for problem, result in cuda.items():
 EOF
 
 # What comes back from $OUT: at most 8 files, 2 folders down. Everything (cells, logs) goes into one archive;
-# the summaries stay beside it: 7 files.
+# the summaries are copied beside it: 7 files.
 made=()
 for name in estimators_cuda estimators_cpu log_estimators_cuda.txt log_estimators_cpu.txt; do
-    if [ -e "$OUT/$name" ]; then made+=("$name"); fi
+    if [ -e "$WORK/$name" ]; then made+=("$name"); fi
 done
 if [ "${#made[@]}" -gt 0 ]; then
-    tar czf "$OUT/estimators_runs.tar.gz" -C "$OUT" "${made[@]}"
+    tar czf "$OUT/estimators_runs.tar.gz" -C "$WORK" "${made[@]}"
 fi
-for name in estimators_cuda estimators_cpu; do
-    rm -rf "${OUT:?}/$name/cells" "$OUT/$name/settings.json" "$OUT/$name/.lock"
+for run in estimators_cuda estimators_cpu; do
+    summaries=(table.md results.json)
+    if [ "$run" = estimators_cuda ]; then summaries+=(figure.png); fi
+    for file in "${summaries[@]}"; do
+        if [ -f "$WORK/$run/$file" ]; then mkdir -p "$OUT/$run" && cp "$WORK/$run/$file" "$OUT/$run/$file"; fi
+    done
 done
-rm -f "$OUT/estimators_cpu/figure.png" "$OUT"/log_estimators_*.txt
+rm -rf "${WORK:?}"  # the scratch folder mktemp made above
 ls -la "$OUT" "$OUT"/estimators_* || true
