@@ -6,12 +6,13 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Collection, Dict, List, Mapping, Sequence, Tuple, Union
+from typing import Any, Callable, Collection, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.utils._pytree as pytree
 from torch import Tensor
 
+from ._checks import check_scalar_loss
 from ._graph import foreign_leaf
 
 Objective = Callable[..., Tensor]
@@ -37,6 +38,28 @@ class NonFiniteLossError(FloatingPointError):
         self.step = step
         self.value = value
         self.what = what
+
+
+def outer_objective(inner_fn: Objective, outer_fn: Optional[Objective]) -> Objective:
+    """The outer player's loss: ``outer_fn``, or ``-inner_fn`` (a zero-sum game) when it is None; checked to be a
+    scalar, the error naming the function the user wrote."""
+    def outer(params: Dict[str, Tensor], *args: Any) -> Tensor:
+        value = inner_fn(params, *args) if outer_fn is None else outer_fn(params, *args)
+        check_scalar_loss(value, "inner_fn" if outer_fn is None else "outer_fn")
+        return -value if outer_fn is None else value
+    return outer
+
+
+def outer_call_args(args: Tuple[Any, ...], outer_args: Any, outer_fn: Optional[Objective]) -> Tuple[Any, ...]:
+    """The arguments the outer loss gets: ``outer_args`` when given (a tuple, and only with an ``outer_fn``), else
+    the inner player's ``args``."""
+    if outer_args is None:
+        return args
+    if not isinstance(outer_args, tuple):
+        raise TypeError(f"outer_args must be a tuple of arguments for outer_fn, got {type(outer_args).__name__}")
+    if outer_fn is None:
+        raise ValueError("outer_args needs an outer_fn: the default outer loss is -inner_fn on args")
+    return outer_args
 
 
 def under_torch_func() -> bool:

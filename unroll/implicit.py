@@ -28,6 +28,7 @@ import torch.utils._pytree as pytree
 from torch import Tensor
 
 from ._checks import check_scalar_loss, check_tensor_mapping, check_unroll_steps
+from ._engine import outer_call_args, outer_objective
 from ._math import is_zero
 from ._types import Params, State
 from .optimizer import Optimizer
@@ -123,18 +124,11 @@ def implicit_loss(inner_fn: LossFn, K: int, *, optimizer: Optimizer, outer_fn: O
                          f"inner_fn's stationarity condition; put the penalty in inner_fn or use "
                          f"solver=\"fixed_point\"")
 
-    def outer(mapping: Params, *args: Any) -> Tensor:
-        value = -inner_fn(mapping, *args) if outer_fn is None else outer_fn(mapping, *args)
-        check_scalar_loss(value, "inner_fn" if outer_fn is None else "outer_fn")
-        return value
+    outer = outer_objective(inner_fn, outer_fn)
 
     def surrogate(params: Params, state: State, *args: Any, buffers: Optional[Mapping[str, Tensor]] = None,
                   outer_args: Optional[Tuple[Any, ...]] = None) -> Any:
-        if outer_args is not None and not isinstance(outer_args, tuple):
-            raise TypeError(f"outer_args must be a tuple of arguments for outer_fn, got {type(outer_args).__name__}")
-        if outer_args is not None and outer_fn is None:
-            raise ValueError("outer_args needs an outer_fn: the default outer loss is -inner_fn on args")
-        outer_call_args = args if outer_args is None else outer_args
+        outer_args_k = outer_call_args(args, outer_args, outer_fn)
         optimizer.check_state(params, state)
         if buffers is not None:
             check_tensor_mapping(buffers, "buffers", floating=False)
@@ -161,9 +155,9 @@ def implicit_loss(inner_fn: LossFn, K: int, *, optimizer: Optimizer, outer_fn: O
         def update_map(point: Params) -> Dict[str, Tensor]:
             return optimizer.apply(point, inner_grad(point), opt_state)[0]
 
-        value = outer(merged(theta), *outer_call_args)
+        value = outer(merged(theta), *outer_args_k)
         with torch.no_grad():  # the solve is constant: torch.func differentiates inside, nothing records outside
-            b = torch.func.grad(lambda point: outer(merged(point), *outer_call_args))(theta)
+            b = torch.func.grad(lambda point: outer(merged(point), *outer_args_k))(theta)
             if solver == "fixed_point":
                 _, transpose_jacobian = torch.func.vjp(update_map, theta)
                 v, used, residual = _richardson(lambda x: _axpy(-1.0, transpose_jacobian(x)[0], x), b, 1.0,

@@ -21,7 +21,15 @@ from ._checks import (
     check_truncate,
     check_unroll_steps,
 )
-from ._engine import detach, gradient_fn, raise_if_nonfinite, step_record, under_torch_func
+from ._engine import (
+    detach,
+    gradient_fn,
+    outer_call_args,
+    outer_objective,
+    raise_if_nonfinite,
+    step_record,
+    under_torch_func,
+)
 from ._flat import layout_for
 from ._live import FirstCallGuarded
 from ._types import Params, State
@@ -155,27 +163,16 @@ def surrogate_loss(inner_fn: LossFn, K: int, stop_grad: bool = False, *, optimiz
     if outer_fn is not None and not callable(outer_fn):
         raise TypeError(f"outer_fn must be callable or None, got {type(outer_fn).__name__}")
 
-    def outer(params: Params, *args: Any) -> Tensor:
-        if outer_fn is None:
-            value = inner_fn(params, *args)
-            check_scalar_loss(value, "inner_fn")
-            return -value
-        value = outer_fn(params, *args)
-        check_scalar_loss(value, "outer_fn")
-        return value
+    outer = outer_objective(inner_fn, outer_fn)
 
     def surrogate(params: Params, state: State, *args: Any, buffers: Optional[Mapping[str, Tensor]] = None,
                   outer_args: Optional[Tuple[Any, ...]] = None) -> Tensor:
-        if outer_args is not None and not isinstance(outer_args, tuple):
-            raise TypeError(f"outer_args must be a tuple of arguments for outer_fn, got {type(outer_args).__name__}")
-        if outer_args is not None and outer_fn is None:
-            raise ValueError("outer_args needs an outer_fn: the default outer loss is -inner_fn on args")
-        outer_call_args = args if outer_args is None else outer_args
+        outer_args_k = outer_call_args(args, outer_args, outer_fn)
 
         guarded_outer = FirstCallGuarded(outer, "inner_fn" if outer_fn is None else "outer_fn")
 
         def outer_at(params_k: Dict[str, Tensor], buffers_k: Dict[str, Tensor]) -> Tensor:
-            return guarded_outer({**params_k, **buffers_k}, *outer_call_args)
+            return guarded_outer({**params_k, **buffers_k}, *outer_args_k)
 
         averaged = average_over_steps and spec.K > 0
         end = _unroll(spec, params, state, args, _copy_buffers(params, buffers), outer_at if averaged else None)
