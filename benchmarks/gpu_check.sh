@@ -16,7 +16,7 @@ set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-runs/gpu}"
 mkdir -p "$OUT"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's unroll, installed or not
+export PYTHONPATH="$PWD:$PWD/examples${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's unroll, installed or not
 export OMP_NUM_THREADS=1                             # the suite runs one CPU thread on CUDA
 PART1_LIMIT="${PART1_LIMIT:-130}"
 PART2_LIMIT="${PART2_LIMIT:-100}"

@@ -11,7 +11,7 @@ set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-runs/gpu}"
 mkdir -p "$OUT"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD:$PWD/examples${PYTHONPATH:+:$PYTHONPATH}" OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1
 nvidia-smi -L
 python -c "import torch, unroll; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), unroll.__file__)"
 timeout --signal=INT --kill-after=10 "${LIMIT:-420}" python -m benchmarks.long_horizon --device cuda --models conv \

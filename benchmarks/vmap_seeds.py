@@ -2,7 +2,8 @@
 
     python -m benchmarks.vmap_seeds                 # N = 10 seeds, 20 iterations of K = 5, 1 thread
 
-The training loop is the mixture experiment's (``examples/gan/lib/training.py``, App. A: batch 512, Adam, K unrolled
+The training loop is the mixture experiment's (``examples/unroll_examples/training.py``, App. A: batch 512, Adam, K
+unrolled
 discriminator steps). One repetition times ``iterations`` training iterations (``draw_batch`` + ``step_fn``, no
 evaluation) of
 
@@ -28,7 +29,6 @@ import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -36,7 +36,6 @@ import torch
 
 TARGET = 0.5  # vmap time / separate time, for N = TARGET_SEEDS
 TARGET_SEEDS = 10
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "gan"
 
 
 @dataclass(frozen=True)
@@ -53,10 +52,8 @@ QUICK_SEEDS = SeedsConfig(seeds=2, iterations=2, K=1, batch=32, reps=1)
 
 
 def _training() -> ModuleType:
-    """``examples/gan/lib/training.py`` (the scripts' folder holds the package ``lib``, hence the sys.path entry)."""
-    if str(EXAMPLES) not in sys.path:
-        sys.path.insert(0, str(EXAMPLES))
-    from lib import training
+    """``examples/unroll_examples/training.py``, imported when a runner is built (not by ``--help``)."""
+    from unroll_examples import training
 
     return training
 

@@ -14,8 +14,8 @@ import torch
 import historical_averaging as ha
 import second_gradient as sg
 import unroll
-from lib.metrics import steps_to_stable_coverage
-from lib.training import CHECKPOINT, Strategies, TrainConfig, Trainer
+from unroll_examples.metrics import steps_to_stable_coverage
+from unroll_examples.training import CHECKPOINT, Strategies, TrainConfig, Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 

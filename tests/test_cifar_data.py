@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from lib import cifar_data as cd
+from unroll_examples import cifar_data as cd
 
 
 def write_batch(path: Path, n: int, seed: int) -> tuple:

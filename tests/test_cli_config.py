@@ -1,4 +1,4 @@
-"""Configurations from one source (examples/gan/lib/cli.py): flags made from a dataclass's fields, and the
+"""Configurations from one source (examples/unroll_examples/cli.py): flags made from a dataclass's fields, and the
 configuration built back from the parsed flags."""
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import mixture
 import second_gradient
 import sweep_mixture
 import symmetric_recursive
-from lib import ablations, cli
-from lib.sweeps import Cell
-from lib.training import TrainConfig
+from unroll_examples import ablations, cli
+from unroll_examples.sweeps import Cell
+from unroll_examples.training import TrainConfig
 
 
 @dataclass(frozen=True)

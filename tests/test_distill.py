@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import distill
-from lib import mnist_data as md
+from unroll_examples import mnist_data as md
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 

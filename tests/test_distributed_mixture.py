@@ -24,7 +24,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import mixture
-from lib.training import Trainer
+from unroll_examples.training import Trainer
 
 WORLD = 2
 FLAGS = ["--K", "2", "--eval-every", "3", "--seeds", "0-1", "--batch", "32", "--eval-samples", "500",

@@ -1,4 +1,4 @@
-"""Stacked MNIST's trainer data-parallel over two gloo processes (``examples/gan/lib/image_training.py``).
+"""Stacked MNIST's trainer data-parallel over two gloo processes (``examples/unroll_examples/image_training.py``).
 
 Without BatchNorm (a small MLP GAN through the same :class:`GANTrainer`) two ranks, each with half of every
 minibatch, give the one-process parameters (to float32 summation order), also across a ``--resume``, and a NaN
@@ -26,9 +26,9 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import stacked_mnist
-from lib import image_training as it
-from lib import mnist_data as md
-from lib import parallel
+from unroll_examples import image_training as it
+from unroll_examples import mnist_data as md
+from unroll_examples import parallel
 
 WORLD = 2
 NAN_STEP = 2

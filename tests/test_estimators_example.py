@@ -21,7 +21,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from lib import mnist_data as md
+from unroll_examples import mnist_data as md
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import extrapolation as ex
-from lib.metrics import METRIC_NAMES
-from lib.training import TrainConfig, Trainer
+from unroll_examples.metrics import METRIC_NAMES
+from unroll_examples.training import TrainConfig, Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 

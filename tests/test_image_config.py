@@ -1,4 +1,4 @@
-"""The image experiments' configuration from one source (examples/gan/lib/image_experiment.py ``ImageConfig``):
+"""The image experiments' configuration from one source (examples/unroll_examples/image_experiment.py ``ImageConfig``):
 each migrated script's presets at its top (``CONFIGS``), its flags made from the config's fields, ``--paper``
 picking the paper preset, the deviations from the paper computed from the config, and the stored settings that
 ``--resume`` compares."""
@@ -18,8 +18,8 @@ import cifar10
 import colored_mnist
 import mnist_rnn
 import stacked_mnist
-from lib import cli, runs
-from lib import image_experiment as ex
+from unroll_examples import cli, runs
+from unroll_examples import image_experiment as ex
 
 MIGRATED = [stacked_mnist, colored_mnist, cifar10, mnist_rnn]
 # Every flag the script had before its settings came from ImageConfig: none may disappear.

@@ -25,12 +25,12 @@ import cifar10
 import colored_mnist
 import mnist_rnn
 import stacked_mnist
-from lib import diversity as dv
-from lib import image_experiment as ex
-from lib import image_models as M
-from lib import image_training as it
-from lib import mnist_data as md
-from lib import runs
+from unroll_examples import diversity as dv
+from unroll_examples import image_experiment as ex
+from unroll_examples import image_models as M
+from unroll_examples import image_training as it
+from unroll_examples import mnist_data as md
+from unroll_examples import runs
 
 needs_real_mnist = pytest.mark.skipif(not md.has_split("test"), reason=md.how_to_get("test"))
 # Timing fields differ between any two runs; everything else must match exactly.

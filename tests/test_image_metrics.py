@@ -11,8 +11,8 @@ import pytest
 import torch
 from scipy import integrate, special
 
-from lib import image_metrics as im
-from lib import mnist_data as md
+from unroll_examples import image_metrics as im
+from unroll_examples import mnist_data as md
 
 # ------------------------------------------------------------------------------------- modes and KL
 

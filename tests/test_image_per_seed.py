@@ -1,4 +1,4 @@
-"""``--per-seed FILE`` of the image experiment scripts (examples/gan/lib/image_experiment.py).
+"""``--per-seed FILE`` of the image experiment scripts (examples/unroll_examples/image_experiment.py).
 
 Every run's final numbers, without loss curves, histograms or timings, in a small JSON to commit beside a results
 page: one entry per run with its K, X and seed, the same numbers as ``results.json``, no long lists, the same
@@ -19,9 +19,9 @@ import cifar10
 import colored_mnist
 import mnist_rnn
 import stacked_mnist
-from lib import image_experiment as ex
-from lib import image_training as it
-from lib import mnist_data as md
+from unroll_examples import image_experiment as ex
+from unroll_examples import image_training as it
+from unroll_examples import mnist_data as md
 
 needs_real_mnist = pytest.mark.skipif(not md.has_split("test"), reason=md.how_to_get("test"))
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from lib.data import DATASETS, make_mixture, mode_weights, ring_centers
-from lib.metrics import all_metrics, energy_distance, mode_metrics, reverse_kl
+from unroll_examples.data import DATASETS, make_mixture, mode_weights, ring_centers
+from unroll_examples.metrics import all_metrics, energy_distance, mode_metrics, reverse_kl
 
 # P(|N(0, I_2)| <= 3) = 1 - exp(-9/2): the HQ fraction of exact samples of an isotropic 2-D Gaussian.
 HQ_EXACT = 1 - math.exp(-4.5)

@@ -15,8 +15,8 @@ import torch
 import mixture
 import sweep_mixture
 import unroll
-from lib.models import d_loss_from_logits, discriminator_forward, generator_forward
-from lib.training import (
+from unroll_examples.models import d_loss_from_logits, discriminator_forward, generator_forward
+from unroll_examples.training import (
     CHECKPOINT,
     GeneratorRule,
     StepInputs,

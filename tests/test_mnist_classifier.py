@@ -14,8 +14,8 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from lib import digit_classifier as mc
-from lib import mnist_data as md
+from unroll_examples import digit_classifier as mc
+from unroll_examples import mnist_data as md
 
 REDUCED = mc.ClassifierConfig(n_train=3000, n_holdout=2000, epochs=2, width=16, augment=False, batch_size=32,
                               lr=3e-3)

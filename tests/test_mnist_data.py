@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from lib import mnist_data as md
+from unroll_examples import mnist_data as md
 
 REAL_DIR = md.mnist_folder()  # $UNROLL_MNIST_DIR, else ../shared/data/mnist beside the repository, else data/mnist
 REAL_TEST_FILES = md.MNIST_FILES["test"]

@@ -1,4 +1,4 @@
-"""The results pages' kit (examples/gan/lib/report.py): numbers over seeds against their formulas, the one
+"""The results pages' kit (examples/unroll_examples/report.py): numbers over seeds against their formulas, the one
 standard-error convention (one seed: no "±"), tables, kept notes, the command stamp and the per-seed JSON."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from lib import report
+from unroll_examples import report
 
 
 def test_standard_error_is_the_sample_std_over_root_n() -> None:
@@ -45,7 +45,7 @@ def test_plus_minus_formats_mean_and_spread() -> None:
 
 
 def test_image_tables_follow_the_convention() -> None:
-    from lib import image_experiment as ex
+    from unroll_examples import image_experiment as ex
 
     records = [{"K": 0, "status": "done", "m": 1.0}, {"K": 0, "status": "done", "m": 2.0},
                {"K": 5, "status": "done", "m": 0.25}, {"K": 5, "status": "diverged"}]

@@ -1,4 +1,4 @@
-"""Run management (examples/gan/lib/runs.py) and what every experiment script gets from it: checkpoints that run
+"""Run management (examples/unroll_examples/runs.py) and what every experiment script gets from it: checkpoints that run
 no code, kill -9 then --resume equal to an uninterrupted run, one writer per folder, clear errors for corrupt
 checkpoints and other settings, divergence named by iteration and seed, bounded --seeds, workers that die with
 their parent, --help with every default.
@@ -36,9 +36,9 @@ import mnist_rnn
 import second_gradient
 import stacked_mnist
 import sweep_mixture
-from lib import cli, runs
-from lib import image_training as it
-from lib import mnist_data as md
+from unroll_examples import cli, runs
+from unroll_examples import image_training as it
+from unroll_examples import mnist_data as md
 
 ROOT = Path(__file__).resolve().parents[1]
 GAN = ROOT / "examples" / "gan"
@@ -173,7 +173,7 @@ def test_a_damaged_checkpoint_is_named_in_a_clear_error(tmp_path: Path, damage: 
 
 
 def test_a_checkpoint_of_another_shape_is_refused_before_training(tmp_path: Path) -> None:
-    from lib.training import TrainConfig, Trainer
+    from unroll_examples.training import TrainConfig, Trainer
 
     cfg = TrainConfig(batch=32, eval_samples=200, eval_every=2, steps=2)
     Trainer(cfg, [0, 1], out_dir=tmp_path).run()
@@ -263,7 +263,7 @@ def test_every_mnist_rnn_run_diverging_is_reported_not_a_crash(tmp_path: Path) -
 def test_a_nonfinite_state_with_finite_losses_stops_an_image_run_at_that_iteration() -> None:
     """Real images 1e25 times too large at iteration 3: the losses stay finite (batch norm), a parameter does
     not."""
-    from lib import image_models as M
+    from unroll_examples import image_models as M
 
     calls = {"n": 0}
 
@@ -284,7 +284,7 @@ def test_a_nonfinite_state_with_finite_losses_stops_an_image_run_at_that_iterati
 
 def hold(out: Path) -> subprocess.Popen:
     """Another process that holds ``out`` (as a running script does) until it is killed."""
-    code = ("import sys, time; from lib import runs; "
+    code = ("import sys, time; from unroll_examples import runs; "
             "c = runs.claim(sys.argv[1], resume=None); c.__enter__(); print('held', flush=True); time.sleep(600)")
     holder = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True,
                               env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(GAN)])})

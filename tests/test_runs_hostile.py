@@ -29,10 +29,10 @@ import mixture
 import second_gradient
 import stacked_mnist
 import sweep_mixture
-from lib import cli, runs
-from lib import digit_classifier as mc
-from lib import image_training as it
 from test_runs import GAN, IMG, IMG_ANY_WORKERS, MIX, children, hold, kill, wait_for, write_cifar
+from unroll_examples import cli, runs
+from unroll_examples import digit_classifier as mc
+from unroll_examples import image_training as it
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -321,7 +321,7 @@ def test_a_full_disk_or_a_forbidden_file_ends_in_one_line_keeping_the_checkpoint
 def test_ctrl_c_ends_in_one_line_with_code_130_keeping_the_checkpoint(mix_copy: Path,
                                                                       monkeypatch: pytest.MonkeyPatch,
                                                                       capsys: pytest.CaptureFixture) -> None:
-    from lib import training
+    from unroll_examples import training
 
     def interrupt(self: Any, losses: Any) -> None:
         if self.step == 3:

@@ -9,7 +9,7 @@ import pytest
 
 import mixture
 import sharpness
-from lib.training import TrainConfig
+from unroll_examples.training import TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 

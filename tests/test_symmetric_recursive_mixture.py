@@ -12,8 +12,8 @@ import torch
 
 import symmetric_recursive as sr
 import unroll
-from lib.models import init_discriminator, init_generator
-from lib.training import Strategies, TrainConfig, Trainer
+from unroll_examples.models import init_discriminator, init_generator
+from unroll_examples.training import Strategies, TrainConfig, Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 

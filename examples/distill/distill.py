@@ -39,13 +39,10 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 import unroll
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "gan"))  # the shared helpers in examples/gan/lib
-
-from lib import runs  # noqa: E402
-from lib.cli import HelpFormatter, add_threads_flag, learning_rate, positive_int, seed  # noqa: E402
-from lib.mnist_data import load_mnist  # noqa: E402
-from lib.plotting import image_grid, pyplot, save_figure  # noqa: E402
+from unroll_examples import runs
+from unroll_examples.cli import HelpFormatter, add_threads_flag, learning_rate, positive_int, seed
+from unroll_examples.mnist_data import load_mnist
+from unroll_examples.plotting import image_grid, pyplot, save_figure
 
 Params = Dict[str, Tensor]
 LossFn = Callable[..., Tensor]
@@ -394,7 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="outer steps between saved checkpoints")
     p.add_argument("--monitor-every", type=positive_int, default=d.monitor_every,
                    help="outer steps between held-out accuracy prints (monitoring only)")
-    p.add_argument("--data-dir", default=None, help="folder with the MNIST test files (default: as lib.mnist_data)")
+    p.add_argument("--data-dir", default=None, help="folder with the MNIST test files (default: as "
+                        "unroll_examples.mnist_data)")
     p.add_argument("--out", default=None, help="output folder (default: runs/distill/ipc<N>_<init>[_window<T>])")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     add_threads_flag(p)

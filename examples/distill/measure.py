@@ -22,13 +22,12 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parents[1]))  # the repository root, for benchmarks.memory
+import distill  # this folder's script
+from unroll_examples import runs
+from unroll_examples.cli import positive_int
+from unroll_examples.memory import PROBE_ENV, peak_growth_bytes, supported
 
-import distill  # noqa: E402  (this folder; it puts examples/gan on the path for lib)
-from benchmarks.memory import PROBE_ENV, peak_growth_bytes, supported  # noqa: E402
-from lib import runs  # noqa: E402
-from lib.cli import positive_int  # noqa: E402
+HERE = Path(__file__).resolve().parent
 
 # At K = 100 and the main runs' outer batch: checkpoint 0 is the plain unroll, 100 (>= K) stores every step's state
 # and recomputes each step once, 10 is the default budget (binomial checkpointing: more recomputation, less memory).

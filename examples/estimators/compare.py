@@ -39,23 +39,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
+import problems
 import torch
+from problems import Params, Problem, fresh
 from torch import Tensor
 
 import unroll
+from unroll_examples import memory as memory_probe
+from unroll_examples import runs
+from unroll_examples.cli import HelpFormatter, add_threads_flag
+from unroll_examples.plotting import pyplot, save_figure
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-sys.path.insert(0, str(ROOT / "examples" / "gan"))  # lib.runs, lib.cli, lib.plotting
-sys.path.insert(0, str(ROOT))                       # benchmarks.memory
-
-import problems  # noqa: E402
-from problems import Params, Problem, fresh  # noqa: E402
-
-from benchmarks import memory as memory_probe  # noqa: E402
-from lib import runs  # noqa: E402
-from lib.cli import HelpFormatter, add_threads_flag  # noqa: E402
-from lib.plotting import pyplot, save_figure  # noqa: E402
 
 # ------------------------------------------------------------------------------------------------ configuration
 

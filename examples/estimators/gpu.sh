@@ -10,7 +10,7 @@
 # optimisation. Problems run one at a time, most informative first, each invocation adding one to the same
 # folder with --resume, so a run stopped at the deadline still leaves the summary of the problems it finished.
 # distillation needs the MNIST test split: $UNROLL_MNIST_DIR, else examples/estimators/data/mnist (ignored by git;
-# it reaches a device machine only when named in `carry`), else what examples/gan/lib/mnist_data.py finds; without
+# it reaches a device machine only when named in `carry`), else what examples/unroll_examples/mnist_data.py finds; without
 # it the run says so and skips that problem. The project needs no installing: the repository root goes on
 # PYTHONPATH. Settings from the environment: BUDGET_S, OUT, PROBLEMS (space-separated, in order), EXTRA_FLAGS
 # (appended to compare.py's), PYTHON, and DEVICE (default cuda; cpu only to try the script without a GPU).
@@ -22,7 +22,7 @@ read -r -a extra_flags <<<"${EXTRA_FLAGS:-}"   # appended to compare.py's flags 
 OUT="${OUT:-runs/gpu}"
 deadline=$(( $(date +%s) + BUDGET_S ))
 PYTHON="${PYTHON:-$(command -v python3 || command -v python)}"  # python3 holds torch on the device machine
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD:$PWD/examples${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 
 nvidia-smi --query-gpu=name --format=csv
 "$PYTHON" -c "import torch; print(torch.__version__, torch.version.cuda)"
@@ -32,7 +32,7 @@ if [ -z "${UNROLL_MNIST_DIR:-}" ] && [ -d examples/estimators/data/mnist ]; then
     export UNROLL_MNIST_DIR="$PWD/examples/estimators/data/mnist"
 fi
 read -r -a problems <<<"${PROBLEMS:-hyperparameter gan distillation hyperparameter_converged}"
-if ! "$PYTHON" -c "import sys; sys.path.insert(0, 'examples/gan'); from lib import mnist_data as md; \
+if ! "$PYTHON" -c "import sys; from unroll_examples import mnist_data as md; \
 sys.exit(0 if md.has_split('test') else 1)"; then
     echo "NOTE: no MNIST test split reaches this machine: distillation is skipped (it alone needs data)"
     read -r -a problems <<<"${problems[*]/distillation/}"

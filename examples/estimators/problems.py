@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import unroll
-from lib.mnist_data import load_mnist  # examples/gan/lib, on the path that compare.py (or pytest) sets
+from unroll_examples.mnist_data import load_mnist
 
 Params = Dict[str, Tensor]
 Loss = Callable[[Params, Params], Tensor]
@@ -152,7 +152,7 @@ def ridge_hypergradient(problem: Problem, phi: Params) -> Tensor:
 
 def mnist_digits(split_seed: int = 0) -> tuple[Tensor, Tensor]:
     """The MNIST test split (10,000 digits, md5-checked), 4x4-average-pooled to 7x7, normalised, in a fixed random
-    order: (images [10000, 49], labels). Loaded with ``examples/gan/lib/mnist_data.py``."""
+    order: (images [10000, 49], labels). Loaded with ``examples/unroll_examples/mnist_data.py``."""
     mnist = load_mnist("test", download=False)
     x = F.avg_pool2d(mnist.images.to(DTYPE).unsqueeze(1) / 255, 4).flatten(1)
     x = (x - MNIST_MEAN) / MNIST_STD

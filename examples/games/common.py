@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,11 +32,7 @@ import torch
 from torch import Tensor
 
 import unroll
-
-# The results-page kit (tables, notes, the command stamp) is shared with the GAN examples, whose folder holds the
-# package `lib`: the game scripts run from examples/games, so that folder is not on sys.path by itself.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "gan"))
-from lib import report  # noqa: E402
+from unroll_examples import report  # the results-page kit every example shares
 
 Payoff = Callable[[Tensor, Tensor], Tensor]
 """``f(x, y) -> scalar``: x minimises it, y maximises it."""

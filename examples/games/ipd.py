@@ -32,9 +32,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-import common  # puts examples/gan on sys.path: the results-page kit lib.report lives there
+import common
 import unroll
-from lib import report
+from unroll_examples import report
 
 # ---- configuration ----
 GAMMA = 0.96            # discount (paper)

@@ -8,7 +8,8 @@ seed by seed:
         --json docs/results/mixture_app_a/app_a_long_runs.json --at 2000 5000 10000
 
 writes ``{run folder name: {"config", "seeds", "records"}}`` (records: step, seed and the metrics of
-``lib/metrics.py``) and prints a markdown table: one row per run, one column per ``--at`` iteration, each cell
+``unroll_examples/metrics.py``) and
+prints a markdown table: one row per run, one column per ``--at`` iteration, each cell
 "strict modes / HQ %" per seed.
 """
 
@@ -19,10 +20,10 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from lib import runs
-from lib.cli import HelpFormatter
-from lib.metrics import metric_records
-from lib.sweeps import finished_run, table
+from unroll_examples import runs
+from unroll_examples.cli import HelpFormatter
+from unroll_examples.metrics import metric_records
+from unroll_examples.sweeps import finished_run, table
 
 
 def load_finished(folder: Path) -> Dict[str, Any]:

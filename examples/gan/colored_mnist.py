@@ -24,13 +24,13 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 
-from lib import image_experiment as ex
-from lib import image_models as models
-from lib import image_training as it
-from lib import runs
-from lib.image_metrics import foreground_colors, js_divergence_kde
-from lib.mnist_data import ColoredMNIST, load_mnist
-from lib.plotting import pyplot, save_figure
+from unroll_examples import image_experiment as ex
+from unroll_examples import image_models as models
+from unroll_examples import image_training as it
+from unroll_examples import runs
+from unroll_examples.image_metrics import foreground_colors, js_divergence_kde
+from unroll_examples.mnist_data import ColoredMNIST, load_mnist
+from unroll_examples.plotting import pyplot, save_figure
 
 # ------------------------------------------------------------------------------------------ configuration
 # The settings of this script: fields of ex.ImageConfig, each a flag of its name (js_samples -> --js-samples), in

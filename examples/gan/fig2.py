@@ -30,10 +30,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from lib import cli, runs
-from lib.ablations import MIN_HQ, describe_stable, n_modes_of, stable_steps
-from lib.cli import HelpFormatter, parse_seeds
-from lib.sweeps import (
+from unroll_examples import cli, runs
+from unroll_examples.ablations import MIN_HQ, describe_stable, n_modes_of, stable_steps
+from unroll_examples.cli import HelpFormatter, parse_seeds
+from unroll_examples.sweeps import (
     Cell,
     check_sweep,
     figure_for,
@@ -45,7 +45,7 @@ from lib.sweeps import (
     summary_stats,
     table,
 )
-from lib.training import TrainConfig
+from unroll_examples.training import TrainConfig
 
 # ---- configuration: the named presets (--paper picks "paper"); K is the unrolled GAN's, and K = 0 and the control
 # (K + 1 committed D steps) run beside it with the same other fields ----
@@ -82,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--paper", action="store_true",
                    help=f"App. A's settings, the paper preset: {cli.changed_fields(paper, converging)} (default: "
                         f"the converging preset {cli.changed_fields(converging, paper)})")
-    cli.add_config_flags(p, converging, presets=CONFIGS, only=FLAGS, title="training (lib/training.py TrainConfig)",
+    cli.add_config_flags(p, converging, presets=CONFIGS, only=FLAGS,
+                         title="training (unroll_examples/training.py TrainConfig)",
                          helps={"K": "unrolled discriminator steps of the unrolled GAN",
                                 "steps": "training iterations (one D + one G update)"})
     cli.add_config_flags(p, RUN)

@@ -35,10 +35,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lib import ablations as ab
-from lib.models import discriminator_forward
-from lib.sweeps import Cell
-from lib.training import LOSSES, SIZE_FLAGS, GeneratorRule, StepInputs, Strategies
+from unroll_examples import ablations as ab
+from unroll_examples.models import discriminator_forward
+from unroll_examples.sweeps import Cell
+from unroll_examples.training import LOSSES, SIZE_FLAGS, GeneratorRule, StepInputs, Strategies
 
 # ---- configuration: TRAINING's fields in FLAGS are flags of their names (--d-lr ...) whose defaults are its values
 # here (ablations.add_common_flags); the cells vary K and the discriminator ensembles ----

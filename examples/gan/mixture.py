@@ -22,21 +22,22 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from lib import cli, parallel, runs
-from lib.cli import MAX_SEEDS, HelpFormatter, add_threads_flag, parse_seeds
-from lib.runs import CHECKPOINT
-from lib.training import DEFAULT_CHECKPOINT_EVERY, TrainConfig, Trainer, TrainingDiverged, run_name
+from unroll_examples import cli, parallel, runs
+from unroll_examples.cli import MAX_SEEDS, HelpFormatter, add_threads_flag, parse_seeds
+from unroll_examples.runs import CHECKPOINT
+from unroll_examples.training import DEFAULT_CHECKPOINT_EVERY, TrainConfig, Trainer, TrainingDiverged, run_name
 
 # ---- configuration: every field of TRAINING and RUN is a flag of its name (weight_std -> --weight-std) whose
 # default is the field's value here (cli.add_config_flags); --help lists each with its default ----
 TRAINING = TrainConfig()
-"""App. A's settings: the defaults of :class:`lib.training.TrainConfig`, where each field's help and check sit."""
+"""App. A's settings: the defaults of :class:`unroll_examples.training.TrainConfig`, where each field's help and check
+sit."""
 DEFAULT_OUT = "runs/mixture"
 
 
 @dataclass(frozen=True)
 class RunOptions:
-    """Which seeds, where the outputs go and how the run is carried out (``--threads``: lib/cli.py)."""
+    """Which seeds, where the outputs go and how the run is carried out (``--threads``: unroll_examples/cli.py)."""
 
     seeds: str = cli.option("0-4", f"e.g. 0-9 or 0,3,7: trained together (vmapped), at most {MAX_SEEDS}")
     checkpoint_every: int = cli.option(DEFAULT_CHECKPOINT_EVERY, "iterations between checkpoints besides those "
@@ -51,7 +52,7 @@ RUN = RunOptions()
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    cli.add_config_flags(p, TRAINING, title="training (lib/training.py TrainConfig)")
+    cli.add_config_flags(p, TRAINING, title="training (unroll_examples/training.py TrainConfig)")
     cli.add_config_flags(p, RUN)
     add_threads_flag(p)
     return p

@@ -1,5 +1,5 @@
 """Train (or load from its cache) the MNIST digit classifier that labels Stacked MNIST samples, and report its
-held-out accuracy (the classifier itself: ``lib/digit_classifier.py``).
+held-out accuracy (the classifier itself: ``unroll_examples/digit_classifier.py``).
 
     python examples/gan/mnist_classifier.py                          # train (or load) and print the accuracy
     python examples/gan/mnist_classifier.py --retrain                # ignore the cache
@@ -18,16 +18,16 @@ from typing import Any, Dict, Optional, Sequence
 import torch
 from torch import nn
 
-from lib import digit_classifier as mc
-from lib.cli import HelpFormatter, add_threads_flag
-from lib.mnist_data import MNIST, PathLike, StackedMNIST, load_mnist
+from unroll_examples import digit_classifier as mc
+from unroll_examples.cli import HelpFormatter, add_threads_flag
+from unroll_examples.mnist_data import MNIST, PathLike, StackedMNIST, load_mnist
 
 
 def stacked_baseline(model: nn.Module, config: mc.ClassifierConfig, data_dir: Optional[PathLike],
                      n: int) -> Dict[str, Any]:
     """Table 1's numbers for ``n`` stacks of real held-out digits: the ceiling a generator can reach here, given
     finite samples and classifier errors; also the fraction of stacks whose mode label is right."""
-    from lib.image_metrics import stacked_mode_stats  # only this report needs scipy
+    from unroll_examples.image_metrics import stacked_mode_stats  # only this report needs scipy
 
     mnist = load_mnist(config.split, data_dir)
     _, hold = mc.split_indices(len(mnist), config.n_train, config.n_holdout, config.seed)

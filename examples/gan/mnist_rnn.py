@@ -23,12 +23,12 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence, Tuple
 
-from lib import diversity as dv
-from lib import image_experiment as ex
-from lib import image_models as models
-from lib import image_training as it
-from lib import runs
-from lib.mnist_data import load_mnist, to_symmetric
+from unroll_examples import diversity as dv
+from unroll_examples import image_experiment as ex
+from unroll_examples import image_models as models
+from unroll_examples import image_training as it
+from unroll_examples import runs
+from unroll_examples.mnist_data import load_mnist, to_symmetric
 
 # ------------------------------------------------------------------------------------------ configuration
 # The settings of this script: fields of ex.ImageConfig, each a flag of its name (lbfgs_iters -> --lbfgs-iters), in

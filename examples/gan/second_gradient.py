@@ -26,9 +26,9 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from lib import ablations as ab
-from lib.sweeps import Cell, table
-from lib.training import SIZE_FLAGS
+from unroll_examples import ablations as ab
+from unroll_examples.sweeps import Cell, table
+from unroll_examples.training import SIZE_FLAGS
 
 # ---- configuration: TRAINING's fields dataset, steps, d_lr, g_lr, unroll_lr, eval_every and eval_samples are flags
 # of their names (--d-lr ...) whose defaults are its values here (ablations.add_common_flags); the cells vary K,

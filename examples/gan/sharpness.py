@@ -21,14 +21,14 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from lib import REPO_ROOT, report, runs
-from lib.cli import HelpFormatter, add_threads_flag, parse_seeds
-from lib.data import make_mixture
-from lib.metrics import metric_records
-from lib.report import fmt, summary_stats, table
-from lib.runs import CHECKPOINT
-from lib.sweeps import final_records, finished_run, finite_records
-from lib.training import CHECKPOINT_KEYS, TrainConfig, Trainer, index_state, stack_states
+from unroll_examples import REPO_ROOT, report, runs
+from unroll_examples.cli import HelpFormatter, add_threads_flag, parse_seeds
+from unroll_examples.data import make_mixture
+from unroll_examples.metrics import metric_records
+from unroll_examples.report import fmt, summary_stats, table
+from unroll_examples.runs import CHECKPOINT
+from unroll_examples.sweeps import final_records, finished_run, finite_records
+from unroll_examples.training import CHECKPOINT_KEYS, TrainConfig, Trainer, index_state, stack_states
 
 # ---- configuration: (label, what changes) ----
 VARIANTS: Tuple[Tuple[str, Dict[str, Any]], ...] = (

@@ -24,15 +24,15 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from lib import REPO_ROOT, cli, report, runs
-from lib import ablations as ab
-from lib.cli import HelpFormatter, add_threads_flag, parse_seeds
-from lib.data import make_mixture
-from lib.metrics import fully_covered, metric_records
-from lib.plotting import histogram_extent
-from lib.report import fmt, summary_stats, table
-from lib.runs import CHECKPOINT
-from lib.sweeps import (
+from unroll_examples import REPO_ROOT, cli, report, runs
+from unroll_examples import ablations as ab
+from unroll_examples.cli import HelpFormatter, add_threads_flag, parse_seeds
+from unroll_examples.data import make_mixture
+from unroll_examples.metrics import fully_covered, metric_records
+from unroll_examples.plotting import histogram_extent
+from unroll_examples.report import fmt, summary_stats, table
+from unroll_examples.runs import CHECKPOINT
+from unroll_examples.sweeps import (
     Cell,
     CellMeta,
     check_sweep,
@@ -44,7 +44,7 @@ from lib.sweeps import (
     read_cell,
     run_cells,
 )
-from lib.training import SIZE_FLAGS, TrainConfig
+from unroll_examples.training import SIZE_FLAGS, TrainConfig
 
 # ---- configuration: MAIN's fields in FLAGS are flags of their names (--d-lr ...) whose defaults are its values here
 # (cli.add_config_flags); the main tables vary dataset, activation, weight_std, K and control (--datasets ...), the
@@ -344,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--horizons", type=int, nargs="+", default=HORIZONS,
                    help="iterations at which the page counts the seeds with full coverage")
     cli.add_config_flags(p, MAIN, only=FLAGS, helps=HELPS,
-                         title="every cell's training settings (lib/training.py TrainConfig)")
+                         title="every cell's training settings (unroll_examples/training.py TrainConfig)")
     ab.add_timing_flags(p)
     add_threads_flag(p)
     p.add_argument("--quick", action="store_true", help="one sensitivity cell only (smoke tests)")

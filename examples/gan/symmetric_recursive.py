@@ -35,10 +35,10 @@ import torch
 from torch import Tensor
 
 import unroll
-from lib import ablations as ab
-from lib.models import generator_forward
-from lib.sweeps import Cell
-from lib.training import (
+from unroll_examples import ablations as ab
+from unroll_examples.models import generator_forward
+from unroll_examples.sweeps import Cell
+from unroll_examples.training import (
     SIZE_FLAGS,
     GeneratorRule,
     Params,

@@ -17,5 +17,5 @@
 
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[3]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 """The repository's root folder (default places of results pages, data and caches)."""

@@ -6,6 +6,7 @@ Pure functions (rather than ``nn.Module``) make the per-seed parameters triviall
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Dict, Sequence
 
 import torch
@@ -20,6 +21,9 @@ INIT_GAIN = 0.8
 D_INPUT_SCALE = 0.25  # App. A: the discriminator scales its input down by 4, to roughly (-1, 1)
 
 ACTIVATIONS: Dict[str, Callable[[Tensor], Tensor]] = {"relu": torch.relu, "tanh": torch.tanh}
+D_INITS = ("orthogonal", "pytorch")
+"""The discriminator's initialisations (App. A leaves it open): G's orthogonal gain-0.8 init, or that of
+``torch.nn.Linear`` (weights and biases uniform in ±1/√fan_in)."""
 
 
 def _mlp_init(sizes: Sequence[int], generator: torch.Generator, gain: float) -> Params:
@@ -32,15 +36,31 @@ def _mlp_init(sizes: Sequence[int], generator: torch.Generator, gain: float) -> 
     return params
 
 
+def _linear_default_init(sizes: Sequence[int], generator: torch.Generator) -> Params:
+    # torch.nn.Linear.reset_parameters, draw for draw: kaiming_uniform_(a=√5) is U(±1/√fan_in), then the bias.
+    params: Params = {}
+    for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        weight, bias = torch.empty(fan_out, fan_in), torch.empty(fan_out)
+        torch.nn.init.kaiming_uniform_(weight, a=math.sqrt(5), generator=generator)
+        torch.nn.init.uniform_(bias, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in), generator=generator)
+        params[f"w{i}"], params[f"b{i}"] = weight.t().contiguous(), bias
+    return params
+
+
 def init_generator(generator: torch.Generator, latent_dim: int = LATENT_DIM, hidden: int = HIDDEN,
                    gain: float = INIT_GAIN) -> Params:
     """z in R^latent -> hidden -> hidden -> 2, orthogonal weights scaled by ``gain``, zero biases."""
     return _mlp_init((latent_dim, hidden, hidden, 2), generator, gain)
 
 
-def init_discriminator(generator: torch.Generator, hidden: int = HIDDEN, gain: float = INIT_GAIN) -> Params:
-    """2 -> hidden -> 1 logit. App. A gives no init for D; we use G's (orthogonal, gain 0.8) for both."""
-    return _mlp_init((2, hidden, 1), generator, gain)
+def init_discriminator(generator: torch.Generator, hidden: int = HIDDEN, gain: float = INIT_GAIN,
+                       init: str = "orthogonal") -> Params:
+    """2 -> hidden -> 1 logit. App. A gives no init for D: ``"orthogonal"`` uses G's (orthogonal, scaled by
+    ``gain``, zero biases), ``"pytorch"`` that of ``torch.nn.Linear`` (``gain`` unused); :data:`D_INITS`."""
+    if init not in D_INITS:
+        raise ValueError(f"init must be one of {', '.join(D_INITS)}, got {init!r}")
+    sizes = (2, hidden, 1)
+    return _mlp_init(sizes, generator, gain) if init == "orthogonal" else _linear_default_init(sizes, generator)
 
 
 def generator_forward(params: Params, z: Tensor, activation: str = "relu") -> Tensor:

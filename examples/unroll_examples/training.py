@@ -33,6 +33,7 @@ from .data import DATASETS, make_mixture
 from .metrics import METRIC_NAMES, all_metrics
 from .models import (
     ACTIVATIONS,
+    D_INITS,
     HIDDEN,
     LATENT_DIM,
     d_loss_from_logits,
@@ -107,6 +108,8 @@ class TrainConfig:
     batch: int = option(512, "minibatch size (App. A)", type=SIZE_FLAGS["batch"])
     eval_every: int = option(500, "iterations between evaluations (metrics, density.png and a checkpoint)")
     eval_samples: int = option(10_000, "generator samples per evaluation", type=SIZE_FLAGS["eval_samples"])
+    d_init: str = option("orthogonal", "discriminator init (App. A leaves it open): orthogonal, gain 0.8 (as G's), "
+                                       "or pytorch (torch.nn.Linear's default)", choices=D_INITS)
 
     @property
     def lookahead_lr(self) -> float:
@@ -130,6 +133,7 @@ class TrainConfig:
             (self.loss in LOSSES, f"loss must be one of {LOSSES}, got {self.loss!r}"),
             (self.unroll_batches in UNROLL_BATCHES, f"unroll_batches must be one of {UNROLL_BATCHES}"),
             (self.activation in ("relu", "tanh"), f"activation must be relu or tanh, got {self.activation!r}"),
+            (self.d_init in D_INITS, f"d_init must be one of {', '.join(D_INITS)}, got {self.d_init!r}"),
             (not (self.control and (self.stop_grad or self.average_over_steps)),
              "control runs do not unroll: stop_grad / average_over_steps make no sense with control"),
         ]
@@ -198,6 +202,20 @@ def step_inputs(batch: Batch, j: int) -> StepInputs:
 
 
 _d_grad_and_loss = torch.func.grad_and_value(d_inner_loss)
+
+D_METRIC_NAMES = ("d_accuracy", "d_loss_eval")
+"""The discriminator's numbers at each evaluation (:func:`discriminator_metrics`)."""
+
+
+def discriminator_metrics(d_params: Dict[str, Tensor], real: Tensor, fake: Tensor) -> Dict[str, float]:
+    """How well D tells ``real`` data points from generator samples ``fake`` (the evaluation's, not a training
+    batch): ``d_accuracy`` = (share of real points with D(x) > 1/2 + share of fakes with D(G(z)) < 1/2) / 2 (1/2:
+    chance; ties count as errors) and ``d_loss_eval`` = L_D = −mean log D(x) − mean log(1 − D(G(z))) (App. A's
+    loss; 2 log 2 ≈ 1.386 at D ≡ 1/2). Draws no random numbers."""
+    with torch.no_grad():
+        real_logits, fake_logits = discriminator_forward(d_params, real), discriminator_forward(d_params, fake)
+        accuracy = 0.5 * ((real_logits > 0).double().mean() + (fake_logits < 0).double().mean())
+        return {"d_accuracy": float(accuracy), "d_loss_eval": float(d_loss_from_logits(real_logits, fake_logits))}
 
 
 class GeneratorRule:
@@ -384,7 +402,7 @@ def make_iteration(cfg: TrainConfig, strategies: Optional[Strategies] = None, gr
 def init_state(cfg: TrainConfig, seed: int, strategies: Optional[Strategies] = None) -> TrainState:
     """Seed ``seed``'s initial parameters and fresh Adam states; independent of K and every other flag."""
     gen = torch.Generator().manual_seed(seed * _STREAMS + _INIT)
-    g, d = init_generator(gen), init_discriminator(gen)
+    g, d = init_generator(gen), init_discriminator(gen, init=cfg.d_init)
     opt = unroll.adam(cfg.d_lr, betas=_betas(cfg))  # the state layout does not depend on the lr
     rule = strategies.generator if strategies is not None else None
     extra = rule.init_extra(d) if rule is not None else {}  # the per-seed state of an experiment's generator rule
@@ -425,7 +443,8 @@ def write_records(records: List[Dict[str, Any]], meta: Dict[str, Any], out_dir: 
     runs.write_json(out_dir / "metrics.json", {**meta, "records": records})
     text = io.StringIO()
     if records:
-        writer = csv.DictWriter(text, fieldnames=list(records[0]))
+        # Every key of every record: a run resumed from before a metric was added has records with and without it.
+        writer = csv.DictWriter(text, fieldnames=list(dict.fromkeys(k for r in records for k in r)))
         writer.writeheader()
         writer.writerows(records)
     runs.atomic_write_bytes(out_dir / "metrics.csv", text.getvalue().encode())
@@ -450,6 +469,8 @@ def run_name(cfg: TrainConfig) -> str:
         parts.append(cfg.unroll_batches)
     if cfg.weight_std:
         parts.append(f"wstd{cfg.weight_std:g}")
+    if cfg.d_init != default.d_init:
+        parts.append(f"d{cfg.d_init}")
     return "_".join(parts)
 
 
@@ -554,7 +575,8 @@ class Trainer:
             metrics = all_metrics(samples, self.reference, m.centers, m.std, m.weights)
             losses = {k: (float(v[i]) if self.last_losses is not None else float("nan"))
                       for k, v in (self.last_losses or {"d_loss": None, "g_loss": None}).items()}
-            records.append({"step": self.step, "seed": seed, **metrics, **losses})
+            d_metrics = discriminator_metrics(index_state(self.state["d"], i), self.reference[:len(samples)], samples)
+            records.append({"step": self.step, "seed": seed, **metrics, **losses, **d_metrics})
             hists.append(density_histogram(samples, self.extent))
         self.records.extend(records)
         self.snapshots.append((self.step, torch.stack(hists)))

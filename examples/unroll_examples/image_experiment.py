@@ -4,16 +4,21 @@ script's presets at its top, the reduced one by default, ``--paper`` for the pap
 ``--help`` shows each default), validation before any work, the run folder
 (:func:`session`: lock, ``--resume`` and the stored settings, through :mod:`runs`), the deviations from the paper,
 tables, and the outputs every script writes (``results.json``, the figures and, with ``--per-seed FILE``, each run's
-final numbers in a small file to commit beside a results page: :func:`per_seed_record`)."""
+final numbers in a small file to commit beside a results page: :func:`per_seed_record`), and the results page made
+from that file through :mod:`report` (``--doc PAGE``; ``--report-only`` remakes it from the file alone, training
+nothing: :class:`PageSpec`, :func:`read_per_seed`, :func:`write_page`)."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
 import dataclasses
+import json
 import math
 import os
 import platform
+import shlex
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -22,7 +27,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optio
 
 import torch
 
-from . import cli, report, runs
+from . import REPO_ROOT, cli, report, runs
 from . import parallel as data_parallel
 from .cli import HelpFormatter, add_threads_flag
 from .image_models import parse_size, size_label
@@ -129,6 +134,14 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
                         "meant to be committed beside a results page, e.g. docs/results/stacked_mnist/"
                         "per_seed.json; a rerun of the same command on the same machine writes the same bytes "
                         "(default: none)")
+    p.add_argument("--doc", type=Path, default=None, metavar="PAGE",
+                   help="also write the results page PAGE from the per-seed numbers (their file: --per-seed, by "
+                        "default PAGE's folder/per_seed.json), keeping its hand-written blocks; with --report-only "
+                        "the default is docs/results/<experiment>.md (default: no page)")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: remake the results page --doc from the per-seed file --per-seed (default "
+                        "docs/results/<experiment>/per_seed.json), which is checked first; settings flags are "
+                        "ignored, the numbers and the command come from the file")
 
 
 def check_per_seed_path(path: Path) -> Optional[str]:
@@ -224,7 +237,8 @@ def config_parser(description: str, configs: Mapping[str, ImageConfig], names: S
                        f"{cli.flag_name(name)} {cli.as_typed(getattr(paper, name))}" for name in differ)
                         + " (explicit flags still override it)")
     cli.add_config_flags(p, reduced, presets=configs, only=names, helps=helps,
-                         title="settings (lib/image_experiment.py ImageConfig; the reduced preset unless --paper)")
+                         title="settings (unroll_examples/image_experiment.py ImageConfig; the reduced preset unless "
+                               "--paper)")
     add_run_flags(p)
     return p
 
@@ -271,7 +285,7 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace, settings: M
         p.error(str(error))
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error(f"--device {args.device}: CUDA is not available here")
-    if args.per_seed is not None:
+    if args.per_seed is not None and not args.report_only:
         problem = check_per_seed_path(args.per_seed)
         if problem:
             p.error(problem)
@@ -417,17 +431,21 @@ def per_seed_record(record: Mapping[str, Any]) -> Dict[str, Any]:
     return kept
 
 
-def per_seed_payload(name: str, command: str, settings: Mapping[str, Any], records: Sequence[Mapping[str, Any]]
-                     ) -> Dict[str, Any]:
+def per_seed_payload(name: str, command: str, settings: Mapping[str, Any], records: Sequence[Mapping[str, Any]],
+                     summary: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
     """What ``--per-seed`` writes: the experiment, the command, the settings, the evaluation settings the runs
-    share (when they all have the same) and every run's :func:`per_seed_record`, in the order the runs were
-    listed. No wall time, environment or timestamp: rerunning the command on the same machine and torch build writes
-    the same bytes (across CPUs the numbers themselves can differ: examples/gan/README.md, *Same numbers*)."""
+    share (when they all have the same), every run's :func:`per_seed_record`, in the order the runs were
+    listed, and ``summary`` when given (numbers of the whole experiment that no single run has, e.g. Table 3's
+    percent best rank, which compares the runs target by target). No wall time, environment or timestamp:
+    rerunning the command on the same machine and torch build writes the same bytes (across CPUs the numbers
+    themselves can differ: examples/gan/README.md, *Same numbers*)."""
     payload: Dict[str, Any] = {"experiment": name, "command": command, "settings": dict(settings)}
     shared = [r.get("eval_settings") for r in records]
     if records and shared[0] is not None and all(s == shared[0] for s in shared):
         payload["eval_settings"] = shared[0]
     payload["runs"] = [per_seed_record(r) for r in records]
+    if summary is not None:
+        payload["summary"] = dict(summary)
     return payload
 
 
@@ -435,12 +453,12 @@ def finish(out: Path, name: str, argv: Optional[Sequence[str]], settings: Mappin
            records: Sequence[Mapping[str, Any]], rows: Sequence[Mapping[str, Any]], table: str,
            trainers: Mapping[str, GANTrainer], specs: Sequence[RunSpec], start: float,
            extra: Optional[Mapping[str, Any]] = None, log: Callable[[str], None] = print,
-           per_seed: Optional[Path] = None) -> Dict[str, Any]:
+           per_seed: Optional[Path] = None, summary: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
     """Write ``results.json`` and the figures every script has, and print the table and the deviations.
 
     Figures: ``samples.png`` (final samples of each table cell's first finished seed), ``samples_over_training.png``
     (Fig. 3-style rows per cell) and ``losses.png``. With ``per_seed`` (the script's ``--per-seed``), also every
-    run's final numbers there (:func:`per_seed_payload`).
+    run's final numbers there, with ``summary`` (:func:`per_seed_payload`).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     first = first_finished(specs, trainers)
@@ -463,7 +481,7 @@ def finish(out: Path, name: str, argv: Optional[Sequence[str]], settings: Mappin
     }
     runs.write_json(out / "results.json", payload)
     if per_seed is not None:
-        runs.write_json(Path(per_seed), per_seed_payload(name, payload["command"], settings, records))
+        runs.write_json(Path(per_seed), per_seed_payload(name, payload["command"], settings, records, summary))
     log("")
     log(table)
     log("")
@@ -487,3 +505,309 @@ def split_note(mnist: Any, also: str = "") -> List[str]:
         return []
     return [f"data: the {mnist.description} (the training split is not available); the paper trains on the "
             f"training split{also}"]
+
+
+# ------------------------------------------------------------------------------------------- results pages
+
+RESULTS_DIR = REPO_ROOT / "docs" / "results"
+"""Where the committed results pages are (``<experiment>.md``, its figures and ``<experiment>/per_seed.json``)."""
+# A per-seed file is a few kB; anything far larger is not one (and is not read into memory).
+PER_SEED_MAX_BYTES = 4 * 2**20
+RUN_STATUSES = ("done", "diverged")
+# Characters that would break out of the page's code spans, code blocks, table cells or HTML comments.
+_UNSAFE_IN_PAGE = set("`|<>\n\r\t")
+
+
+class PerSeedError(runs.RunError):
+    """A per-seed file that cannot be a results page's numbers: reported as one line, before anything is
+    written."""
+
+
+@dataclass(frozen=True)
+class PageSpec:
+    """What a script's results page is made of besides the per-seed numbers.
+
+    ``keys`` are the fields that place a run in its table cell besides K and the seed (``{"X": str}``), ``metrics``
+    the numbers every finished run has; ``figures`` are ``(file name, alt text)`` in the run folder and beside the
+    page (the first opens the page, :func:`report.opening`); ``body(payload, doc)`` renders the tables;
+    ``check_summary(summary)`` says what is wrong with the file's ``summary`` (None when nothing is), and
+    ``about`` is the text a new page starts its hand-written block with."""
+
+    name: str
+    title: str
+    keys: Mapping[str, type]
+    metrics: Tuple[str, ...]
+    figures: Tuple[Tuple[str, str], ...]
+    body: Callable[[Mapping[str, Any], Path], List[str]]
+    check_summary: Optional[Callable[[Any], Optional[str]]] = None
+    about: str = ""
+
+    @property
+    def program(self) -> str:
+        return f"examples/gan/{self.name}.py"
+
+
+def default_page(name: str) -> Path:
+    return RESULTS_DIR / f"{name}.md"
+
+
+def page_per_seed_file(doc: Path) -> Path:
+    """The per-seed file of the page ``doc``: ``per_seed.json`` in the folder of the page's name."""
+    return Path(doc).with_suffix("") / "per_seed.json"
+
+
+def resolve_page_flags(p: argparse.ArgumentParser, args: argparse.Namespace, name: str) -> None:
+    """Fill in ``--doc`` and ``--per-seed`` where the page needs them (:func:`add_run_flags`): with
+    ``--report-only`` the committed page and its per-seed file, with ``--doc`` alone the page's per-seed file;
+    the per-seed file a page is written from is checked as ``--per-seed`` is."""
+    if args.report_only and args.doc is None:
+        args.doc = default_page(name)
+    if args.doc is not None and args.per_seed is None:
+        args.per_seed = page_per_seed_file(args.doc)
+        if not args.report_only:
+            problem = check_per_seed_path(args.per_seed)
+            if problem:
+                p.error(problem)
+    if args.doc is not None and Path(args.doc).suffix.lower() != ".md":
+        p.error(f"--doc {args.doc}: a results page is a .md file")
+
+
+def _is_number(value: Any) -> bool:
+    return runs.is_a(value, (int, float)) and math.isfinite(value)
+
+
+def _safe_text(value: Any) -> bool:
+    return isinstance(value, str) and value.isprintable() and not _UNSAFE_IN_PAGE & set(value)
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not a number a per-seed file may hold")
+
+
+def _unique_keys(pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
+    keys = [k for k, _ in pairs]
+    repeated = sorted({k for k in keys if keys.count(k) > 1})
+    if repeated:
+        raise ValueError(f"key {repeated[0]!r} appears twice in one object")
+    return dict(pairs)
+
+
+def _distinct(values: Any, kind: type, what: str) -> Optional[str]:
+    if not isinstance(values, list) or not values or not all(runs.is_a(v, kind) for v in values):
+        return f"{what} must be a non-empty list of {runs.type_name(kind)}"
+    if len(set(values)) != len(values):
+        return f"{what} must be distinct, got {values}"
+    return None
+
+
+def per_seed_problem(payload: Any, spec: PageSpec) -> Optional[str]:
+    """What is wrong with ``payload`` as the per-seed numbers of ``spec``'s page (None when nothing is): the
+    experiment's name, a ``python examples/gan/<name>.py`` command, the settings a page reads (distinct seeds and
+    K, sizes that are size labels, a positive number of iterations, a plain output folder), one entry per run
+    and table cell with its keys and a known status, and every metric of a finished run a finite number."""
+    if not isinstance(payload, dict):
+        return f"holds a JSON {type(payload).__name__} where an object is expected"
+    if payload.get("experiment") != spec.name:
+        return f"is the per-seed file of {payload.get('experiment')!r}, not of {spec.name!r}"
+    command = payload.get("command")
+    try:
+        words = shlex.split(command) if _safe_text(command) else []
+    except ValueError:
+        words = []
+    if words[:2] != ["python", spec.program]:
+        return f"'command' must be a one-line 'python {spec.program} ...' without backticks"
+    settings = payload.get("settings")
+    if not isinstance(settings, dict):
+        return "'settings' must be an object"
+    for field, kind in (("seeds", int), ("K", int)):
+        problem = _distinct(settings.get(field), kind, f"settings.{field}")
+        if problem:
+            return problem
+    if "X" in spec.keys:
+        problem = _distinct(settings.get("sizes"), str, "settings.sizes")
+        if problem:
+            return problem
+        try:
+            if any(size_label(parse_size(x)) != x for x in settings["sizes"]):
+                return f"settings.sizes must be size labels such as '1/4', got {settings['sizes']}"
+        except ValueError as error:
+            return f"settings.sizes: {error}"
+    if not runs.is_a(settings.get("steps"), int) or settings["steps"] < 1:
+        return "settings.steps must be a positive integer"
+    if not _safe_text(settings.get("out")):
+        return "settings.out must be a one-line folder name"
+    entries = payload.get("runs")
+    if not isinstance(entries, list) or not entries:
+        return "'runs' must be a non-empty list"
+    seen = set()
+    for i, entry in enumerate(entries):
+        where = f"runs[{i}]"
+        if not isinstance(entry, dict):
+            return f"{where} must be an object"
+        if not _safe_text(entry.get("run")):
+            return f"{where}.run must be a one-line name"
+        if entry.get("status") not in RUN_STATUSES:
+            return f"{where}.status must be one of {', '.join(RUN_STATUSES)}, got {entry.get('status')!r}"
+        if not runs.is_a(entry.get("seed"), int) or entry["seed"] not in settings["seeds"]:
+            return f"{where}.seed must be one of settings.seeds {settings['seeds']}, got {entry.get('seed')!r}"
+        if not runs.is_a(entry.get("K"), int) or entry["K"] not in settings["K"]:
+            return f"{where}.K must be one of settings.K {settings['K']}, got {entry.get('K')!r}"
+        if "X" in spec.keys and entry.get("X") not in settings["sizes"]:
+            return f"{where}.X must be one of settings.sizes {settings['sizes']}, got {entry.get('X')!r}"
+        for key, kind in spec.keys.items():
+            if not runs.is_a(entry.get(key), kind):
+                return f"{where}.{key} must be a {runs.type_name(kind)}"
+        if not runs.is_a(entry.get("step", 0), int) or entry.get("step", 0) < 0:
+            return f"{where}.step must be a non-negative integer"
+        if entry["status"] == "done":
+            for metric in spec.metrics:
+                if not _is_number(entry.get(metric)):
+                    return f"{where}.{metric} must be a finite number, got {entry.get(metric)!r}"
+        cell = (*(entry[k] for k in spec.keys), entry["K"], entry["seed"])
+        if cell in seen:
+            return f"{where} repeats the run of {dict(zip([*spec.keys, 'K', 'seed'], cell))}"
+        seen.add(cell)
+    if spec.check_summary is not None:
+        problem = spec.check_summary(payload.get("summary"))
+        if problem:
+            return f"summary: {problem}"
+    return None
+
+
+def read_per_seed(path: Path, spec: PageSpec) -> Dict[str, Any]:
+    """The per-seed numbers in ``path``, read as untrusted input: at most :data:`PER_SEED_MAX_BYTES`, strict JSON
+    (no NaN or infinities, no key twice in one object) and :func:`per_seed_problem` nothing. Anything else is a
+    :class:`PerSeedError`, one line naming the file and the problem."""
+    path = Path(path)
+    advice = "restore the committed file (git) or rerun the experiment with --per-seed"
+
+    def refuse(problem: str) -> PerSeedError:
+        return PerSeedError(f"per-seed file {path} {problem}; {advice}")
+
+    if not path.is_file():
+        raise refuse("does not exist" if not os.path.lexists(path) else "is not a file")
+    if path.stat().st_size > PER_SEED_MAX_BYTES:
+        raise refuse(f"is larger than {PER_SEED_MAX_BYTES} bytes")
+    try:
+        payload = json.loads(path.read_bytes().decode("utf-8"), parse_constant=_no_constants,
+                             object_pairs_hook=_unique_keys)
+    except OSError as error:
+        raise refuse(f"cannot be read ({error.strerror or error})") from None
+    except UnicodeDecodeError:
+        raise refuse("is not UTF-8 text") from None
+    except RecursionError:
+        raise refuse("is not valid JSON (nested too deeply)") from None
+    except ValueError as error:
+        raise refuse(f"is not valid JSON ({str(error).splitlines()[0][:120]})") from None
+    problem = per_seed_problem(payload, spec)
+    if problem:
+        raise refuse(problem if problem.startswith(("is ", "holds ")) else f"is damaged: {problem}")
+    return payload
+
+
+def runs_of(payload: Mapping[str, Any], **cell: Any) -> Dict[int, Mapping[str, Any]]:
+    """The finished runs of the table cell ``cell`` (e.g. ``X="1/4", K=5``), by seed."""
+    return {r["seed"]: r for r in payload["runs"]
+            if r["status"] == "done" and all(r.get(k) == v for k, v in cell.items())}
+
+
+def cell_stats(payload: Mapping[str, Any], metric: str, **cell: Any) -> Tuple[float, float]:
+    """Mean and standard error over the seeds of ``metric`` in the table cell ``cell`` (:func:`report.mean_and_se`:
+    NaN without runs, the standard error NaN for one)."""
+    return report.mean_and_se([r[metric] for r in runs_of(payload, **cell).values()])
+
+
+def seeds_text(seeds: Sequence[int]) -> str:
+    return ", ".join(str(s) for s in seeds)
+
+
+def _regenerate_command(spec: PageSpec, doc: Path, per_seed: Path) -> str:
+    words = ["python", spec.program, "--report-only"]
+    if Path(doc).resolve() != default_page(spec.name).resolve():
+        words += ["--doc", str(doc)]
+    if Path(per_seed).resolve() != page_per_seed_file(doc).resolve():
+        words += ["--per-seed", str(per_seed)]
+    return " ".join(shlex.quote(w) for w in words)
+
+
+def page_lines(spec: PageSpec, payload: Mapping[str, Any], doc: Path, per_seed: Path) -> List[str]:
+    """The page: the title, the opening (the kept verdict and the main figure), the kept ``about`` block (what is
+    measured, how to run it), the command that made the numbers (the per-seed file's, without ``--resume``, which
+    does not change them), the kept ``run`` block (when and where), the tables of ``spec.body``, the command that
+    remakes the page, and the kept notes."""
+    doc = Path(doc)
+    words = shlex.split(payload["command"])
+    made_by = report.command_line(words[1], words[2:], drop=("--resume", "--report-only"))
+    figures = [(doc.with_suffix("") / file, alt) for file, alt in spec.figures]
+    settings = payload["settings"]
+    verdict = (f"\n**Verdict: not written yet.** {len(settings['seeds'])} seeds, {settings['steps']:,} iterations "
+               f"per run; state what the table below shows and against which control.\n")
+    seeds = len(settings["seeds"])
+    link = report.link_from(doc, per_seed)
+    return [
+        f"# {spec.title}", "",
+        *report.opening(doc, figures[0] if figures else None, verdict),
+        report.notes_block(doc, f"\n{spec.about}\n", "about"), "",
+        "## Our numbers", "",
+        *report.made_by(made_by), "",
+        report.notes_block(doc, "\n", "run"), "",
+        f"Mean ± standard error over the {seeds} seeds (one seed: its value alone). Every run's final numbers are "
+        f"in [{link}]({link}), and `{settings['out']}/results.json` holds every run in full.", "",
+        *spec.body(payload, doc),
+        *report.made_by(_regenerate_command(spec, doc, per_seed),
+                        "This page is remade from those numbers, training nothing and keeping its hand-written "
+                        "text, by:"), "",
+        report.notes_block(doc, "\n"), "",
+    ]
+
+
+def write_page(spec: PageSpec, doc: Path, per_seed: Path) -> None:
+    """Write ``spec``'s page ``doc`` from the per-seed file ``per_seed`` (:func:`read_per_seed`: a damaged file is
+    refused before anything is written)."""
+    payload = read_per_seed(per_seed, spec)
+    report.write_page(Path(doc), page_lines(spec, payload, Path(doc), Path(per_seed)))
+
+
+def publish(spec: PageSpec, args: argparse.Namespace, out: Path, log: Callable[[str], None] = print) -> None:
+    """After training with ``--doc``: copy the page's figures from the run folder ``out`` beside the page, then
+    write the page from the per-seed file just written."""
+    if args.doc is None:
+        return
+    folder = Path(args.doc).with_suffix("")
+    for file, _ in spec.figures:
+        if (Path(out) / file).is_file():
+            folder.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(Path(out) / file, folder / file)
+    write_page(spec, args.doc, args.per_seed)
+    log(f"results page: {args.doc}")
+
+
+def report_only(spec: PageSpec, args: argparse.Namespace, log: Callable[[str], None] = print) -> int:
+    """``--report-only``: remake the page from its per-seed file, training nothing."""
+    write_page(spec, args.doc, args.per_seed)
+    log(f"results page: {args.doc} (from {args.per_seed})")
+    return 0
+
+
+def check_diversity_summary(summary: Any) -> Optional[str]:
+    """What is wrong with the ``summary`` of ``mnist_rnn.py`` and ``cifar10.py`` (None when nothing is): Table 3's
+    ``percent_best`` per K (0 to 100) and the data's ``data_mean_distance``; a file without a summary is read,
+    its page shows neither."""
+    if summary is None:
+        return None
+    if not isinstance(summary, dict) or not isinstance(summary.get("percent_best"), dict):
+        return "must be an object with 'percent_best' and 'data_mean_distance'"
+    for K, value in summary["percent_best"].items():
+        if not K.isdigit() or not _is_number(value) or not 0 <= value <= 100:
+            return f"percent_best[{K!r}] must be a percentage of a K, got {value!r}"
+    if not _is_number(summary.get("data_mean_distance")) or summary["data_mean_distance"] < 0:
+        return f"data_mean_distance must be a non-negative number, got {summary.get('data_mean_distance')!r}"
+    return None
+
+
+def diversity_summary(diversity: Mapping[str, Mapping[str, float]], data_profile: Mapping[str, Any]
+                      ) -> Dict[str, Any]:
+    """The per-seed file's ``summary`` of the diversity scripts: Table 3's percent best rank per K and the mean
+    pair distance of the data."""
+    return {"percent_best": {K: row["percent_best"] for K, row in diversity.items()},
+            "data_mean_distance": data_profile["mean_distance"]}

@@ -56,7 +56,7 @@ def add_common_flags(p: argparse.ArgumentParser, training: TrainConfig, *, out: 
     """Flags every ablation sweep has: one per TrainConfig field in ``fields``, its default from ``training`` (the
     script's settings, :data:`COMMON` with its ``steps``), and the sweep's own flags."""
     cli.add_config_flags(p, training, only=fields, helps={k: v for k, v in COMMON_HELPS.items() if k in fields},
-                         title="every cell's training settings (lib/training.py TrainConfig)")
+                         title="every cell's training settings (unroll_examples/training.py TrainConfig)")
     p.add_argument("--seeds", default=seeds, help="paired seeds, trained together (e.g. 0-4)")
     p.add_argument("--min-hq", type=float, default=MIN_HQ,
                    help="share of high-quality samples that 'stable coverage' requires besides all modes")
@@ -190,11 +190,14 @@ def describe_stable(steps: Sequence[Optional[int]]) -> str:
 
 RESULT_HEADER = ["run", "iterations", "stable coverage (iteration)", "modes (strict)", "all modes", "HQ %",
                  "reverse KL", "s / iteration"]
+STRICT_FIRST_MODES = "strict modes (lenient)"
+"""The modes column's header with ``strict_first`` (:func:`result_row`): the strict count, then the lenient one."""
 
 
 def result_row(label: str, cell: Cell, meta: Optional[Dict[str, Any]], n_modes: int, min_hq: float,
-               log: Sequence[Dict[str, Any]]) -> List[str]:
-    """One table row: steps to stable coverage and the final metrics (mean ± s.e. over seeds)."""
+               log: Sequence[Dict[str, Any]], strict_first: bool = False) -> List[str]:
+    """One table row: steps to stable coverage and the final metrics (mean ± s.e. over seeds); the modes column
+    is "lenient (strict)", or with ``strict_first`` "strict (lenient)" (:data:`STRICT_FIRST_MODES`)."""
     if meta is None:
         return [label, "not run"] + [""] * (len(RESULT_HEADER) - 2)
     step = max(r["step"] for r in meta["records"])
@@ -206,7 +209,8 @@ def result_row(label: str, cell: Cell, meta: Optional[Dict[str, Any]], n_modes: 
         return [label, f"{step}{status}", "diverged"] + [""] * 4 + [cost_text]
     stats = {k: summary_stats([r[k] for r in recs]) for k in ("modes", "modes_strict", "hq", "reverse_kl")}
     return [label, f"{step}{status}", describe_stable(stable_steps(meta, n_modes, min_hq)),
-            f"{fmt(stats['modes'], digits=1)} ({fmt(stats['modes_strict'], digits=1)})",
+            (f"{fmt(stats['modes_strict'], digits=1)} ({fmt(stats['modes'], digits=1)})" if strict_first else
+             f"{fmt(stats['modes'], digits=1)} ({fmt(stats['modes_strict'], digits=1)})"),
             f"{sum(r['modes'] == n_modes for r in recs)}/{len(recs)}", fmt(stats["hq"], 100, 1),
             fmt(stats["reverse_kl"], digits=3), cost_text]
 
@@ -220,17 +224,19 @@ def seed_numbers(meta: Dict[str, Any], n_modes: int, min_hq: float) -> Dict[str,
 
 def timed_results_table(metas: Sequence[CellMeta], args: argparse.Namespace, n_modes: int,
                         log: Sequence[Dict[str, Any]], costs: Dict[str, float],
-                        reference: Optional[Tuple[str, str]] = None) -> str:
+                        reference: Optional[Tuple[str, str]] = None, strict_first: bool = False) -> str:
     """:func:`results_table` with a last column: each cell's timed cost per iteration over the first cell's
-    (the plain GAN), or over ``reference`` = (its folder, its name in the header)."""
+    (the plain GAN), or over ``reference`` = (its folder, its name in the header); ``strict_first``: as in
+    :func:`result_row`."""
     folder, name = reference or (metas[0][0].folder, "K=0")
     plain = costs.get(folder)
     rows = []
     for cell, meta in metas:
         cost = costs.get(cell.folder)
-        rows.append(result_row(cell.label, cell, meta, n_modes, args.min_hq, log)
+        rows.append(result_row(cell.label, cell, meta, n_modes, args.min_hq, log, strict_first)
                     + ["" if cost is None or plain is None else f"{cost / plain:.2f}×"])
-    return table(rows, RESULT_HEADER + [f"cost vs {name} (timed)"])
+    header = [STRICT_FIRST_MODES if strict_first and h == "modes (strict)" else h for h in RESULT_HEADER]
+    return table(rows, header + [f"cost vs {name} (timed)"])
 
 
 def per_seed_json(args: argparse.Namespace, metas: Sequence[CellMeta], n_modes: int, command: str,

@@ -2,6 +2,10 @@
 benchmarks) render them the same way: markdown tables, mean ± standard error over seeds, the hand-written notes
 kept across regenerations, the command that made the page, and the per-seed numbers written beside it.
 
+Every page opens the same way (:func:`opening`): the title, a first paragraph that states the verdict with its
+seeds count, its budget and its control (hand-written, kept across regenerations), then the page's main figure;
+the settings and commands follow.
+
 One convention for the spread over seeds: the standard error of the mean is s / √n with the sample standard
 deviation s (n − 1 in the denominator). For a single seed it is undefined, so it is NaN here and a table shows
 the single value alone, without "±" (never a made-up "± 0").
@@ -40,6 +44,20 @@ def summary_stats(values: Sequence[float]) -> Dict[str, float]:
     return {"mean": mean, "se": se, "median": median, "n": len(values)}
 
 
+def _decimals(value: float, digits: int) -> int:
+    """Decimal places that show ``value`` to ``digits`` significant figures (none for whole parts beyond them)."""
+    return 0 if value == 0 or not math.isfinite(value) else max(0, digits - 1 - math.floor(math.log10(abs(value))))
+
+
+def plus_minus_sig(mean: float, spread: float, digits: int = 2) -> str:
+    """``"mean ± spread"`` with the spread rounded to ``digits`` significant figures and the mean to the same
+    decimal place (``144 ± 29``, ``6.07 ± 0.49``, ``0.294 ± 0.010``); when the spread is NaN (one seed:
+    undefined) the mean alone, to ``digits + 1`` significant figures (``144``, ``6.07``)."""
+    if math.isnan(spread):
+        return format(mean, f".{_decimals(mean, digits + 1)}f")
+    return plus_minus(mean, spread, f".{_decimals(spread, digits)}f")
+
+
 def plus_minus(mean: float, spread: float, mean_spec: str = ".2f", spread_spec: Optional[str] = None) -> str:
     """``"mean ± spread"`` with the format specs given (``spread_spec`` defaults to ``mean_spec``); the mean
     alone when the spread is NaN (one seed: undefined)."""
@@ -66,19 +84,49 @@ def table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def kept_notes(doc: Path, default: str = "") -> str:
-    """The hand-written text between the notes markers of the existing page ``doc``; ``default`` when there is
-    no such page or it has no markers."""
+def notes_markers(name: str = "") -> Tuple[str, str]:
+    """The markers around a page's hand-written block ``name``: ``<!-- notes -->`` ... ``<!-- /notes -->`` for
+    the unnamed block, ``<!-- notes:NAME -->`` ... ``<!-- /notes:NAME -->`` for a named one (a page may keep
+    several, e.g. its verdict and its notes)."""
+    if not name:
+        return NOTES_BEGIN, NOTES_END
+    if not name.replace("_", "").isalnum():
+        raise ValueError(f"notes block name {name!r}: use letters, digits and underscores")
+    return f"<!-- notes:{name} -->", f"<!-- /notes:{name} -->"
+
+
+def kept_notes(doc: Path, default: str = "", name: str = "") -> str:
+    """The hand-written text between the markers of block ``name`` (:func:`notes_markers`) of the existing page
+    ``doc``; ``default`` when there is no such page or it has no such block."""
     path = Path(doc)
     text = path.read_text() if path.exists() else ""
-    if NOTES_BEGIN in text and NOTES_END in text:
-        return text[text.index(NOTES_BEGIN) + len(NOTES_BEGIN):text.index(NOTES_END)]
+    begin, end = notes_markers(name)
+    start = text.find(begin)
+    stop = text.find(end, start + len(begin)) if start >= 0 else -1
+    if start >= 0 and stop >= 0:
+        return text[start + len(begin):stop]
     return default
 
 
-def notes_block(doc: Path, default: str = "") -> str:
-    """The notes markers with :func:`kept_notes` between them: the line a page keeps its notes in."""
-    return NOTES_BEGIN + kept_notes(doc, default) + NOTES_END
+def notes_block(doc: Path, default: str = "", name: str = "") -> str:
+    """The markers of block ``name`` with :func:`kept_notes` between them: the lines a page keeps its notes in."""
+    begin, end = notes_markers(name)
+    return begin + kept_notes(doc, default, name) + end
+
+
+def figure(doc: Path, path: Path, alt: str) -> str:
+    """The markdown of the image ``path`` in the page ``doc`` (:func:`link_from`)."""
+    return f"![{alt}]({link_from(doc, path)})"
+
+
+def opening(doc: Path, main_figure: Optional[Tuple[Path, str]] = None, default_verdict: str = "") -> List[str]:
+    """The lines a page opens with, right after its title: its verdict, a hand-written block (``verdict``, kept
+    across regenerations; ``default_verdict`` on a new page) that states the verdict with its seeds count, its
+    budget and its control, then the main figure ``(path, alt text)``, shown when the file exists."""
+    lines = [notes_block(doc, default_verdict, "verdict"), ""]
+    if main_figure is not None and Path(main_figure[0]).is_file():
+        lines += [figure(doc, *main_figure), ""]
+    return lines
 
 
 def command_line(program: str, argv: Optional[Sequence[str]] = None, *, drop: Sequence[str] = (),
