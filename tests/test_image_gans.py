@@ -256,7 +256,7 @@ def test_trainer_resume_equals_uninterrupted(tmp_path: Path) -> None:
 
     class KilledAfterFour(it.GANTrainer):
         def train_step(self) -> Any:
-            if self.step == 4:  # the process dies during iteration 5; the checkpoint holds iteration 3
+            if self.step == 3:  # dies during iteration 4: the checkpoint of iteration 3 (checkpoint_every) is the last
                 raise KeyboardInterrupt
             return super().train_step()
 
@@ -471,11 +471,11 @@ def test_colored_mnist_resume_equals_uninterrupted(tmp_path: Path, monkeypatch: 
     assert [_comparable(r) for r in got["runs"]] == [_comparable(r) for r in expected["runs"]]
     assert got["table"] == expected["table"]
     for run in ("X1_4-K0-seed0", "X1_4-K2-seed0"):
-        a = torch.load(whole / run / it.CHECKPOINT, weights_only=True)
-        b = torch.load(part / run / it.CHECKPOINT, weights_only=True)
-        assert all(torch.equal(a["G"][k], b["G"][k]) for k in a["G"])
-        assert torch.equal(a["losses"], b["losses"])
-        assert all(torch.equal(x[1], y[1]) for x, y in zip(a["snapshots"], b["snapshots"]))
+        a = runs.read_final(whole / run / runs.FINAL)
+        b = runs.read_final(part / run / runs.FINAL)
+        assert all(torch.equal(a.state["G"][k], b.state["G"][k]) for k in a.state["G"])
+        assert torch.equal(a.log["losses"], b.log["losses"])
+        assert all(torch.equal(x[1], y[1]) for x, y in zip(a.log["snapshots"], b.log["snapshots"]))
 
 
 def assert_outputs_colored(out: Path) -> Dict[str, Any]:

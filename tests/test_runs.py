@@ -470,8 +470,8 @@ def test_image_script_killed_at_random_moments_resumes_to_the_uninterrupted_numb
     assert comparable(got["runs"]) == comparable(whole["runs"]) and got["table"] == whole["table"]
     for run in ("K0-seed0", "K1-seed0"):
         a, b = (runs.load_checkpoint(d / run / runs.CHECKPOINT) for d in (tmp_path / "whole", part))
-        assert_same_tensors(a["G"], b["G"])
-        assert torch.equal(a["losses"], b["losses"])
+        assert_same_tensors(a["state"]["G"], b["state"]["G"])
+        assert torch.equal(a["log"]["losses"], b["log"]["losses"])
 
 
 @pytest.mark.skipif(not runs.can_fork(), reason="workers need the 'fork' start method")

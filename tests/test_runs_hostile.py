@@ -153,9 +153,14 @@ CHECKPOINT_DAMAGE = {
     "bool step": (lambda c: c.update(step=True), "its step is bool"),
     "float step": (lambda c: c.update(step=1.5), "its step is float"),
     "step beyond --steps": (lambda c: c.update(step=99), "beyond --steps 3"),
-    "config not a dict": (lambda c: c.update(config=7), "its config is int"),
-    "garbage snapshots": (lambda c: c.update(snapshots=[(0, "garbage")]), "density snapshot"),
-    "garbage records": (lambda c: c.update(records=[1]), "metrics record"),
+    "settings not a dict": (lambda c: c.update(settings=7), "its settings is int"),
+    "another format": (lambda c: c.update(format="unroll_examples final v1"), "not a 'unroll_examples checkpoint"),
+    "no log": (lambda c: c.pop("log"), "no log"),
+    "negative train_seconds": (lambda c: c.update(train_seconds=-1.0), "its train_seconds is -1.0"),
+    "garbage snapshots": (lambda c: c["log"].update(snapshots=[(0, "garbage")]), "density snapshot"),
+    "snapshots not a list": (lambda c: c["log"].update(snapshots=3), "its log's snapshots is 3, not list"),
+    "garbage records": (lambda c: c["log"].update(records=[1]), "metrics record"),
+    "another random stream": (lambda c: c["rng"].update(other=[]), "random streams ['extra', 'main', 'other']"),
     "adam moment of another shape": (lambda c: c["state"]["d_opt"]["exp_avg"].update(w0=torch.zeros(2, 3)),
                                      "state.d_opt.exp_avg.w0 is (2, 3)"),
     "negative adam step": (lambda c: c["state"]["g_opt"].update(step=-c["state"]["g_opt"]["step"]),
@@ -200,7 +205,7 @@ def test_an_image_checkpoint_with_adam_moments_of_another_shape_is_refused(tmp_p
     path = out / "K0-seed0" / runs.CHECKPOINT
 
     def reshape(ckpt: Dict[str, Any]) -> None:
-        state = next(iter(ckpt["d_opt"]["state"].values()))
+        state = next(iter(ckpt["state"]["d_opt"]["state"].values()))
         state["exp_avg"] = torch.zeros(3)
 
     damage(path, reshape)

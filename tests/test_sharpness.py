@@ -67,5 +67,29 @@ def test_bad_sources_and_seeds_are_one_line_errors(source: Path, tmp_path: Path,
     assert error.value.code == 2 and "[7] are not in" in capsys.readouterr().err
     assert sharpness.main(["--from", str(tmp_path / "nothing"), "--out", str(tmp_path / "o"),
                            "--doc", str(tmp_path / "d.md")]) == 2
-    assert "there is no checkpoint" in capsys.readouterr().err
+    assert "no readable metrics.json" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_the_source_is_read_from_its_final_state_never_its_checkpoint(source: Path, tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture) -> None:
+    """final.pt is what a finished run exports for tools: without it (or with a damaged one) the sharpness sweep
+    stops with one line naming it, before any variant is made; the checkpoint is never read."""
+    import shutil
+
+    from unroll_examples import runs
+
+    copy = tmp_path / "copy"
+    shutil.copytree(source, copy)
+    (copy / runs.CHECKPOINT).write_bytes(b"garbage the sweep must not read")
+    final = runs.read_final(copy / runs.FINAL)
+    assert final.step == 4 and final.settings["seeds"] == [0, 1]
+    args = ["--from", str(copy), "--steps", "2", "--eval-every", "2", "--out", str(tmp_path / "o"),
+            "--doc", str(tmp_path / "d.md"), "--no-progress"]
+    (copy / runs.FINAL).unlink()
+    assert sharpness.main(args) == 2
+    assert "there is no checkpoint" in capsys.readouterr().err and not (tmp_path / "o").exists()
+    runs.save_checkpoint({**final.payload(runs.CHECKPOINT_FORMAT)}, copy / runs.FINAL)  # a checkpoint, not a final
+    assert sharpness.main(args) == 2
+    err = capsys.readouterr().err
+    assert "final.pt" in err and "not a 'unroll_examples final v1' one" in err and not (tmp_path / "o").exists()

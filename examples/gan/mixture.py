@@ -24,8 +24,8 @@ import torch
 
 from unroll_examples import cli, parallel, runs
 from unroll_examples.cli import MAX_SEEDS, HelpFormatter, add_threads_flag, parse_seeds
-from unroll_examples.runs import CHECKPOINT
-from unroll_examples.training import DEFAULT_CHECKPOINT_EVERY, TrainConfig, Trainer, TrainingDiverged, run_name
+from unroll_examples.runs import CHECKPOINT, FINAL
+from unroll_examples.training import DEFAULT_CHECKPOINT_EVERY, DENSITY, TrainConfig, Trainer, TrainingDiverged, run_name
 
 # ---- configuration: every field of TRAINING and RUN is a flag of its name (weight_std -> --weight-std) whose
 # default is the field's value here (cli.add_config_flags); --help lists each with its default ----
@@ -109,7 +109,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"error: {error} (see {out})", file=sys.stderr)
             return 3
     print(summarize(records, trainer.step, trainer.mixture.n_modes))
-    print(f"outputs in {out}: metrics.json, metrics.csv, density.png, {CHECKPOINT}")
+    print(f"training time {trainer.train_seconds:.1f} s, {1e3 * trainer.train_seconds / max(trainer.step, 1):.1f} ms "
+          f"per iteration (evaluations and checkpoints excluded)")
+    print(f"outputs in {out}: metrics.json, metrics.csv, density.png, {DENSITY}, {FINAL}, {CHECKPOINT}")
     return 0
 
 

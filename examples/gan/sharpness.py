@@ -3,9 +3,9 @@
 At convergence our unrolled generators cover every mode but keep a halo of samples along the circle between
 them: 15-28% high-quality (HQ) samples, where VEEGAN reports 35.6% for Unrolled GAN. Candidate causes: too few
 iterations, learning rates that stay high to the end, a small batch, the saturating generator loss. Each variant
-starts from the same checkpoint of a finished run (``mixture.py`` or a sweep cell: its parameters, Adam states and
-data streams) and trains ``--steps`` more iterations with one factor changed; "continue" changes nothing (the same
-run, longer), so every other row is read against it.
+starts from the same finished run (``mixture.py`` or a sweep cell: the parameters, Adam states and data streams
+its ``final.pt`` exports) and trains ``--steps`` more iterations with one factor changed; "continue" changes nothing
+(the same run, longer), so every other row is read against it.
 
     python examples/gan/sharpness.py --from runs/mixture_sweep/main/<cell> --seeds 0-4 --steps 500
 
@@ -26,9 +26,9 @@ from unroll_examples.cli import HelpFormatter, add_threads_flag, parse_seeds
 from unroll_examples.data import make_mixture
 from unroll_examples.metrics import metric_records
 from unroll_examples.report import fmt, summary_stats, table
-from unroll_examples.runs import CHECKPOINT
+from unroll_examples.runs import CHECKPOINT, FINAL
 from unroll_examples.sweeps import final_records, finished_run, finite_records
-from unroll_examples.training import CHECKPOINT_KEYS, TrainConfig, Trainer, index_state, stack_states
+from unroll_examples.training import TrainConfig, Trainer, select_seeds
 
 # ---- configuration: (label, what changes) ----
 VARIANTS: Tuple[Tuple[str, Dict[str, Any]], ...] = (
@@ -50,36 +50,30 @@ def variant_config(base: TrainConfig, change: Dict[str, Any], steps: int) -> Tra
         loss=change.get("loss", base.loss))
 
 
-def load_source(folder: Path, seeds: Optional[Sequence[int]]) -> Tuple[TrainConfig, List[int], Dict[str, Any]]:
-    """A finished run's configuration, the chosen seeds, and their state and data streams at its last step."""
-    ckpt = runs.load_checkpoint(folder / CHECKPOINT, CHECKPOINT_KEYS)
+def load_source(folder: Path, seeds: Optional[Sequence[int]]
+                ) -> Tuple[TrainConfig, runs.Checkpoint, List[Dict[str, Any]]]:
+    """A finished run's configuration, its final state restricted to the chosen seeds (default: all), and their
+    metric records at its last iteration."""
     meta = finished_run(folder)
-    cfg = TrainConfig(**ckpt["config"])
-    all_seeds = [int(s) for s in ckpt["seeds"]]
-    chosen = all_seeds if seeds is None else list(seeds)
-    missing = sorted(set(chosen) - set(all_seeds))
-    if missing:
-        raise ValueError(f"--seeds {missing} are not in {folder} (it has {all_seeds})")
-    index = [all_seeds.index(s) for s in chosen]
-    state = stack_states([index_state(ckpt["state"], i) for i in index])
-    rng = {name: [streams[i] for i in index] for name, streams in ckpt["rng"].items()}
-    return cfg, chosen, {"state": state, "rng": rng, "step": int(ckpt["step"]),
-                         "records": [r for r in meta["records"] if r["step"] == ckpt["step"] and r["seed"] in chosen]}
+    final = runs.read_final(folder / FINAL)
+    config = {k: v for k, v in final.settings.items() if k != "seeds"}
+    with runs.reading(folder / FINAL):
+        cfg = TrainConfig(**config)
+    chosen = [int(s) for s in final.settings.get("seeds", [])] if seeds is None else list(seeds)
+    final = select_seeds(final, chosen)
+    records = [r for r in meta["records"] if r["step"] == final.step and r["seed"] in chosen]
+    return cfg, final, records
 
 
-def train_variant(cfg: TrainConfig, seeds: List[int], source: Dict[str, Any], folder: Path,
-                  progress: bool) -> Dict[str, Any]:
-    """Train one variant from the source state (or from its own checkpoint after a kill); its metrics.json."""
+def train_variant(cfg: TrainConfig, source: runs.Checkpoint, folder: Path, progress: bool) -> Dict[str, Any]:
+    """Train one variant from the source's final state (or from its own checkpoint after a kill); its
+    metrics.json."""
     meta = runs.read_json(folder / "metrics.json")
     if meta is not None and meta["status"] == "done":
         return meta
     resume = (folder / CHECKPOINT).exists()
-    trainer = Trainer(cfg, seeds, out_dir=folder, resume=resume, progress=progress)
-    if not resume:
-        trainer.state = source["state"]
-        for name, gens in trainer.streams.items():
-            for gen, rng_state in zip(gens, source["rng"][name]):
-                gen.set_state(rng_state)
+    trainer = Trainer(cfg, source.settings["seeds"], out_dir=folder, resume=resume, progress=progress,
+                      start=None if resume else source)
     trainer.run()
     return runs.read_json(folder / "metrics.json")
 
@@ -94,7 +88,7 @@ def row(label: str, records: List[Dict[str, Any]], n_modes: int) -> List[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--from", dest="source", required=True, help="a finished run folder (checkpoint.pt, metrics.json)")
+    p.add_argument("--from", dest="source", required=True, help="a finished run folder (final.pt, metrics.json)")
     p.add_argument("--seeds", default=None, help="a subset of the run's seeds (default: all)")
     p.add_argument("--steps", type=int, default=500, help="fine-tuning iterations per variant")
     p.add_argument("--eval-every", type=int, default=250, help="iterations between evaluations")
@@ -115,26 +109,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error("--steps and --eval-every must be >= 1")
     try:
         seeds = None if args.seeds is None else parse_seeds(args.seeds)
-        base, seeds, source = load_source(Path(args.source), seeds)
+        base, source, source_records = load_source(Path(args.source), seeds)
+        seeds = source.settings["seeds"]
     except ValueError as error:
         parser.error(str(error))
     torch.set_num_threads(args.threads)
     n_modes = make_mixture(base.dataset).n_modes
-    start = source["step"]
-    rows = [row(f"source run at iteration {start}", source["records"], n_modes)]
+    start = source.step
+    rows = [row(f"source run at iteration {start}", source_records, n_modes)]
     numbers: Dict[str, Any] = {"source": str(args.source), "source_step": start, "seeds": seeds, "variants": []}
     with runs.claim(Path(args.out), resume=None):  # variants continue from their own checkpoints
         for label, change in VARIANTS:
             cfg = dataclasses.replace(variant_config(base, change, args.steps), eval_every=args.eval_every)
             name = label.split(" (")[0].replace(" ", "_").replace("×", "x")
-            meta = train_variant(cfg, seeds, source, Path(args.out) / name, not args.no_progress)
+            meta = train_variant(cfg, source, Path(args.out) / name, not args.no_progress)
             rows.append(row(f"{label}, +{args.steps}", final_records(meta), n_modes))
             numbers["variants"].append({"label": label, "config": dataclasses.asdict(cfg),
                                         "records": metric_records(meta["records"])})
     command = report.command_line("examples/gan/sharpness.py", argv)
     doc = Path(args.doc)
     per_seed_line = report.write_per_seed(doc, doc.with_suffix("") / "per_seed.json", numbers)
-    lines = ["# Sharpness: fine-tuning a finished run one factor at a time", "", *report.made_by(command),
+    lines = ["# Sharpness: fine-tuning a finished run one factor at a time", "", *report.opening(doc),
+             *report.made_by(command),
              "", f"Source: `{args.source}` ({base.dataset}, K={base.K}{' control' if base.control else ''}, D lr "
              f"{base.d_lr:g}, G lr {base.g_lr:g}, look-ahead lr {base.lookahead_lr:g}, batch {base.batch}, "
              f"{base.loss} loss), seeds {seeds}, from iteration {start}. Each variant trains {args.steps} more "

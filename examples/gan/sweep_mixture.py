@@ -31,7 +31,6 @@ from unroll_examples.data import make_mixture
 from unroll_examples.metrics import fully_covered, metric_records
 from unroll_examples.plotting import histogram_extent
 from unroll_examples.report import fmt, summary_stats, table
-from unroll_examples.runs import CHECKPOINT
 from unroll_examples.sweeps import (
     Cell,
     CellMeta,
@@ -44,7 +43,7 @@ from unroll_examples.sweeps import (
     read_cell,
     run_cells,
 )
-from unroll_examples.training import SIZE_FLAGS, TrainConfig
+from unroll_examples.training import DENSITY, SIZE_FLAGS, TrainConfig, read_snapshots
 
 # ---- configuration: MAIN's fields in FLAGS are flags of their names (--d-lr ...) whose defaults are its values here
 # (cli.add_config_flags); the main tables vary dataset, activation, weight_std, K and control (--datasets ...), the
@@ -224,10 +223,9 @@ def rotation_table(cells: List[CellMeta], out_root: Path, dataset: str) -> str:
     """How often the densest mode changes between evaluations: rotation through the modes shows here."""
     rows = []
     for cell, meta in cells:
-        ckpt_path = out_root / cell.folder / CHECKPOINT
-        if meta is None or not ckpt_path.exists():
+        if meta is None or not (out_root / cell.folder / DENSITY).exists():
             continue
-        per_seed = dominant_modes(runs.load_checkpoint(ckpt_path, ("snapshots",))["snapshots"], dataset)
+        per_seed = dominant_modes(read_snapshots(out_root / cell.folder), dataset)
         if not per_seed or len(per_seed[0]) < 2:
             continue
         changes = [sum(a != b for a, b in zip(m[:-1], m[1:])) for m in per_seed]
@@ -268,6 +266,7 @@ def write_report(args: argparse.Namespace, cells: List[Cell], out_root: Path, lo
     costs = ab.timings(args, [c for c, _ in main], complete) or {}
     seed_numbers: Dict[str, Any] = {"command": command, "min_hq": ab.MIN_HQ, "sections": []}
     sections: Dict[str, List[CellMeta]] = {}
+    main_figure: Optional[Tuple[Path, str]] = None
     for cell, meta in main:
         sections.setdefault(section_title(cell.cfg), []).append((cell, meta))
     for title, dcells in sections.items():
@@ -297,7 +296,10 @@ def write_report(args: argparse.Namespace, cells: List[Cell], out_root: Path, lo
             ([cfg.activation] if cfg.activation != "relu" else []))
         fig = Path(args.fig_dir) / f"mixture_{name}.png"
         if figure_for(cfg.dataset, dcells, out_root, fig, title):
-            lines += [f"![{name}]({report.link_from(args.doc, fig)})", ""]
+            if main_figure is None:  # the first section's figure opens the page, after its verdict
+                main_figure = (fig, name)
+            else:
+                lines += [report.figure(doc, fig, name), ""]
         seed_numbers["sections"].append({
             "title": title, "rows": [{"label": c.label, "config": dataclasses.asdict(c.cfg),
                                       "cost_vs_plain": relative_cost(c), **per_seed(m, n_modes)}
@@ -318,7 +320,7 @@ def write_report(args: argparse.Namespace, cells: List[Cell], out_root: Path, lo
         lines += [table([[e["cell"], f"{e['from_step']}→{e['to_step']}", str(e["seeds"]), f"{e['seconds']:.0f}",
                           e.get("finished", "")] for e in log],
                         ["cell", "iterations", "seeds", "seconds", "finished at"]), ""]
-    report.write_page(doc, lines)
+    report.write_page(doc, [*lines[:2], *report.opening(doc, main_figure), *lines[2:]])
 
 
 def build_parser() -> argparse.ArgumentParser:

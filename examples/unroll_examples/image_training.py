@@ -40,7 +40,7 @@ from torch.func import functional_call
 
 import unroll
 
-from . import runs
+from . import loop, runs
 from .image_models import LATENT_DIM
 from .models import d_loss_from_logits, nonsaturating_g_loss
 from .parallel import DataParallel
@@ -49,10 +49,10 @@ from .runs import CHECKPOINT
 
 G_LOSSES = ("nonsaturating", "minimax")
 RESULT = "result.json"
-CHECKPOINT_KEYS = ("config", "gan", "step", "G", "D", "g_opt", "d_opt", "rng", "losses", "snapshots",
-                   "train_seconds")
-CHECKPOINT_TYPES = {"config": dict, "gan": str, "step": int, "G": dict, "D": dict, "g_opt": dict, "d_opt": dict,
-                    "rng": dict, "losses": Tensor, "snapshots": list, "train_seconds": (int, float)}
+# What a checkpoint's state, random streams and log hold (runs.Checkpoint), with their types.
+STATE_TYPES = {"G": dict, "D": dict, "g_opt": dict, "d_opt": dict}
+RNG_TYPES = {"data": Tensor, "latent": Tensor}
+LOG_TYPES = {"losses": Tensor, "snapshots": list}
 # What may change when a run is resumed: its length and how often it is checkpointed.
 MAY_CHANGE = ("steps", "checkpoint_every")
 # Per-seed random streams: stream j of seed s is seeded with s * _STREAMS + j.
@@ -305,22 +305,20 @@ class GANTrainer:
         """What defines the run's numbers: the configuration and the experiment's models."""
         return {**dataclasses.asdict(self.cfg), "model": self.gan.name}
 
-    def state_dict(self) -> Dict[str, Any]:
-        return {
-            "config": dataclasses.asdict(self.cfg), "gan": self.gan.name, "step": self.step,
-            "G": self.G.state_dict(), "D": self.D.state_dict(),
-            "g_opt": self.g_opt.state_dict(), "d_opt": self.d_opt.state_dict(),
-            "rng": {"data": self.data_gen.get_state(), "latent": self.latent_gen.get_state()},
-            "losses": torch.tensor(self.losses, dtype=torch.float64).reshape(-1, 2),
-            "snapshots": self.snapshots, "train_seconds": self.train_seconds,
-        }
+    def _checkpoint(self) -> runs.Checkpoint:
+        return runs.Checkpoint(
+            self.settings(), self.step, self.train_seconds,
+            {"G": self.G.state_dict(), "D": self.D.state_dict(), "g_opt": self.g_opt.state_dict(),
+             "d_opt": self.d_opt.state_dict()},
+            {"data": self.data_gen.get_state(), "latent": self.latent_gen.get_state()},
+            {"losses": torch.tensor(self.losses, dtype=torch.float64).reshape(-1, 2), "snapshots": self.snapshots})
 
     def save_checkpoint(self) -> None:
         if not self.writes:
             if self.checkpoint_path is not None:
                 self.checkpoint_step = self.step  # rank 0 wrote it: the same message on every rank
             return
-        runs.save_checkpoint(self.state_dict(), self.checkpoint_path)
+        runs.write_checkpoint(self.checkpoint_path, self._checkpoint())
         self.checkpoint_step = self.step
 
     def load_checkpoint(self) -> None:
@@ -328,53 +326,59 @@ class GANTrainer:
         # Read onto the CPU (the RNG states must stay CPU tensors; load_state_dict copies the rest onto the
         # device). Only the length of training and the checkpoint interval may change: anything else would mix
         # two runs.
-        ckpt = runs.checkpoint_to_resume(path, CHECKPOINT_KEYS, self.settings(),
-                                         lambda ckpt: {**ckpt["config"], "model": ckpt["gan"]}, MAY_CHANGE,
-                                         CHECKPOINT_TYPES)
-        step = runs.checkpoint_step(ckpt, path, self.cfg.steps)
-        runs.require(ckpt["losses"].shape == (step, 2), path,
-                     f"losses of shape {tuple(ckpt['losses'].shape)} for {step} iterations")
+        ckpt = runs.read_checkpoint(path, self.settings(), MAY_CHANGE, self.cfg.steps)
+        assert path is not None
+        for part, types in (("state", STATE_TYPES), ("rng", RNG_TYPES), ("log", LOG_TYPES)):
+            contents = getattr(ckpt, part)
+            for name, kind in types.items():
+                runs.require(name in contents and runs.is_a(contents[name], kind), path,
+                             f"its {part}'s {name} is {runs.brief(contents.get(name))}, not {runs.type_name(kind)}")
+        losses = ckpt.log["losses"]
+        runs.require(losses.shape == (ckpt.step, 2), path,
+                     f"losses of shape {tuple(losses.shape)} for {ckpt.step} iterations")
         with runs.reading(path):
-            self.G.load_state_dict(ckpt["G"])
-            self.D.load_state_dict(ckpt["D"])
+            self.G.load_state_dict(ckpt.state["G"])
+            self.D.load_state_dict(ckpt.state["D"])
             for name, optimizer, module in (("g_opt", self.g_opt, self.G), ("d_opt", self.d_opt, self.D)):
-                optimizer.load_state_dict(ckpt[name])
+                optimizer.load_state_dict(ckpt.state[name])
                 _check_adam_state(name, optimizer, module)
-            self.data_gen.set_state(ckpt["rng"]["data"])
-            self.latent_gen.set_state(ckpt["rng"]["latent"])
-            self.step = self.checkpoint_step = step
-            self.losses = [(float(d), float(g)) for d, g in ckpt["losses"].tolist()]
-            self.snapshots = [(int(step), images) for step, images in ckpt["snapshots"]]
-            self.train_seconds = float(ckpt["train_seconds"])
+            self.data_gen.set_state(ckpt.rng["data"])
+            self.latent_gen.set_state(ckpt.rng["latent"])
+            self.step = self.checkpoint_step = ckpt.step
+            self.losses = [(float(d), float(g)) for d, g in losses.tolist()]
+            self.snapshots = [(int(step), images) for step, images in ckpt.log["snapshots"]]
+            self.train_seconds = ckpt.train_seconds
 
     # ----- the loop -----
-    def run(self) -> None:
-        """Train to ``cfg.steps`` iterations (from where a resumed run stands)."""
-        from tqdm import tqdm
+    def iterate(self) -> None:
+        """One iteration (:meth:`train_step`), its losses logged."""
+        self.losses.append(self.train_step())
 
-        cfg = self.cfg
-        if self.step == 0:
-            self.snapshot()
-        bar = tqdm(total=cfg.steps, initial=min(self.step, cfg.steps), disable=not self.progress,
-                   dynamic_ncols=True, desc=self.desc, mininterval=1.0)
-        try:
-            while self.step < cfg.steps:
-                start = time.perf_counter()
-                losses = self.train_step()
-                self.train_seconds += time.perf_counter() - start
-                self.losses.append(losses)
-                self.step += 1
-                bar.update(1)
-                if self.step % 10 == 0:
-                    bar.set_postfix(d_loss=f"{losses[0]:.3f}", g_loss=f"{losses[1]:.3f}")
-                if self.step % cfg.snapshot_every == 0 or self.step == cfg.steps:
-                    self.snapshot()
-                    if self.writes:
-                        self.figure_budget.draw(self.save_figure)
-                if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
-                    self.save_checkpoint()
-        finally:
-            bar.close()
+    def evaluate(self) -> None:
+        """The samples of the fixed latents (Fig. 3's snapshots)."""
+        self.snapshot()
+
+    def checkpoint(self, evaluated: bool, done: bool) -> None:
+        """The checkpoint; after an evaluation the samples-over-training figure too; at the end ``final.pt``."""
+        self.save_checkpoint()
+        if self.writes and evaluated:
+            self.figure_budget.draw(self.save_figure)
+        if self.writes and done:
+            assert self.out_dir is not None
+            runs.write_final(self.out_dir / runs.FINAL, self._checkpoint())
+
+    def postfix(self) -> Dict[str, str]:
+        """The last iteration's losses."""
+        if not self.losses:
+            return {}
+        d_loss, g_loss = self.losses[-1]
+        return {"d_loss": f"{d_loss:.3f}", "g_loss": f"{g_loss:.3f}"}
+
+    def run(self) -> None:
+        """Train to ``cfg.steps`` iterations from where a resumed run stands (:func:`loop.train`: snapshots every
+        ``snapshot_every`` iterations, checkpoints then and every ``checkpoint_every``)."""
+        loop.train(self, self.cfg.steps, self.cfg.snapshot_every, self.cfg.checkpoint_every, desc=self.desc,
+                   progress=self.progress)
 
     def save_figure(self) -> None:
         """``<run>/samples_over_training.png``: the snapshots so far (Fig. 3-style, one row)."""

@@ -28,6 +28,7 @@ Only the standard library and torch are used, so examples other than the GANs ca
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import functools
 import io
@@ -45,6 +46,7 @@ import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, TypeVar
 
@@ -349,20 +351,76 @@ def check_settings(saved: Mapping[str, Any], now: Mapping[str, Any], where: Path
                                f"the same flags or another --out")
 
 
-def checkpoint_to_resume(path: Optional[Path], required: Sequence[str], now: Mapping[str, Any],
-                         saved: Callable[[Dict[str, Any]], Mapping[str, Any]],
-                         may_change: Sequence[str] = (), types: Optional[Mapping[str, Any]] = None
-                         ) -> Dict[str, Any]:
-    """The checkpoint a run resumes from: read by :func:`load_checkpoint` (with the ``required`` keys, of the
-    ``types`` given), and the settings it was made with (``saved(checkpoint)``) the same as ``now`` but for
-    ``may_change``."""
+# ------------------------------------------------------------------------------ one schema for every training run
+
+
+CHECKPOINT_FORMAT = "unroll_examples checkpoint v1"
+FINAL = "final.pt"
+"""A finished run's exported state (:func:`write_final`): what tools read (never the checkpoint, which is the
+run's own, rewritten while it trains)."""
+FINAL_FORMAT = "unroll_examples final v1"
+_RUN_TYPES = {"format": str, "settings": dict, "step": int, "train_seconds": (int, float), "state": dict, "rng": dict,
+              "log": dict}
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """Everything a training run needs to continue, in one schema for every trainer (the 2-D mixtures and the
+    image GANs): the ``settings`` that define its numbers, its iteration ``step``, the time spent training, the
+    players' and optimizers' ``state``, the random streams' states ``rng`` and what it has measured so far, ``log``.
+    What is inside ``state``, ``rng`` and ``log`` is the trainer's to check (:func:`layout_difference`)."""
+
+    settings: Dict[str, Any]
+    step: int
+    train_seconds: float
+    state: Dict[str, Any]
+    rng: Dict[str, Any]
+    log: Dict[str, Any]
+
+    def payload(self, kind: str) -> Dict[str, Any]:
+        return {"format": kind, **{field.name: getattr(self, field.name) for field in dataclasses.fields(self)}}
+
+
+def write_checkpoint(path: Path, checkpoint: Checkpoint) -> None:
+    """Atomically save ``checkpoint`` (tensors and plain data only)."""
+    save_checkpoint(checkpoint.payload(CHECKPOINT_FORMAT), path)
+
+
+def read_checkpoint(path: Optional[Path], now: Mapping[str, Any], may_change: Sequence[str], steps: int
+                    ) -> Checkpoint:
+    """The checkpoint a run resumes from, refused with a :class:`CheckpointError` naming the file unless it is a
+    checkpoint of this schema whose iteration lies in 0..``steps``, and with :class:`SettingsMismatch` unless it
+    was made with the settings ``now`` but for ``may_change``."""
     if path is None:
         raise RunError("resume needs an output folder")
-    ckpt = load_checkpoint(path, required, types)
-    with reading(path):
-        stored = saved(ckpt)
-    check_settings(stored, now, path.parent, may_change)
+    ckpt = _read_run_file(path, CHECKPOINT_FORMAT)
+    check_settings(ckpt["settings"], now, path.parent, may_change)
+    return _as_checkpoint(ckpt, checkpoint_step(ckpt, path, steps))
+
+
+def write_final(path: Path, checkpoint: Checkpoint) -> None:
+    """Export a finished run's state for the tools that start from it or draw it (:func:`read_final`)."""
+    save_checkpoint(checkpoint.payload(FINAL_FORMAT), path)
+
+
+def read_final(path: Path) -> Checkpoint:
+    """A finished run's exported state (:func:`write_final`), validated like a checkpoint."""
+    ckpt = _read_run_file(path, FINAL_FORMAT)
+    return _as_checkpoint(ckpt, checkpoint_step(ckpt, path, ckpt["step"]))
+
+
+def _read_run_file(path: Path, kind: str) -> Dict[str, Any]:
+    ckpt = load_checkpoint(path, tuple(_RUN_TYPES), _RUN_TYPES)
+    if ckpt["format"] != kind:
+        raise CheckpointError(f"{path} is a {brief(ckpt['format'])} file, not a {kind!r} one; {ADVICE}")
+    if not math.isfinite(ckpt["train_seconds"]) or ckpt["train_seconds"] < 0:
+        raise CheckpointError(f"{path}: its train_seconds is {brief(ckpt['train_seconds'])}; {ADVICE}")
     return ckpt
+
+
+def _as_checkpoint(ckpt: Mapping[str, Any], step: int) -> Checkpoint:
+    return Checkpoint(dict(ckpt["settings"]), step, float(ckpt["train_seconds"]), dict(ckpt["state"]),
+                      dict(ckpt["rng"]), dict(ckpt["log"]))
 
 
 # ------------------------------------------------------------------------------------------- the folder

@@ -24,7 +24,7 @@ from .report import fmt as fmt
 from .report import summary_stats as summary_stats
 from .report import table as table
 from .runs import CHECKPOINT
-from .training import Strategies, TrainConfig, Trainer, TrainingDiverged, run_name
+from .training import DENSITY, Strategies, TrainConfig, Trainer, TrainingDiverged, read_snapshots, run_name
 
 METRICS = "metrics.json"
 LOG = "sweep_log.json"
@@ -220,10 +220,9 @@ def figure_for(dataset: str, cells: Sequence[CellMeta], out_root: Path, path: Pa
     cell has run yet."""
     rows = []
     for cell, meta in cells:
-        ckpt_path = out_root / cell.folder / CHECKPOINT
-        if meta is None or not ckpt_path.exists():
+        if meta is None or not (out_root / cell.folder / DENSITY).exists():
             continue
-        snapshots = runs.load_checkpoint(ckpt_path, ("snapshots",))["snapshots"]
+        snapshots = read_snapshots(out_root / cell.folder)
         rows.append((f"{cell.label} (seed {cell.seeds[0]})", [(step, hist[0]) for step, hist in snapshots]))
     if not rows:
         return False

@@ -27,7 +27,7 @@ from torch import Tensor
 
 import unroll
 
-from . import cli, runs
+from . import cli, loop, runs
 from .cli import MAX_SEEDS, option
 from .data import DATASETS, make_mixture
 from .metrics import METRIC_NAMES, all_metrics
@@ -431,9 +431,11 @@ TrainingDiverged = runs.Diverged
 STATE_PARTS = {"g": "generator parameters", "d": "discriminator parameters", "g_opt": "generator Adam state",
                "d_opt": "discriminator Adam state", "extra": "generator rule state"}
 LOSS_NAMES = {"d_loss": "discriminator loss", "g_loss": "generator loss"}
-CHECKPOINT_KEYS = ("config", "seeds", "step", "state", "rng", "records", "snapshots", "last_losses")
-CHECKPOINT_TYPES = {"config": dict, "seeds": list, "step": int, "state": dict, "rng": dict, "records": list,
-                    "snapshots": list, "last_losses": (dict, type(None))}
+# What a checkpoint's (and final.pt's) log holds, with the type of each part.
+LOG_TYPES = {"records": list, "snapshots": list, "last_losses": (dict, type(None))}
+DENSITY = "density.pt"
+"""The density snapshots of every evaluation (the data of density.png), exported beside metrics.json for the
+figures of the sweeps (:func:`read_snapshots`)."""
 DEFAULT_CHECKPOINT_EVERY = 100
 
 
@@ -490,7 +492,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, seeds: Sequence[int], out_dir: Optional[Path] = None,
                  strategies: Optional[Strategies] = None, resume: bool = False, progress: bool = False,
                  figure_seeds: int = 4, checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
-                 parallel: Optional[DataParallel] = None) -> None:
+                 parallel: Optional[DataParallel] = None, start: Optional[runs.Checkpoint] = None) -> None:
         cfg.validate()
         seeds = [int(s) for s in seeds]
         if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0 or len(seeds) > MAX_SEEDS:
@@ -502,6 +504,8 @@ class Trainer:
                              "one process")
         if parallel is not None and cfg.batch % parallel.world:
             raise ValueError(f"batch {cfg.batch} does not split evenly over {parallel.world} ranks")
+        if start is not None and resume:
+            raise ValueError("start from another run's final state or resume this run's checkpoint, not both")
         self.cfg, self.seeds, self.strategies, self.parallel = cfg, seeds, strategies, parallel
         # Every rank trains, evaluates and holds the same numbers; only rank 0 writes.
         self.writes = out_dir is not None and (parallel is None or parallel.writes)
@@ -520,6 +524,7 @@ class Trainer:
         self._copies = 2 if len(seeds) == 1 else 1
         self.state = stack_states([init_state(cfg, s, strategies) for s in seeds] * self._copies)
         self.step = 0
+        self.train_seconds = 0.0
         self.records: List[Dict[str, Any]] = []
         self.snapshots: List[Tuple[int, Tensor]] = []  # (step, int32 histograms [S, bins, bins])
         self.last_losses: Optional[Dict[str, Tensor]] = None
@@ -528,6 +533,8 @@ class Trainer:
         self.figure_budget = FigureBudget()
         if resume:
             self._load_checkpoint()
+        elif start is not None:
+            self._start_from(start)
 
     # ----- randomness (outside vmap, per seed) -----
     def _draw(self, s: int) -> Batch:
@@ -567,7 +574,10 @@ class Trainer:
             return generator_forward(index_state(self.state["g"], i), z, self.cfg.activation)
 
     def evaluate(self) -> List[Dict[str, Any]]:
-        """Metrics of every seed at the current step; appended to ``records`` and snapshotted for the figure."""
+        """Metrics of every seed at the current step; appended to ``records`` and snapshotted for the figure (once
+        per step: a run resumed at the step of its last evaluation is not measured twice)."""
+        if self.snapshots and self.snapshots[-1][0] == self.step:
+            return [r for r in self.records if r["step"] == self.step]
         records, hists = [], []
         m = self.mixture
         for i, seed in enumerate(self.seeds):
@@ -595,65 +605,89 @@ class Trainer:
     def checkpoint_path(self) -> Optional[Path]:
         return None if self.out_dir is None else self.out_dir / CHECKPOINT
 
+    def _checkpoint(self) -> runs.Checkpoint:
+        return runs.Checkpoint(
+            self.settings(), self.step, self.train_seconds, self.state,
+            {name: [g.get_state() for g in gens] for name, gens in self.streams.items()},
+            {"records": self.records, "snapshots": self.snapshots, "last_losses": self.last_losses})
+
     def _save_checkpoint(self) -> None:
         assert self.checkpoint_path is not None
-        runs.save_checkpoint({
-            "config": dataclasses.asdict(self.cfg), "seeds": self.seeds, "step": self.step, "state": self.state,
-            "rng": {name: [g.get_state() for g in gens] for name, gens in self.streams.items()},
-            "records": self.records, "snapshots": self.snapshots, "last_losses": self.last_losses,
-        }, self.checkpoint_path)
+        runs.write_checkpoint(self.checkpoint_path, self._checkpoint())
         self.checkpoint_step = self.step
 
     def _load_checkpoint(self) -> None:
         path = self.checkpoint_path
         # Only the length of training may change on resume; anything else would silently mix two runs.
-        ckpt = runs.checkpoint_to_resume(path, CHECKPOINT_KEYS, self.settings(),
-                                         lambda ckpt: {**ckpt["config"], "seeds": ckpt["seeds"]}, ("steps",),
-                                         CHECKPOINT_TYPES)
-        step = runs.checkpoint_step(ckpt, path, self.cfg.steps)
-        difference = runs.layout_difference(self.state, ckpt["state"])
-        if difference:
-            raise runs.CheckpointError(f"{path} does not fit this run ({difference})")
-        self._check_contents(ckpt, step)
-        with runs.reading(path):
-            for name, gens in self.streams.items():
-                if len(ckpt["rng"][name]) != len(gens):
-                    raise ValueError(f"{len(ckpt['rng'][name])} {name} random streams for {len(gens)}")
-                for g, rng_state in zip(gens, ckpt["rng"][name]):
-                    g.set_state(rng_state)
-            self.state, self.step, self.records = ckpt["state"], step, list(ckpt["records"])
-            self.snapshots, self.last_losses = list(ckpt["snapshots"]), ckpt["last_losses"]
+        ckpt = runs.read_checkpoint(path, self.settings(), ("steps",), self.cfg.steps)
+        assert path is not None
+        self._apply(ckpt, path)
+        self.step, self.train_seconds = ckpt.step, ckpt.train_seconds
+        self.records, self.snapshots = list(ckpt.log["records"]), list(ckpt.log["snapshots"])
+        self.last_losses = ckpt.log["last_losses"]
         self.checkpoint_step = self.step
 
-    def _check_contents(self, ckpt: Dict[str, Any], step: int) -> None:
+    def _start_from(self, final: runs.Checkpoint) -> None:
+        """Continue another finished run's seeds (:func:`read_final`, its seeds chosen by :func:`select_seeds`):
+        their players, Adam states and data streams, at iteration 0 of this run."""
+        n = len(self.seeds)
+        state = stack_states([index_state(final.state, i) for i in range(n)] * self._copies)
+        self._apply(dataclasses.replace(final, state=state), Path(f"the starting state of seeds {self.seeds}"))
+
+    def _apply(self, ckpt: runs.Checkpoint, path: Path) -> None:
+        """Check ``ckpt``'s state, streams and log against this run (before anything is used), then take its
+        state and streams."""
+        difference = runs.layout_difference(self.state, ckpt.state)
+        if difference:
+            raise runs.CheckpointError(f"{path} does not fit this run ({difference})")
+        self._check_contents(ckpt, path)
+        with runs.reading(path):
+            for name, gens in self.streams.items():
+                if len(ckpt.rng[name]) != len(gens):
+                    raise ValueError(f"{len(ckpt.rng[name])} {name} random streams for {len(gens)}")
+                for g, rng_state in zip(gens, ckpt.rng[name]):
+                    g.set_state(rng_state)
+            self.state = ckpt.state
+
+    def _check_contents(self, ckpt: runs.Checkpoint, path: Path) -> None:
         """What the layout check does not see, checked before anything is used: Adam step counts, records,
         snapshots and losses of this run's seeds, none after the checkpoint's iteration (a checkpoint with
         garbage there used to be applied, and rewritten with it, before the run failed)."""
-        path, n = self.checkpoint_path, len(self.seeds)
+        n, step = len(self.seeds), ckpt.step
+        for name, kind in LOG_TYPES.items():
+            runs.require(name in ckpt.log and runs.is_a(ckpt.log[name], kind), path,
+                         f"its log's {name} is {runs.brief(ckpt.log.get(name))}, not {runs.type_name(kind)}")
+        runs.require(set(ckpt.rng) == set(self.streams), path,
+                     f"random streams {sorted(ckpt.rng)} where {sorted(self.streams)} are expected")
         for player in ("g_opt", "d_opt"):
-            count = ckpt["state"][player]["step"]
+            count = ckpt.state[player]["step"]
             runs.require(bool(torch.all((count >= 0) & (count == count.round()))), path,
                          f"{player} step counts {count.tolist()} are not whole numbers >= 0")
-        for record in ckpt["records"]:
+        for record in ckpt.log["records"]:
             runs.require(isinstance(record, dict) and runs.is_a(record.get("step"), int)
                          and 0 <= record["step"] <= step and record.get("seed") in self.seeds, path,
                          f"a metrics record {runs.brief(record)} is not one of this run's evaluations")
         template = density_histogram(torch.zeros(1, 2), self.extent)
-        for snapshot in ckpt["snapshots"]:
+        for snapshot in ckpt.log["snapshots"]:
             ok = isinstance(snapshot, (tuple, list)) and len(snapshot) == 2 and runs.is_a(snapshot[0], int) \
                 and 0 <= snapshot[0] <= step and isinstance(snapshot[1], Tensor) \
                 and snapshot[1].shape == (n, *template.shape) and snapshot[1].dtype == template.dtype
             runs.require(ok, path, f"a density snapshot {runs.brief(snapshot)} is not {n} int32 histograms "
                                    f"{tuple(template.shape)} of an iteration up to {step}")
-        if ckpt["last_losses"] is not None:
+        if ckpt.log["last_losses"] is not None:
             expected = {name: torch.zeros(n * self._copies) for name in LOSS_NAMES}
-            difference = runs.layout_difference(expected, ckpt["last_losses"], "last_losses")
+            difference = runs.layout_difference(expected, ckpt.log["last_losses"], "last_losses")
             runs.require(difference is None, path, difference or "")
 
     def write_outputs(self, status: str) -> None:
+        """``metrics.json``, ``metrics.csv`` and ``density.pt``; with ``status == "done"``, ``final.pt`` too."""
         if not self.writes:
             return
+        assert self.out_dir is not None
         write_records(self.records, self._meta(status), self.out_dir)
+        runs.save_checkpoint({"settings": self.settings(), "snapshots": self.snapshots}, self.out_dir / DENSITY)
+        if status == "done":
+            runs.write_final(self.out_dir / runs.FINAL, self._checkpoint())
 
     def save_figure(self, path: Optional[Path] = None) -> None:
         """Rows = the first ``figure_seeds`` seeds, columns = evaluation steps, last column the data."""
@@ -685,7 +719,8 @@ class Trainer:
             self.save_figure()
         raise TrainingDiverged(step, seed, which, value, self.checkpoint_path, self.checkpoint_step)
 
-    def _postfix(self) -> Dict[str, str]:
+    def postfix(self) -> Dict[str, str]:
+        """The progress bar's summary of the latest evaluation."""
         latest = [r for r in self.records if r["step"] == self.step] or self.records[-len(self.seeds):]
         mean = lambda k: sum(r[k] for r in latest) / len(latest)  # noqa: E731
         # Strict modes and HQ first: they tell a learned ring from a diffuse cloud, which covers every mode.
@@ -693,42 +728,56 @@ class Trainer:
                 "strict modes": f"{mean('modes_strict'):.1f}/{self.mixture.n_modes}",
                 "hq": f"{100 * mean('hq'):.1f}%", "rkl": f"{mean('reverse_kl'):.3f}", "modes": f"{mean('modes'):.1f}"}
 
-    def run(self) -> List[Dict[str, Any]]:
-        """Train to ``cfg.steps`` iterations; returns the metric records. Raises :class:`TrainingDiverged`."""
-        from tqdm import tqdm
+    def iterate(self) -> None:
+        """One iteration of every seed (:func:`make_iteration`, vmapped); raises :class:`TrainingDiverged`."""
+        self.state, losses = self.step_fn(self.state, self.draw_batch())
+        if self.parallel is not None:
+            losses = self.parallel.mean_values(losses)  # the global batch's losses, the same on every rank
+        self._check_finite(losses)
+        self.last_losses = losses
 
-        cfg = self.cfg
-        if self.step == 0 and not self.records:
-            self.evaluate()
-            self._checkpoint_and_write("running", figure=True)
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.progress, dynamic_ncols=True,
-                   desc=f"{cfg.dataset} {'control' if cfg.control else 'K'}={cfg.K}", mininterval=1.0)
-        bar.set_postfix(self._postfix())
-        try:
-            while self.step < cfg.steps:
-                self.state, losses = self.step_fn(self.state, self.draw_batch())
-                if self.parallel is not None:
-                    losses = self.parallel.mean_values(losses)  # the global batch's losses, the same on every rank
-                self._check_finite(losses)
-                self.step += 1
-                self.last_losses = losses
-                bar.update(1)
-                evaluation = self.step % cfg.eval_every == 0 or self.step == cfg.steps
-                if evaluation:
-                    self.evaluate()
-                    bar.set_postfix(self._postfix())
-                if evaluation or self.step % self.checkpoint_every == 0:
-                    self._checkpoint_and_write("running" if self.step < cfg.steps else "done", figure=evaluation)
-        finally:
-            bar.close()
-        return self.records
-
-    def _checkpoint_and_write(self, status: str, figure: bool) -> None:
+    def checkpoint(self, evaluated: bool, done: bool) -> None:
+        """The checkpoint; after an evaluation the outputs too (metrics, density.pt, density.png, and at the end
+        final.pt). Only rank 0 writes."""
         if not self.writes:
             if self.out_dir is not None:
                 self.checkpoint_step = self.step  # rank 0 wrote it: the same message on every rank
             return
         self._save_checkpoint()
-        if figure:
+        if evaluated:
+            status = "done" if done else "running"
             self.write_outputs(status)
-            self.figure_budget.draw(self.save_figure, force=status == "done")
+            self.figure_budget.draw(self.save_figure, force=done)
+
+    def run(self) -> List[Dict[str, Any]]:
+        """Train to ``cfg.steps`` iterations (:func:`loop.train`); returns the metric records. Raises
+        :class:`TrainingDiverged`."""
+        cfg = self.cfg
+        loop.train(self, cfg.steps, cfg.eval_every, self.checkpoint_every, progress=self.progress,
+                   desc=f"{cfg.dataset} {'control' if cfg.control else 'K'}={cfg.K}")
+        return self.records
+
+
+def read_snapshots(folder: Path) -> List[Tuple[int, Tensor]]:
+    """The density snapshots a run exported (``density.pt``): ``(iteration, int32 histograms [seeds, bins, bins])``
+    per evaluation. Raises :class:`runs.CheckpointError` naming the file when it is not such a list."""
+    path = Path(folder) / DENSITY
+    snapshots = runs.load_checkpoint(path, ("snapshots",), {"snapshots": list})["snapshots"]
+    for snapshot in snapshots:
+        ok = isinstance(snapshot, (tuple, list)) and len(snapshot) == 2 and runs.is_a(snapshot[0], int) \
+            and isinstance(snapshot[1], Tensor) and snapshot[1].dim() == 3 and snapshot[1].dtype == torch.int32
+        runs.require(ok, path, f"a density snapshot {runs.brief(snapshot)} is not (iteration, int32 histograms)")
+    return [(int(step), hist) for step, hist in snapshots]
+
+
+def select_seeds(final: runs.Checkpoint, seeds: Sequence[int]) -> runs.Checkpoint:
+    """``final`` (a finished run's :func:`runs.read_final`) restricted to ``seeds``, in that order: what
+    ``Trainer(..., start=)`` continues. Raises ``ValueError`` naming seeds the run does not have."""
+    have = [int(s) for s in final.settings.get("seeds", [])]
+    missing = sorted(set(seeds) - set(have))
+    if missing:
+        raise ValueError(f"seeds {missing} are not in that run (it has {have})")
+    index = [have.index(s) for s in seeds]
+    state = stack_states([index_state(final.state, i) for i in index])
+    rng = {name: [streams[i] for i in index] for name, streams in final.rng.items()}
+    return dataclasses.replace(final, settings={**final.settings, "seeds": list(seeds)}, state=state, rng=rng)
