@@ -29,7 +29,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from . import memory
+from . import memory, plots
 from .methods import describe, make, unroll_method
 from .models import MODELS, make_problem
 
@@ -236,30 +236,29 @@ def floors(results: Dict[str, Any], model: str) -> List[str]:
     return lines
 
 
-def plot(results: Dict[str, Any], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    models = list(results["cells"])
-    fig, axes = plt.subplots(2, len(models), figsize=(5.5 * len(models), 7), squeeze=False)
-    for column, model in enumerate(models):
-        for method, per_k in results["cells"][model].items():
-            done = sorted((int(k), c) for k, c in per_k.items() if "peak_bytes" in c)
-            if not done:
-                continue
+def figure_numbers(results: Dict[str, Any]) -> plots.BenchmarkFigure:
+    """The page's figure (:mod:`benchmarks.plots`): per model, time and peak memory growth against K, one line per
+    method, from the measured cells only (cells *not run* are left out)."""
+    machine = results["machine"]
+    on_gpu = results.get("device") == "cuda"
+    rows = []
+    for model, per_method in results["cells"].items():
+        time: plots.Curves = {}
+        peak: plots.Curves = {}
+        for method, per_k in per_method.items():
             label = "plain" if method == "unroll" else describe(method)
-            ks = [k for k, _ in done]
-            axes[0][column].plot(ks, [c["peak_bytes"] / 2 ** 20 for _, c in done], marker="o", label=label)
-            axes[1][column].plot(ks, [_seconds(c) for _, c in done], marker="o", label=label)
-        for row, what in enumerate(("peak memory growth (MiB)", "seconds per gradient")):
-            axis = axes[row][column]
-            axis.set(xscale="log", yscale="log", xlabel="K (unrolled steps)", ylabel=what, title=model)
-            axis.grid(True, which="both", alpha=0.3)
-        axes[0][column].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+            for k, cell in per_k.items():
+                if "peak_bytes" in cell:
+                    time.setdefault(label, {})[int(k)] = _seconds(cell)
+                    peak.setdefault(label, {})[int(k)] = cell["peak_bytes"] / 2 ** 20
+        rows.append(plots.ModelCurves(model if on_gpu else f"{model} (1 thread)", time, peak))
+    device = machine["gpu"] if on_gpu else f"CPU ({machine['cpu']})"
+    return plots.BenchmarkFigure(device, tuple(rows), "s",
+                                 "peak CUDA memory growth" if on_gpu else "peak RSS growth")
+
+
+def plot(results: Dict[str, Any], path: Path) -> None:
+    plots.write_figure(figure_numbers(results), path)
 
 
 def render(results: Dict[str, Any], figure: Optional[str]) -> str:
@@ -270,7 +269,7 @@ def render(results: Dict[str, Any], figure: Optional[str]) -> str:
              f"Run on {machine['date']} on {where}, torch {machine['torch']}; load average at the start "
              f"{', '.join(f'{x:.2f}' for x in machine['load_average'])}.", ""]
     if figure:
-        lines += [f"![peak memory and time against K]({figure})", ""]
+        lines += [f"![{plots.ALT_TEXT}]({figure})", ""]
     if results.get("note"):
         lines += [f"**Note:** {results['note']}", ""]
     lines += ["One generator gradient of the benchmark GANs (`benchmarks/models.py`: the mixture GAN of App. A and "

@@ -1,18 +1,28 @@
 """The two GANs the benchmark unrolls: the 2-D mixture of App. A and a small conv GAN on 28x28 images (App. D/E).
 
-Both are built deterministically from a seed. Data are synthetic: the cost of a gradient does not depend on
-the pixel values, and the suite must run offline.
+Both are built deterministically from a seed. The mixture GAN is App. A's networks and ring data as the
+experiments define them (:mod:`unroll_examples.models`, :mod:`unroll_examples.data`), wrapped in modules so that
+torch.optim, higher and torchopt can step them. The conv GAN's images are synthetic: the cost of a gradient does
+not depend on the pixel values, and the suite must run offline.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
-from typing import Callable, Tuple
+from typing import Callable, Dict, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from unroll_examples.data import make_mixture
+from unroll_examples.models import (
+    LATENT_DIM,
+    discriminator_forward,
+    generator_forward,
+    init_discriminator,
+    init_generator,
+)
 
 MODELS = ("mixture", "conv")
 
@@ -53,39 +63,47 @@ def d_loss(disc: Callable[[Tensor], Tensor], real: Tensor, fake: Tensor) -> Tens
     return F.softplus(-disc(real)).mean() + F.softplus(disc(fake)).mean()
 
 
-class MixtureGenerator(nn.Module):
-    """App. A: 256 -> 128 -> 128 -> 2, ReLU, orthogonal weights scaled by 0.8."""
+class ParameterDictModule(nn.Module):
+    """A module whose parameters are the tensors of a parameter dict, registered under the dict's names.
 
-    def __init__(self) -> None:
+    ``forward`` passes them back as a dict (:meth:`params`) to a pure function of :mod:`unroll_examples.models`.
+    Reading each one by attribute is what lets higher's patched copies, torchopt's rebound parameters and
+    ``torch.func.functional_call`` substitute their own tensors.
+    """
+
+    def __init__(self, params: Dict[str, Tensor]) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(NOISE_DIM, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(),
-                                 nn.Linear(128, 2))
-        for layer in self.net:
-            if isinstance(layer, nn.Linear):
-                nn.init.orthogonal_(layer.weight, gain=0.8)
-                nn.init.zeros_(layer.bias)
+        self.names = tuple(params)
+        for name, tensor in params.items():
+            self.register_parameter(name, nn.Parameter(tensor))
+
+    def params(self) -> Dict[str, Tensor]:
+        return {name: getattr(self, name) for name in self.names}
+
+
+class MixtureGenerator(ParameterDictModule):
+    """App. A's generator (:func:`unroll_examples.models.generator_forward`): 256 -> 128 -> 128 -> 2, ReLU,
+    orthogonal weights scaled by 0.8 drawn from ``generator``."""
+
+    def __init__(self, generator: torch.Generator) -> None:
+        super().__init__(init_generator(generator))
 
     def forward(self, z: Tensor) -> Tensor:
-        return self.net(z)
+        return generator_forward(self.params(), z)
 
 
-class MixtureDiscriminator(nn.Module):
-    """App. A: x / 4 -> 128 ReLU -> 1 logit."""
+class MixtureDiscriminator(ParameterDictModule):
+    """App. A's discriminator (:func:`unroll_examples.models.discriminator_forward`): x / 4 -> 128 ReLU -> 1 logit,
+    orthogonal weights scaled by 0.8 drawn from ``generator``."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(2, 128), nn.ReLU(), nn.Linear(128, 1))
+    def __init__(self, generator: torch.Generator) -> None:
+        super().__init__(init_discriminator(generator))
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.net(x / 4)
+        return discriminator_forward(self.params(), x)
 
 
-def mixture_samples(n: int, generator: torch.Generator) -> Tensor:
-    """App. A data: 8 Gaussians (std 0.02) with means evenly spaced on a circle of radius 2."""
-    mode = torch.randint(0, 8, (n,), generator=generator)
-    angle = mode.to(torch.float32) * (2 * math.pi / 8)
-    means = 2 * torch.stack([angle.cos(), angle.sin()], dim=1)
-    return means + 0.02 * torch.randn(n, 2, generator=generator)
+RING = make_mixture("ring")  # App. A's data: 8 Gaussians (std 0.02) evenly spaced on a circle of radius 2
 
 
 class ConvGenerator(nn.Module):
@@ -167,12 +185,14 @@ def make_problem(name: str, seed: int = 0, device: str = "cpu") -> Problem:
     """
     torch.manual_seed(seed)
     data_rng = torch.Generator().manual_seed(seed + 1)
+    G: nn.Module
+    D: nn.Module
     if name == "mixture":
-        G, D, lr = MixtureGenerator(), MixtureDiscriminator(), 1e-4
+        weights_rng = torch.Generator().manual_seed(seed)
+        G, D, lr = MixtureGenerator(weights_rng), MixtureDiscriminator(weights_rng), 1e-4
 
         def batch() -> Tuple[Tensor, Tensor]:
-            return (mixture_samples(MIXTURE_BATCH, data_rng),
-                    torch.randn(MIXTURE_BATCH, NOISE_DIM, generator=data_rng))
+            return RING.sample(MIXTURE_BATCH, data_rng), torch.randn(MIXTURE_BATCH, LATENT_DIM, generator=data_rng)
     elif name == "conv":
         G, D, lr = ConvGenerator(), ConvDiscriminator(), 2e-4  # App. D: discriminator learning rate 2e-4
 

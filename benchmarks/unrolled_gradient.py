@@ -32,7 +32,9 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import torch
 from torch import Tensor
 
-from . import memory, vmap_seeds
+from unroll_examples import report
+
+from . import memory, plots, vmap_seeds
 from .methods import (
     CHECKPOINT_METHOD,
     METHODS,
@@ -47,11 +49,6 @@ from .methods import (
 )
 from .models import CONV_BATCH, CONV_D_CHANNELS, CONV_G_CHANNELS, MIXTURE_BATCH, MODELS, STEADY_STEP, make_problem
 
-# The results pages' kit (tables, the command stamp) is examples/gan/lib/report.py; examples/gan holds the package lib.
-if str(vmap_seeds.EXAMPLES) not in sys.path:
-    sys.path.insert(0, str(vmap_seeds.EXAMPLES))
-from lib import report  # noqa: E402
-
 Log = Callable[[str], None]
 
 SPEED_TARGET = 0.7  # unroll / faster of (higher, torchopt), K >= 5
@@ -63,7 +60,8 @@ CHECKPOINT_MEMORY_TARGET = 1 / 5
 # the checkpointed unroll at K = 100, truncated unrolls, N seeds with vmap.
 SECTIONS = ("comparison", "checkpoint", "truncation", "seeds")
 DEVICES = ("cpu", "cuda")
-SEEDS_ON_CUDA = ("examples/gan/lib/training.py's Trainer builds its parameters and draws its batches on the CPU "
+SEEDS_ON_CUDA = ("examples/unroll_examples/training.py's Trainer builds its parameters and draws its batches on the "
+                 "CPU "
                  "(it has no device option), so N seeds with vmap are compared on the CPU only")
 
 
@@ -446,7 +444,7 @@ def _seeds_section(measurements: Sequence[Dict[str, Any]]) -> List[str]:
     c = measurements[0]["config"]
     out = [
         "", "## N seeds in one process (`torch.func.vmap`) vs N separate runs, mixture", "",
-        f"{c['seeds']} seeds × {c['iterations']} training iterations of `examples/gan/lib/training.py` "
+        f"{c['seeds']} seeds × {c['iterations']} training iterations of `examples/unroll_examples/training.py` "
         f"(K = {c['K']}), {c['threads']} thread, median of {c['reps']} interleaved repetitions "
         "(`benchmarks/vmap_seeds.py`). "
         "The target is at App. A's batch of 512; the smaller batch shows where vmap pays.", "",
@@ -515,7 +513,8 @@ training step repeats: the generator's forward pass, a copy of the discriminator
 the unroll, and `torch.autograd.grad` to the generator's parameters.
 
 Models (`benchmarks/models.py`, built from seed 0):
-- **mixture** (App. A): G 256 → 128 → 128 → 2 (ReLU, orthogonal init × 0.8), D x/4 → 128 ReLU → 1 logit,
+- **mixture** (App. A, the networks and ring data of the experiments, `examples/unroll_examples/models.py` and
+  `data.py`): G 256 → 128 → 128 → 2 (ReLU), D x/4 → 128 ReLU → 1 logit, both with orthogonal init × 0.8,
   batch {MIXTURE_BATCH}, 8-Gaussian ring data, D learning rate 1e-4.
 - **conv** (App. D/E sizes on 28×28×1 images): D = App. D's discriminator at width X = 1/4 (App. F's
   scaling): Conv {'/'.join(map(str, CONV_D_CHANNELS))} (3×3, stride 2, BatchNorm, leaky ReLU 0.3) → FC 1;
@@ -577,7 +576,8 @@ parameters, absolute and divided by the largest |entry| of the reference ("max r
 ≤ 1e-5). NaN results would be reported and excluded.
 
 N seeds in one process (`benchmarks/vmap_seeds.py`): the mixture experiment's training loop
-(`examples/gan/lib/training.py`: one D Adam step, then one G step on the unrolled surrogate; batch 512) for N seeds,
+(`examples/unroll_examples/training.py`: one D Adam step, then one G step on the unrolled surrogate; batch 512)
+for N seeds,
 timed over the training iterations only (drawing the batches included, evaluation excluded): one `Trainer` with
 all N seeds stacked and `torch.func.vmap`-ed, against the N seeds run one after the other with the same pure
 iteration without vmap (the target's baseline), and against N one-seed `Trainer`s (which vmap each seed next
@@ -648,8 +648,9 @@ def _peak_label(device: str) -> str:
     return "peak CUDA memory growth" if device == "cuda" else "peak RSS growth"
 
 
-def render_markdown(results: Dict[str, Any], command: str) -> str:
-    """The benchmarks page: command, run details, targets, timings, memory, correctness, method notes."""
+def render_markdown(results: Dict[str, Any], command: str, figure: Optional[str] = None) -> str:
+    """The benchmarks page: command, run details, its figure (``figure``: the PNG's path relative to the page, see
+    :mod:`benchmarks.plots`), targets, timings, memory, correctness, method notes."""
     config, machine = results["config"], results["machine"]
     sections, device = config.get("sections", SECTIONS), config.get("device", "cpu")
     methods = [m for m in config["methods"] if m not in results["skipped"]]
@@ -667,6 +668,8 @@ def render_markdown(results: Dict[str, Any], command: str) -> str:
         + (f"; after the timings: {load_after[0]:.2f}." if load and load_after else "." if load else ""),
         "",
     ]
+    if figure:
+        out += [f"![{plots.ALT_TEXT}]({figure})", ""]
     if device != "cpu":
         out += [f"**Device: {device}.** Models, data and optimizer state live on the GPU; see "
                 "[On CUDA](#on-cuda) below.", ""]
@@ -792,7 +795,12 @@ def _parse(argv: Optional[Sequence[str]]) -> Tuple[Config, argparse.Namespace]:
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--no-vmap-seeds", action="store_true", help="skip N seeds vmapped vs separate runs")
     parser.add_argument("--note", help="a line printed at the top of the page (e.g. 'shared machine')")
+    parser.add_argument("--plot-only", action="store_true",
+                        help="measure nothing: draw the figure of the --out page (beside it, .png) from the numbers "
+                             "in --json when given, else from the page's own tables; the page is not rewritten")
     args = parser.parse_args(argv)
+    if args.plot_only and args.out is None:
+        parser.error("--plot-only needs --out PAGE: the figure is drawn beside that page")
     reason = device_unavailable(args.device)
     if reason is not None:
         parser.error(reason)
@@ -824,13 +832,41 @@ def _parse(argv: Optional[Sequence[str]]) -> Tuple[Config, argparse.Namespace]:
     return replace(config, **overrides), args
 
 
+def figure_path(page: Path) -> Path:
+    """Where the figure of the page ``page`` lives: beside it, same name, ``.png``."""
+    return page.with_suffix(".png")
+
+
+def plot_only(page: Path, results_json: Optional[Path] = None) -> Path:
+    """Draw the figure of ``page`` from stored numbers, measuring nothing: the results in ``results_json`` (a
+    ``--json`` file) when given, else the page's own tables. Returns the PNG's path.
+
+    Raises :class:`benchmarks.plots.MalformedNumbers` (one line) when the numbers cannot be read.
+    """
+    figure = figure_path(page)
+    plots.write_figure(plots.load_numbers(results_json or page), figure)
+    return figure
+
+
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     config, args = _parse(argv)
+    if args.plot_only:
+        try:
+            print(plot_only(args.out, args.json))
+        except plots.MalformedNumbers as error:
+            raise SystemExit(f"error: {error}") from None
+        return {}
     results = run_suite(config)
     results["note"] = args.note
     # The note describes this run only; the command on the page is for rerunning elsewhere.
     command = report.command_line("-m benchmarks.unrolled_gradient", argv, drop_with_value=("--note",))
-    page = render_markdown(results, command)
+    figure = None
+    numbers = plots.numbers_from_results(results)
+    if args.out and numbers.rows:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        plots.write_figure(numbers, figure_path(args.out))
+        figure = figure_path(args.out).name
+    page = render_markdown(results, command, figure)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(page + "\n")

@@ -162,6 +162,22 @@ def test_moving_a_problem_keeps_its_optimizer_state() -> None:
     assert compare(make("first_order", moved, 2)(), make("first_order", problem, 2)())["max_abs"] == 0
 
 
+def test_mixture_problem_is_built_from_the_experiments_app_a_networks() -> None:
+    # One definition of App. A's networks: the benchmark's modules hold what init_generator and init_discriminator
+    # draw from the seed, and compute generator_forward and discriminator_forward.
+    from unroll_examples.models import discriminator_forward, generator_forward, init_discriminator, init_generator
+
+    problem = make_problem("mixture", seed=3)
+    rng = torch.Generator().manual_seed(3)
+    g_params, d_params = init_generator(rng), init_discriminator(rng)
+    for module, params in ((problem.generator, g_params), (problem.discriminator, d_params)):
+        held = dict(module.named_parameters())
+        assert held.keys() == params.keys() and all(torch.equal(held[n], t) for n, t in params.items())
+    fake = problem.generator(problem.noise)
+    assert torch.equal(fake, generator_forward(g_params, problem.noise))
+    assert torch.equal(problem.discriminator(fake), discriminator_forward(d_params, fake))
+
+
 def test_vmap_seeds_trains_the_same_parameters_as_separate_runs(quick_results: Dict[str, Any]) -> None:
     seeds = quick_results["seeds"]
     assert all(len(ts) == vmap_seeds.QUICK_SEEDS.reps and min(ts) > 0 for ts in seeds["times_s"].values())

@@ -28,7 +28,7 @@ from torch import nn
 import stacked_mnist
 from unroll_examples import image_training as it
 from unroll_examples import mnist_data as md
-from unroll_examples import parallel
+from unroll_examples import parallel, runs
 
 WORLD = 2
 NAN_STEP = 2
@@ -100,7 +100,7 @@ def mlp_job(rank: int, result_dir: str) -> Dict[str, Any]:
     try:
         diverging.run()
         message = ""
-    except it.ImageTrainingDiverged as error:
+    except runs.Diverged as error:
         message = str(error)
     return {"straight": state(straight), "resumed": state(resumed), "losses": torch.tensor(straight.losses),
             "diverged": message}

@@ -227,7 +227,7 @@ def test_nan_stops_naming_the_iteration_and_keeps_the_last_good_checkpoint(tmp_p
 
     cfg = it.GANConfig(K=2, batch=4, steps=10, checkpoint_every=2)
     trainer = it.GANTrainer(tiny_gan(sample_data=poisoned), cfg, tmp_path)
-    with pytest.raises(it.ImageTrainingDiverged) as info:
+    with pytest.raises(runs.Diverged) as info:
         trainer.run()
     message = str(info.value)
     assert info.value.step == 4 and info.value.checkpoint_step == 2

@@ -15,6 +15,7 @@ import torch
 import mixture
 import sweep_mixture
 import unroll
+from unroll_examples import runs
 from unroll_examples.models import d_loss_from_logits, discriminator_forward, generator_forward
 from unroll_examples.training import (
     CHECKPOINT,
@@ -23,7 +24,6 @@ from unroll_examples.training import (
     Strategies,
     TrainConfig,
     Trainer,
-    TrainingDiverged,
     index_state,
     init_state,
 )
@@ -223,7 +223,7 @@ def test_nan_loss_stops_with_step_and_seed_and_keeps_the_last_checkpoint(tmp_pat
     strategies = counting(lambda count, d, x, fake: fake.mean() / (3 - count))
     trainer = Trainer(small(steps=6), [5, 9], out_dir=tmp_path, strategies=strategies)
     trainer.state["extra"]["count"][1] = 1.0
-    with pytest.raises(TrainingDiverged, match=r"iteration 2 for seed 9") as error:
+    with pytest.raises(runs.Diverged, match=r"iteration 2 for seed 9") as error:
         trainer.run()
     assert error.value.step == 2 and error.value.seed == 9
     meta = json.loads((tmp_path / "metrics.json").read_text())
@@ -241,7 +241,7 @@ def test_a_nonfinite_adam_state_with_finite_losses_is_named_with_its_iteration_a
     strategies = counting(lambda count, d, x, fake: fake.mean() * torch.where(count == 3, 1e30, 1.0))
     trainer = Trainer(small(steps=6, eval_every=3), [5, 9], out_dir=tmp_path, strategies=strategies)
     trainer.state["extra"]["count"][1] = 1.0
-    with pytest.raises(TrainingDiverged, match=r"generator Adam state \(exp_avg_sq\..*\) \(inf\) at iteration 2 "
+    with pytest.raises(runs.Diverged, match=r"generator Adam state \(exp_avg_sq\..*\) \(inf\) at iteration 2 "
                                                r"for seed 9") as error:
         trainer.run()
     assert (error.value.step, error.value.seed) == (2, 9)

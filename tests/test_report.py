@@ -96,3 +96,41 @@ def test_per_seed_json_is_strict_and_linked_from_the_page(tmp_path: Path) -> Non
         assert report.write_per_seed(doc, elsewhere, [], "Every seed:") == f"Every seed: [{elsewhere}]({elsewhere})."
     finally:
         elsewhere.unlink()
+
+
+def test_plus_minus_sig_rounds_the_spread_to_two_figures_and_the_mean_to_match() -> None:
+    # Decimal places written out by hand: 29.1 -> 2 figures need none; 0.4899 -> 2; 0.01037 -> 3 ("0.010").
+    assert report.plus_minus_sig(144.33, 29.1) == "144 ± 29"
+    assert report.plus_minus_sig(6.0712, 0.4899) == "6.07 ± 0.49"
+    assert report.plus_minus_sig(0.29398, 0.010368) == "0.294 ± 0.010"
+    assert report.plus_minus_sig(463.3, 134.4) == "463 ± 134"  # never rounds a whole part away
+    assert report.plus_minus_sig(0.117, 0.0223, digits=1) == "0.12 ± 0.02"
+    # One seed: the mean alone, one figure more than the spread would get, never in e-notation.
+    assert report.plus_minus_sig(0.097438, math.nan) == "0.0974" and report.plus_minus_sig(1234.5, math.nan) == "1234"
+    assert report.plus_minus_sig(2.0, 0.0) == "2 ± 0"
+
+
+def test_named_notes_blocks_are_kept_apart(tmp_path: Path) -> None:
+    doc = tmp_path / "page.md"
+    assert report.notes_markers() == ("<!-- notes -->", "<!-- /notes -->")
+    assert report.notes_markers("verdict") == ("<!-- notes:verdict -->", "<!-- /notes:verdict -->")
+    with pytest.raises(ValueError, match="notes block name"):
+        report.notes_markers("a -->")
+    doc.write_text("<!-- notes:verdict -->\nV\n<!-- /notes:verdict -->\n<!-- notes -->N<!-- /notes -->\n"
+                   "<!-- notes:run -->R<!-- /notes:run -->")
+    assert report.kept_notes(doc, name="verdict") == "\nV\n"
+    assert report.kept_notes(doc) == "N" and report.kept_notes(doc, name="run") == "R"
+    assert report.kept_notes(doc, "d", name="about") == "d"
+    assert report.notes_block(doc, name="run") == "<!-- notes:run -->R<!-- /notes:run -->"
+
+
+def test_opening_is_the_kept_verdict_then_the_main_figure(tmp_path: Path) -> None:
+    doc, figure = tmp_path / "page.md", tmp_path / "page" / "main.png"
+    assert report.opening(doc, (figure, "main"), "\nnew\n") == ["<!-- notes:verdict -->\nnew\n<!-- /notes:verdict -->",
+                                                                 ""]  # no figure file yet: no broken image
+    figure.parent.mkdir()
+    figure.write_bytes(b"png")
+    doc.write_text("# t\n\n<!-- notes:verdict -->\nkept\n<!-- /notes:verdict -->\n")
+    assert report.opening(doc, (figure, "main"), "\nnew\n") == [
+        "<!-- notes:verdict -->\nkept\n<!-- /notes:verdict -->", "", "![main](page/main.png)", ""]
+    assert report.opening(doc) == ["<!-- notes:verdict -->\nkept\n<!-- /notes:verdict -->", ""]

@@ -274,7 +274,7 @@ def test_a_nonfinite_state_with_finite_losses_stops_an_image_run_at_that_iterati
     gan = it.ImageGAN("tiny", lambda: M.ConvGenerator((4, 2), 1, latent_dim=4),
                       lambda: M.ConvDiscriminator((2, 4), 1, image_size=8), data, latent_dim=4)
     trainer = it.GANTrainer(gan, it.GANConfig(K=2, batch=4, steps=6, seed=5))
-    with pytest.raises(it.ImageTrainingDiverged, match="at iteration 3 for seed 5") as error:
+    with pytest.raises(runs.Diverged, match="at iteration 3 for seed 5") as error:
         trainer.run()
     assert error.value.step == 3 and "loss" not in error.value.which and len(trainer.losses) == 2
 

@@ -26,7 +26,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -365,10 +365,13 @@ def figure(rules: Sequence[Method], results: Dict[str, Dict[float, Run]], lr: fl
     plt.close(fig)
 
 
-def write_page(doc: Path, title: str, command: str, settings: str, sections: Sequence[str], notes: str) -> None:
-    """Title, the command that made the page, the settings, the hand-written notes (``notes`` on a new page), then
-    the generated sections."""
-    report.write_page(doc, [f"# {title}", "", *report.made_by(command), "", settings, "",
+def write_page(doc: Path, title: str, command: str, settings: str, sections: Sequence[str], notes: str,
+               main_figure: Optional[Tuple[Path, str]] = None) -> None:
+    """Title, the opening (:func:`report.opening`: the kept verdict and ``main_figure``, its path and alt text),
+    the command that made the page, the settings, the hand-written notes (``notes`` on a new page), then the
+    generated sections."""
+    report.write_page(doc, [f"# {title}", "", *report.opening(doc, main_figure), *report.made_by(command), "",
+                            settings, "",
                             report.notes_block(doc, "\n" + notes + "\n"), "", *sections, ""])
 
 
@@ -411,9 +414,9 @@ def compare(title: str, f: Payoff, z0: Point, lrs: Sequence[float], iterations: 
               f"'diverges': the distance grew 1000-fold (iteration in brackets). CPU µs / iter: process CPU time "
               f"of one iteration at the start point, lr {figure_lr:g}, fastest of 20 means over 10 calls, one "
               f"thread (compare rows, not machines).")
-    write_page(doc, title, command, settings, notes=notes, sections=[
+    write_page(doc, title, command, settings, notes=notes,
+               main_figure=(image, f"distance to the equilibrium at lr = {figure_lr:g}"), sections=[
         "## Iterations to the equilibrium", "", legend, "", table(rules, results, lrs, iterations, micros), "",
-        f"![distance to the equilibrium at lr = {figure_lr:g}]({image.name})", "",
         "## Spectral radius of the update at the equilibrium", "",
         "ρ of the Jacobian of z ↦ z − lr·direction(z) at the equilibrium (central differences, float64): below 1 "
         "the rule converges near the equilibrium, at rate ρ per iteration; 1 cycles; above 1 it leaves. "

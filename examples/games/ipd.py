@@ -208,11 +208,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                 f"defection); the paired gap is mean ± standard error over seeds. Cooperation: (1 − γ)·(discounted "
                 f"frequency of the agent's C), mean ± sd. P(C) after XY: X is the agent's own last action.")
     common.write_page(args.doc, "Iterated prisoner's dilemma: LOLA and look-ahead agents on unroll",
-                      command, settings, notes=NOTES, sections=[
-                          "## Final rewards and cooperation", "", report.table(rows, header), "",
-                          f"![reward per step over updates]({image.name})", "",
-                          numbers_line, "",
-                          f"All pairings took {minutes:.1f} min of CPU time on one thread."])
+                      command, settings, notes=NOTES, main_figure=(image, "reward per step over updates"),
+                      sections=["## Final rewards and cooperation", "", report.table(rows, header), "",
+                                numbers_line, "",
+                                f"All pairings took {minutes:.1f} min of CPU time on one thread."])
 
 
 def plot(curves: Dict[str, Tensor], policies: Dict[str, Tensor], path: Path) -> None:

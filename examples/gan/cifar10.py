@@ -11,9 +11,12 @@ Needs the CIFAR-10 python batches (``cifar-10-batches-py``): in ``--data-dir``, 
                                               # machine; 3-4x that on a slower one: docs/reproducibility.md)
     python examples/gan/cifar10.py --paper    # the paper's configuration (App. D models, 5 seeds, 100k updates)
     python examples/gan/cifar10.py --resume   # continue an interrupted run in the same --out
+    python examples/gan/cifar10.py --report-only  # remake docs/results/cifar10.md from its per-seed file
 
 Writes ``results.json``, ``samples.png`` (Fig. 4), ``samples_over_training.png``, ``pairwise_distances.png``,
-``reconstructions.png``, ``losses.png`` and one folder per run with ``checkpoint.pt`` and ``result.json``.
+``reconstructions.png``, ``losses.png`` and one folder per run with ``checkpoint.pt`` and ``result.json``; with
+``--per-seed FILE`` every run's final numbers, and with ``--doc PAGE`` the results page made from them
+(``--report-only`` remakes it from the per-seed file alone).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import argparse
 import dataclasses
 import sys
 from pathlib import Path
-from typing import Optional, Sequence, Tuple
+from typing import Any, List, Mapping, Optional, Sequence, Tuple
 
 from unroll_examples import diversity as dv
 from unroll_examples import image_experiment as ex
@@ -71,6 +74,21 @@ PAPER_TABLE3 = {"0": "0.0231 ± 0.0024, 0.63%", "1": "0.0195 ± 0.0021, 22.97%",
                 "10": "0.0181 ± 0.0018, 61.09%"}
 
 
+# ------------------------------------------------------------------------------------------ the results page
+
+def page_body(payload: Mapping[str, Any], doc: Path) -> List[str]:
+    """The page's tables (:func:`image_experiment.diversity_body`) beside Table 3."""
+    return ex.diversity_body(payload, doc, mse_spec=".4f", distance_spec=".2f", paper=PAPER_TABLE3) + [
+        "The paper's numbers are Table 3 of Metz et al. (2017) (MSE ± standard error, percent best rank).", ""]
+
+
+PAGE = ex.PageSpec(name="cifar10", title="CIFAR-10: sample diversity (Sec. 3.4, Table 3)",
+                   keys={}, metrics=("recon_mse", "mean_distance"),
+                   figures=(("samples.png", "final samples of each K's first seed"),
+                            ("pairwise_distances.png", "pairwise distances")),
+                   body=page_body, check_summary=ex.check_diversity_summary, about=ex.paragraph(__doc__, 1))
+
+
 
 def build_parser() -> argparse.ArgumentParser:
     return ex.config_parser(__doc__, CONFIGS, SETTINGS,
@@ -80,13 +98,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[argparse.Namespace, ex.ImageConfig, Path]:
     """Parse and validate every flag: any problem is an argparse error before any work starts."""
-    args, config, _, out = ex.parse_config(build_parser(), argv, CONFIGS, SETTINGS, ex.DIVERSITY_AT_LEAST)
+    p = build_parser()
+    args, config, _, out = ex.parse_config(p, argv, CONFIGS, SETTINGS, ex.DIVERSITY_AT_LEAST)
+    ex.resolve_page_flags(p, args, PAGE.name)
     return args, config, out
 
 
 @runs.reports_errors
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args, config, out = parse_args(argv)
+    if args.report_only:
+        return ex.report_only(PAGE, args)
     settings = ex.settings_of(config, SETTINGS)
     with ex.session(args, settings, out) as start:
         checksums = {"checksums": None} if config.no_checksum else {}
@@ -110,7 +132,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                   + ex.markdown_table(rows, [("mean_distance", "mean pair distance")], key_names=("K",)))
         ex.finish(out, "cifar10", argv, settings, notes, records, rows, table, trainers, specs, start,
                   extra={"data": cifar.description, "diversity_table": diversity, "paper_table3": PAPER_TABLE3,
-                         "data_distance_profile": probe.data_profile}, per_seed=args.per_seed)
+                         "data_distance_profile": probe.data_profile}, per_seed=args.per_seed,
+                  summary=ex.diversity_summary(diversity, probe.data_profile))
+        ex.publish(PAGE, args, out)
     return 3 if any(r["status"] != "done" for r in records) else 0
 
 

@@ -9,9 +9,11 @@ data and samples, and Table 2 reports their Jensen-Shannon divergence (nats).
                                                     # machine; 3-4x that on a slower one: docs/reproducibility.md)
     python examples/gan/colored_mnist.py --paper    # the paper's configuration
     python examples/gan/colored_mnist.py --resume   # continue an interrupted run in the same --out
+    python examples/gan/colored_mnist.py --report-only  # remake docs/results/colored_mnist.md from its per-seed file
 
 Writes ``results.json``, ``samples.png``, ``samples_over_training.png``, ``losses.png``, ``colors.png`` and one
-folder per run with ``checkpoint.pt`` and ``result.json``.
+folder per run with ``checkpoint.pt`` and ``result.json``; with ``--per-seed FILE`` every run's final numbers, and
+with ``--doc PAGE`` the results page made from them (``--report-only`` remakes it from the per-seed file alone).
 """
 
 from __future__ import annotations
@@ -20,14 +22,14 @@ import argparse
 import dataclasses
 import sys
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
 from unroll_examples import image_experiment as ex
 from unroll_examples import image_models as models
 from unroll_examples import image_training as it
-from unroll_examples import runs
+from unroll_examples import report, runs
 from unroll_examples.image_metrics import foreground_colors, js_divergence_kde
 from unroll_examples.mnist_data import ColoredMNIST, load_mnist
 from unroll_examples.plotting import pyplot, save_figure
@@ -82,6 +84,34 @@ PAPER_TABLE = {
 _DATA_EVAL_SEED = 123_457  # the data images whose colours every run is compared with
 
 
+# ------------------------------------------------------------------------------------------ the results page
+
+def page_body(payload: Mapping[str, Any], doc: Path) -> List[str]:
+    """The page's table: per X and K the JS divergence (mean ± s.e. and per seed) beside Table 2, whose other
+    sizes are listed as not run."""
+    settings = payload["settings"]
+    rows = []
+    for x in settings["sizes"]:
+        for K in settings["K"]:
+            mean, se = ex.cell_stats(payload, "js", X=x, K=K)
+            by_seed = ex.runs_of(payload, X=x, K=K)
+            rows.append([x, str(K), "—" if mean != mean else report.plus_minus_sig(mean, se),
+                         ", ".join(f"{by_seed[s]['js']:.3f}" if s in by_seed else "—" for s in settings["seeds"]),
+                         PAPER_TABLE.get((x, K), "—")])
+    not_run = ("not in the reduced default" if tuple(settings["sizes"]) == CONFIGS["reduced"].sizes
+               else "not run")
+    rows += [[x, str(K), not_run, "—", paper] for (x, K), paper in PAPER_TABLE.items() if x not in settings["sizes"]]
+    header = ["X", "K", "JS (ours)", f"JS per seed {ex.seeds_text(settings['seeds'])} (ours)", "JS (paper)"]
+    return [report.table(rows, header), "", "The paper's numbers are Table 2 of Metz et al. (2017).", ""]
+
+
+PAGE = ex.PageSpec(name="colored_mnist", title="Colored MNIST: manifold collapse (Sec. 3.3.2, Table 2)",
+                   keys={"X": str}, metrics=("js",),
+                   figures=(("colors.png", "foreground colours of the data and of each K's first seed"),
+                            ("samples.png", "final samples of each K's first seed")),
+                   body=page_body, about=ex.paragraph(__doc__, 1))
+
+
 
 def build_parser() -> argparse.ArgumentParser:
     return ex.config_parser(__doc__, CONFIGS, SETTINGS,
@@ -92,8 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[argparse.Namespace, ex.ImageConfig, Path]:
     """Parse and validate every flag: any problem is an argparse error before any work starts."""
     # A 3-D KDE needs more points than dimensions to have a non-singular covariance.
-    args, config, _, out = ex.parse_config(build_parser(), argv, CONFIGS, SETTINGS,
-                                           at_least={"eval_samples": 10, "js_samples": 10})
+    p = build_parser()
+    args, config, _, out = ex.parse_config(p, argv, CONFIGS, SETTINGS, at_least={"eval_samples": 10, "js_samples": 10})
+    ex.resolve_page_flags(p, args, PAGE.name)
     return args, config, out
 
 
@@ -118,6 +149,8 @@ def plot_colors(data_colors: torch.Tensor, panels: Sequence, path: Path) -> None
 @runs.reports_errors
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args, config, out = parse_args(argv)
+    if args.report_only:
+        return ex.report_only(PAGE, args)
     with ex.session(args, ex.settings_of(config, SETTINGS), out) as start:
         return run(args, config, out, start, argv)
 
@@ -166,6 +199,7 @@ def run(args: argparse.Namespace, config: ex.ImageConfig, out: Path, start: floa
               extra={"data": data.source, "data_color_std": [float(v) for v in data_colors.std(0)],
                      "paper_table": {f"X={x}, K={k}": v for (x, k), v in PAPER_TABLE.items()}},
               per_seed=args.per_seed)
+    ex.publish(PAGE, args, out)
     return 3 if any(r["status"] != "done" for r in records) else 0
 
 

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from unroll_examples import ablations as ab
+from unroll_examples import report
 from unroll_examples.models import discriminator_forward
 from unroll_examples.sweeps import Cell
 from unroll_examples.training import LOSSES, SIZE_FLAGS, GeneratorRule, StepInputs, Strategies
@@ -182,16 +183,21 @@ def write_report(args: argparse.Namespace, cells: List[Cell], log: Sequence[dict
                 (f"{PERIOD_ENSEMBLE} every P=", f"Ensembles of {PERIOD_ENSEMBLE}, one snapshot every P discriminator "
                                                 f"updates (Fig. App.2)", "historical_averaging_period"),
                 ("unrolled", "Unrolled, for comparison (full gradient of Eq. 12)", "historical_averaging_unrolled")]
+    main_figure = None  # the first section's figure opens the page, after its verdict
     for prefix, title, figure in sections:
         rows = [(c, m) for c, m in metas if c.label.startswith(prefix)]
         if not rows:
             continue
         lines += [f"## {title}", "", ab.timed_results_table(rows, args, n_modes, log, costs,
                                                              reference=(cells[0].folder, cells[0].label)), ""]
-        lines += ab.figure_markdown(rows, Path(args.out), args, figure, f"{args.dataset}: {title} (seed "
-                                                                    f"{args.seed_list[0]})")
+        drawn = ab.draw_figure(rows, Path(args.out), args, figure, f"{args.dataset}: {title} (seed "
+                                                                   f"{args.seed_list[0]})")
+        if main_figure is None:
+            main_figure = drawn
+        elif drawn is not None:
+            lines += [report.figure(Path(args.doc), *drawn), ""]
     lines += ab.per_seed_json(args, metas, n_modes, command, costs)
-    ab.write_page(Path(args.doc), lines, log)
+    ab.write_page(Path(args.doc), lines, log, report.opening(Path(args.doc), main_figure))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

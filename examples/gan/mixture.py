@@ -25,7 +25,7 @@ import torch
 from unroll_examples import cli, parallel, runs
 from unroll_examples.cli import MAX_SEEDS, HelpFormatter, add_threads_flag, parse_seeds
 from unroll_examples.runs import CHECKPOINT, FINAL
-from unroll_examples.training import DEFAULT_CHECKPOINT_EVERY, DENSITY, TrainConfig, Trainer, TrainingDiverged, run_name
+from unroll_examples.training import DEFAULT_CHECKPOINT_EVERY, DENSITY, TrainConfig, Trainer, run_name
 
 # ---- configuration: every field of TRAINING and RUN is a flag of its name (weight_std -> --weight-std) whose
 # default is the field's value here (cli.add_config_flags); --help lists each with its default ----
@@ -105,7 +105,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"{out}: {dataclasses.asdict(cfg)} seeds {seeds}", file=sys.stderr)
         try:
             records = trainer.run()
-        except TrainingDiverged as error:
+        except runs.Diverged as error:
             print(f"error: {error} (see {out})", file=sys.stderr)
             return 3
     print(summarize(records, trainer.step, trainer.mixture.n_modes))

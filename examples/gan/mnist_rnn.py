@@ -10,9 +10,12 @@ digits (mean reconstruction MSE and percent best rank, as Table 3) and pairwise 
                                                 # machine; 3-4x that on a slower one: docs/reproducibility.md)
     python examples/gan/mnist_rnn.py --paper    # the paper's configuration (150k network updates)
     python examples/gan/mnist_rnn.py --resume   # continue an interrupted run in the same --out
+    python examples/gan/mnist_rnn.py --report-only  # remake docs/results/mnist_rnn.md from its per-seed file
 
 Writes ``results.json``, ``samples_over_training.png`` (Fig. 3), ``samples.png``, ``pairwise_distances.png``,
-``reconstructions.png``, ``losses.png`` and one folder per run with ``checkpoint.pt`` and ``result.json``.
+``reconstructions.png``, ``losses.png`` and one folder per run with ``checkpoint.pt`` and ``result.json``; with
+``--per-seed FILE`` every run's final numbers, and with ``--doc PAGE`` the results page made from them
+(``--report-only`` remakes it from the per-seed file alone).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import argparse
 import dataclasses
 import sys
 from pathlib import Path
-from typing import Optional, Sequence, Tuple
+from typing import Any, List, Mapping, Optional, Sequence, Tuple
 
 from unroll_examples import diversity as dv
 from unroll_examples import image_experiment as ex
@@ -65,6 +68,20 @@ NOTES = [
 ]
 
 
+# ------------------------------------------------------------------------------------------ the results page
+
+def page_body(payload: Mapping[str, Any], doc: Path) -> List[str]:
+    """The page's tables (:func:`image_experiment.diversity_body`; the paper reports no numbers here)."""
+    return ex.diversity_body(payload, doc, mse_spec=".3f", distance_spec=".2f")
+
+
+PAGE = ex.PageSpec(name="mnist_rnn", title="RNN generator on MNIST (Sec. 3.2, Fig. 3) and sample diversity (Sec. 3.4)",
+                   keys={}, metrics=("recon_mse", "mean_distance"),
+                   figures=(("samples_over_training.png", "samples of fixed latents over training, K = 0 and 20"),
+                            ("pairwise_distances.png", "pairwise distances")),
+                   body=page_body, check_summary=ex.check_diversity_summary, about=ex.paragraph(__doc__, 1))
+
+
 
 def build_parser() -> argparse.ArgumentParser:
     return ex.config_parser(__doc__, CONFIGS, SETTINGS,
@@ -73,13 +90,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[argparse.Namespace, ex.ImageConfig, Path]:
     """Parse and validate every flag: any problem is an argparse error before any work starts."""
-    args, config, _, out = ex.parse_config(build_parser(), argv, CONFIGS, SETTINGS, ex.DIVERSITY_AT_LEAST)
+    p = build_parser()
+    args, config, _, out = ex.parse_config(p, argv, CONFIGS, SETTINGS, ex.DIVERSITY_AT_LEAST)
+    ex.resolve_page_flags(p, args, PAGE.name)
     return args, config, out
 
 
 @runs.reports_errors
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args, config, out = parse_args(argv)
+    if args.report_only:
+        return ex.report_only(PAGE, args)
     settings = ex.settings_of(config, SETTINGS)
     with ex.session(args, settings, out) as start:
         mnist = ex.load_data(load_mnist, config.split, args.data_dir)
@@ -103,7 +124,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                   f"{diversity_md}")
         ex.finish(out, "mnist_rnn", argv, settings, notes, records, rows, table, trainers, specs, start,
                   extra={"data": mnist.description, "diversity_table": diversity,
-                         "data_distance_profile": probe.data_profile}, per_seed=args.per_seed)
+                         "data_distance_profile": probe.data_profile}, per_seed=args.per_seed,
+                  summary=ex.diversity_summary(diversity, probe.data_profile))
+        ex.publish(PAGE, args, out)
     return 3 if any(r["status"] != "done" for r in records) else 0
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from unroll_examples import ablations as ab
+from unroll_examples import report
 from unroll_examples.sweeps import Cell, table
 from unroll_examples.training import SIZE_FLAGS
 
@@ -109,6 +110,7 @@ def write_report(args: argparse.Namespace, cells: List[Cell], log: Sequence[dict
              "K = 0 is the plain GAN, the same for every configuration.")
     metas, n_modes, lines = ab.start_page("The second gradient term (Metz et al. 2017, App. B.2): measured over seeds",
                                           intro, args, cells, command, complete)
+    main_figure = None
     for g_steps in args.regimes:
         group = [(c, m) for c, m in metas if c.group == f"g{g_steps}"]
         regime = "one generator update" if g_steps == 1 else f"{g_steps} generator updates"
@@ -118,10 +120,14 @@ def write_report(args: argparse.Namespace, cells: List[Cell], log: Sequence[dict
         lines += [f"Paper (App. B.2): {PAPER_CLAIM[g_steps]}. Here, the smallest K at which every seed reaches "
                   f"stable coverage within the run:", "",
                   table(claim_rows, ["configuration", "smallest K with all seeds settled"]), ""]
-        lines += ab.figure_markdown(group, Path(args.out), args, f"second_gradient_g{g_steps}",
-                                    f"{args.dataset}, {regime} per D update (seed {args.seed_list[0]})")
+        drawn = ab.draw_figure(group, Path(args.out), args, f"second_gradient_g{g_steps}",
+                               f"{args.dataset}, {regime} per D update (seed {args.seed_list[0]})")
+        if main_figure is None:  # the first regime's figure opens the page, after its verdict
+            main_figure = drawn
+        elif drawn is not None:
+            lines += [report.figure(Path(args.doc), *drawn), ""]
     lines += ab.per_seed_json(args, metas, n_modes, command, {})
-    ab.write_page(Path(args.doc), lines, log)
+    ab.write_page(Path(args.doc), lines, log, report.opening(Path(args.doc), main_figure))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -9,12 +9,14 @@ modes with at least one sample and KL(model || uniform over the 1000 modes).
                                                     # machine; 3-4x that on a slower one: docs/reproducibility.md)
     python examples/gan/stacked_mnist.py --paper    # the paper's configuration (days on a CPU: for a GPU)
     python examples/gan/stacked_mnist.py --resume   # continue an interrupted run in the same --out
+    python examples/gan/stacked_mnist.py --report-only  # remake docs/results/stacked_mnist.md from its per-seed file
     torchrun --nproc_per_node 8 examples/gan/stacked_mnist.py --paper --device cuda   # data-parallel, one GPU
                                                     # per rank (docs/distributed.md)
 
 Writes ``results.json`` (settings, deviations from the paper, per-run metrics, the table beside the paper's),
 ``samples.png``, ``samples_over_training.png``, ``losses.png`` and one folder per run with ``checkpoint.pt`` and
-``result.json``.
+``result.json``; with ``--per-seed FILE`` every run's final numbers, and with ``--doc PAGE`` the results page made
+from them (``--report-only`` remakes it from the per-seed file alone).
 """
 
 from __future__ import annotations
@@ -23,17 +25,17 @@ import argparse
 import dataclasses
 import sys
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from lib import digit_classifier as mc
-from lib import image_experiment as ex
-from lib import image_models as models
-from lib import image_training as it
-from lib import parallel, runs
-from lib.image_metrics import stacked_mode_stats
-from lib.mnist_data import StackedMNIST, load_mnist
+from unroll_examples import digit_classifier as mc
+from unroll_examples import image_experiment as ex
+from unroll_examples import image_models as models
+from unroll_examples import image_training as it
+from unroll_examples import parallel, report, runs
+from unroll_examples.image_metrics import stacked_mode_stats
+from unroll_examples.mnist_data import StackedMNIST, load_mnist
 
 # ------------------------------------------------------------------------------------------ configuration
 # The settings of this script: fields of ex.ImageConfig, each a flag of its name (eval_samples -> --eval-samples),
@@ -79,6 +81,41 @@ PAPER_TABLE = {
 }
 
 
+# ------------------------------------------------------------------------------------------ the results page
+
+def _mean_se(stats: Tuple[float, float]) -> str:
+    return "—" if stats[0] != stats[0] else report.plus_minus_sig(*stats)  # NaN: no finished run
+
+
+def page_body(payload: Mapping[str, Any], doc: Path) -> List[str]:
+    """The page's tables: per X and K the modes and KL (mean ± s.e.) beside Table 1, then the modes per seed."""
+    settings = payload["settings"]
+    rows = []
+    for x in settings["sizes"]:
+        for K in settings["K"]:
+            paper = PAPER_TABLE.get((x, K), "— modes, KL —").split(" modes, KL ")
+            rows.append([x, str(K), _mean_se(ex.cell_stats(payload, "modes", X=x, K=K)),
+                         _mean_se(ex.cell_stats(payload, "kl", X=x, K=K)), *paper])
+    per_seed = []
+    for x in settings["sizes"]:
+        cells = [ex.runs_of(payload, X=x, K=K) for K in settings["K"]]
+        per_seed.append([x] + [", ".join(str(c[seed]["modes"]) if seed in c else "—" for c in cells)
+                               for seed in settings["seeds"]])
+    return [
+        report.table(rows, ["X", "K", "modes covered (ours)", "KL (ours)", "paper modes", "paper KL"]), "",
+        "The paper's numbers are Table 1 of Metz et al. (2017) (25,600 samples per model, standard errors over "
+        "runs).", "",
+        f"Per seed ({ex.seeds_text(settings['seeds'])}), modes covered for K = {ex.seeds_text(settings['K'])}:", "",
+        report.table(per_seed, ["X"] + [f"seed {seed}" for seed in settings["seeds"]]), "",
+    ]
+
+
+PAGE = ex.PageSpec(name="stacked_mnist", title="Stacked MNIST: discrete mode collapse (Sec. 3.3.1, Table 1)",
+                   keys={"X": str}, metrics=("modes", "kl"),
+                   figures=(("samples.png", "final samples of each cell's first seed"),),
+                   body=page_body, about=ex.paragraph(__doc__, 1))
+
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = ex.config_parser(__doc__, CONFIGS, SETTINGS,
@@ -99,6 +136,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[argparse.Namespace
     for flag in ("classifier_train", "classifier_epochs"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be >= 1")
+    ex.resolve_page_flags(p, args, PAGE.name)
     return args, config, out
 
 
@@ -114,6 +152,8 @@ def classifier_config(args: argparse.Namespace) -> mc.ClassifierConfig:
 @runs.reports_errors
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args, config, out = parse_args(argv)
+    if args.report_only:
+        return ex.report_only(PAGE, args)
     classifier = classifier_config(args)
     ranks = parallel.from_environment(config.batch, torch.device(args.device).type)  # None without torchrun
     args.device = parallel.rank_device(args.device, ranks)
@@ -169,6 +209,7 @@ def run(args: argparse.Namespace, config: ex.ImageConfig, out: Path, classifier_
               extra={"data": data.source, "classifier": report, "paper_table": {f"X={x}, K={k}": v for (x, k), v
                                                                                   in PAPER_TABLE.items()}},
               per_seed=args.per_seed)
+    ex.publish(PAGE, args, out)
     return status
 
 

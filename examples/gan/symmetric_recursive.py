@@ -36,6 +36,7 @@ from torch import Tensor
 
 import unroll
 from unroll_examples import ablations as ab
+from unroll_examples import report
 from unroll_examples.models import generator_forward
 from unroll_examples.sweeps import Cell
 from unroll_examples.training import (
@@ -166,11 +167,11 @@ def write_report(args: argparse.Namespace, cells: List[Cell], log: Sequence[dict
                                           args, cells, command, complete)
     costs = ab.timings(args, cells, complete) or {}
     lines += ["## Results", "", ab.timed_results_table(metas, args, n_modes, log, costs), ""]
-    lines += ab.figure_markdown(metas, Path(args.out), args, "symmetric_recursive",
-                                f"{args.dataset}: one-sided, symmetric and recursive unrolling (seed "
-                                f"{args.seed_list[0]})")
+    main_figure = ab.draw_figure(metas, Path(args.out), args, "symmetric_recursive",
+                                 f"{args.dataset}: one-sided, symmetric and recursive unrolling (seed "
+                                 f"{args.seed_list[0]})")
     lines += ab.per_seed_json(args, metas, n_modes, command, costs)
-    ab.write_page(Path(args.doc), lines, log)
+    ab.write_page(Path(args.doc), lines, log, report.opening(Path(args.doc), main_figure))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

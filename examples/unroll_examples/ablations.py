@@ -255,13 +255,20 @@ def load_all(cells: Sequence[Cell], out_root: Path) -> List[CellMeta]:
     return [(c, read_cell(c, out_root / c.folder)) for c in cells]
 
 
+def draw_figure(cells: List[CellMeta], out_root: Path, args: argparse.Namespace, name: str,
+                title: str) -> Optional[Tuple[Path, str]]:
+    """Write a Fig. 2-style grid (rows = cells, first seed; columns = evaluations) to ``<fig-dir>/<name>.png``:
+    its path and title (for :func:`report.figure` or :func:`report.opening`), None when there is nothing to
+    draw."""
+    path = Path(args.fig_dir) / f"{name}.png"
+    return (path, title) if figure_for(args.dataset, cells, out_root, path, title=title) else None
+
+
 def figure_markdown(cells: List[CellMeta], out_root: Path, args: argparse.Namespace, name: str,
                     title: str) -> List[str]:
-    """Write a Fig. 2-style grid (rows = cells, first seed; columns = evaluations) and return its markdown."""
-    path = Path(args.fig_dir) / f"{name}.png"
-    if not figure_for(args.dataset, cells, out_root, path, title=title):
-        return []
-    return [f"![{title}]({report.link_from(args.doc, path)})", ""]
+    """Write a Fig. 2-style grid (:func:`draw_figure`) and return its markdown."""
+    figure = draw_figure(cells, out_root, args, name, title)
+    return [] if figure is None else [report.figure(args.doc, *figure), ""]
 
 
 def start_page(title: str, intro: str, args: argparse.Namespace, cells: Sequence[Cell], command: str,
@@ -297,10 +304,13 @@ def results_table(rows: Sequence[CellMeta], args: argparse.Namespace, n_modes: i
     return table([result_row(c.label, c, m, n_modes, args.min_hq, log) for c, m in rows], RESULT_HEADER)
 
 
-def write_page(doc: Path, lines: Sequence[str], log: Sequence[Dict[str, Any]]) -> None:
-    """Write the page, ending with the total training time of the sweep."""
+def write_page(doc: Path, lines: Sequence[str], log: Sequence[Dict[str, Any]], opening: Sequence[str] = ()
+               ) -> None:
+    """Write the page, ending with the total training time of the sweep; ``opening`` (:func:`report.opening`:
+    the kept verdict and the main figure) follows the title."""
     total = sum(e["seconds"] for e in log)
-    lines = list(lines) + [f"Training time of all cells: {total / 60:.1f} min, summed over cells (each cell on one "
+    lines = list(lines[:2]) + list(opening) + list(lines[2:]) + [
+                           f"Training time of all cells: {total / 60:.1f} min, summed over cells (each cell on one "
                            f"thread, all its seeds together with torch.func.vmap). The 2-core machine was shared "
                            f"with other jobs, so s / iteration is noisy.", ""]
     report.write_page(Path(doc), lines)

@@ -18,7 +18,6 @@ import math
 import os
 import platform
 import shlex
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -547,6 +546,12 @@ class PageSpec:
         return f"examples/gan/{self.name}.py"
 
 
+def paragraph(text: Optional[str], index: int) -> str:
+    """Paragraph ``index`` of ``text`` (a script's docstring; empty under ``python -OO``, which drops them)."""
+    paragraphs = (text or "").split("\n\n")
+    return paragraphs[index] if index < len(paragraphs) else ""
+
+
 def default_page(name: str) -> Path:
     return RESULTS_DIR / f"{name}.md"
 
@@ -751,8 +756,9 @@ def page_lines(spec: PageSpec, payload: Mapping[str, Any], doc: Path, per_seed: 
         "## Our numbers", "",
         *report.made_by(made_by), "",
         report.notes_block(doc, "\n", "run"), "",
-        f"Mean ± standard error over the {seeds} seeds (one seed: its value alone). Every run's final numbers are "
-        f"in [{link}]({link}), and `{settings['out']}/results.json` holds every run in full.", "",
+        f"Mean ± standard error over the {seeds} seed{'s' if seeds != 1 else ''} (one seed: its value alone). "
+        f"Every run's final numbers are in [{link}]({link}), and `{settings['out']}/results.json` holds every run "
+        f"in full.", "",
         *spec.body(payload, doc),
         *report.made_by(_regenerate_command(spec, doc, per_seed),
                         "This page is remade from those numbers, training nothing and keeping its hand-written "
@@ -775,9 +781,10 @@ def publish(spec: PageSpec, args: argparse.Namespace, out: Path, log: Callable[[
         return
     folder = Path(args.doc).with_suffix("")
     for file, _ in spec.figures:
-        if (Path(out) / file).is_file():
+        source, target = Path(out) / file, folder / file
+        if source.is_file() and source.resolve() != target.resolve():  # --doc may name a page inside --out
             folder.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(Path(out) / file, folder / file)
+            runs.atomic_write_bytes(target, source.read_bytes())  # replaces a link there, never writes through it
     write_page(spec, args.doc, args.per_seed)
     log(f"results page: {args.doc}")
 
@@ -811,3 +818,41 @@ def diversity_summary(diversity: Mapping[str, Mapping[str, float]], data_profile
     pair distance of the data."""
     return {"percent_best": {K: row["percent_best"] for K, row in diversity.items()},
             "data_mean_distance": data_profile["mean_distance"]}
+
+
+def diversity_body(payload: Mapping[str, Any], doc: Path, mse_spec: str = ".3f", distance_spec: str = ".2f",
+                   paper: Optional[Mapping[str, str]] = None) -> List[str]:
+    """The tables of a diversity script's page (Sec. 3.4): per K the reconstruction MSE and the mean pair
+    distance (mean ± s.e.), the percent best rank and the data's mean distance from the file's ``summary`` ("—"
+    without one), ``paper``'s Table 3 entry per K when given; then every seed's numbers and the distance
+    histograms (``pairwise_distances.png`` beside the page, when there)."""
+    settings, summary = payload["settings"], payload.get("summary") or {}
+    best = summary.get("percent_best", {})
+    data = summary.get("data_mean_distance")
+    rows = []
+    for K in settings["K"]:
+        mse, distance = cell_stats(payload, "recon_mse", K=K), cell_stats(payload, "mean_distance", K=K)
+        rows.append([str(K), _formatted(mse, mse_spec), f"{best[str(K)]:.2f}%" if str(K) in best else "—",
+                     _formatted(distance, distance_spec)] + ([paper.get(str(K), "—")] if paper is not None else []))
+    header = ["K", "reconstruction MSE (ours)", "percent best rank (ours)",
+              "mean pair distance (ours" + (f"; data: {data:.2f})" if data is not None else ")")]
+    header += ["paper (MSE, percent best rank)"] if paper is not None else []
+
+    def per_seed(metric: str, spec: str) -> List[str]:
+        return [", ".join(format(c[s][metric], spec) if s in c else "—" for s in settings["seeds"])
+                for c in (runs_of(payload, K=K) for K in settings["K"])]
+
+    mse_seeds, distance_seeds = per_seed("recon_mse", mse_spec), per_seed("mean_distance", distance_spec)
+    lines = [report.table(rows, header), "",
+             f"Per seed ({seeds_text(settings['seeds'])}): reconstruction MSE "
+             + " against ".join(f"{text} (K = {K})" for text, K in zip(mse_seeds, settings["K"]))
+             + "; mean pair distance " + " against ".join(distance_seeds) + ".", ""]
+    histograms = Path(doc).with_suffix("") / "pairwise_distances.png"
+    if histograms.is_file():
+        lines += ["The pairwise-distance histograms (Fig. 6's layout; the first seed of each K):", "",
+                  report.figure(doc, histograms, "pairwise distances"), ""]
+    return lines
+
+
+def _formatted(stats: Tuple[float, float], spec: str) -> str:
+    return "—" if math.isnan(stats[0]) else report.plus_minus(*stats, spec)

@@ -12,7 +12,7 @@ a step, so App. C's 150k steps are 75k iterations here). Per iteration:
 Only names in ``unroll.__all__`` are used. Seeds are paired across K: the initial weights and the data and
 latent streams of seed ``s`` do not depend on K. :class:`GANTrainer` checkpoints through :mod:`runs` (atomic,
 read back with ``weights_only=True``, other settings refused), resumes to exactly the numbers of an uninterrupted
-run, and stops with :class:`ImageTrainingDiverged` (naming the iteration, the seed and the last good checkpoint,
+run, and stops with :class:`runs.Diverged` (naming the iteration, the seed and the last good checkpoint,
 which it keeps) when a loss, a parameter, a buffer or an Adam state becomes NaN or infinite. :func:`run_experiment`
 trains a list of runs, one after another or in forked worker processes, and collects their evaluations.
 
@@ -127,9 +127,6 @@ def _check_adam_state(name: str, optimizer: torch.optim.Optimizer, module: nn.Mo
                                  f"{tuple(param.shape)}")
 
 
-ImageTrainingDiverged = runs.Diverged
-"""A loss, parameter, buffer or Adam state became NaN or infinite (the name the scripts and tests import)."""
-
 
 # ----------------------------------------------------------------------------------------------- trainer
 
@@ -231,7 +228,7 @@ class GANTrainer:
                     buffers[name].copy_(mean)
 
     def train_step(self) -> Tuple[float, float]:
-        """One D update then one G update; raises :class:`ImageTrainingDiverged` before stepping on a NaN/inf."""
+        """One D update then one G update; raises :class:`runs.Diverged` before stepping on a NaN/inf."""
         x, z = self.draw()
         fake = self.G(z)  # one forward pass serves both players
         d_loss = self.d_loss(dict(self.D.named_parameters()), x, fake.detach())
@@ -268,8 +265,8 @@ class GANTrainer:
     def checkpoint_path(self) -> Optional[Path]:
         return None if self.out_dir is None else self.out_dir / CHECKPOINT
 
-    def _diverged(self, which: str, value: float) -> ImageTrainingDiverged:
-        return ImageTrainingDiverged(self.step + 1, self.cfg.seed, which, value, self.checkpoint_path,
+    def _diverged(self, which: str, value: float) -> runs.Diverged:
+        return runs.Diverged(self.step + 1, self.cfg.seed, which, value, self.checkpoint_path,
                                      self.checkpoint_step)
 
     # ----- sampling -----
@@ -524,7 +521,7 @@ def run_experiment(specs: Sequence[RunSpec], out_dir: Path, evaluate: Evaluate, 
         base = {"run": spec.folder, **dict(spec.key), "seed": spec.cfg.seed, "eval_settings": eval_settings}
         try:
             trainer.run()
-        except ImageTrainingDiverged as error:
+        except runs.Diverged as error:
             log(f"{spec.folder}: {error}")
             record = {**base, "status": "diverged", "diverged_at": error.step, "error": str(error),
                       **trainer.summary()}

@@ -13,12 +13,14 @@ the single value alone, without "±" (never a made-up "± 0").
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import shlex
 import statistics
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from . import runs
 
@@ -166,6 +168,46 @@ def write_per_seed(doc: Path, path: Path, numbers: Any, lead: str = "Per-seed nu
     runs.write_json(Path(path), numbers)
     link = link_from(doc, path)
     return f"{lead} [{link}]({link})."
+
+
+class NumbersFileError(runs.RunError):
+    """A file of numbers that cannot be a page's: reported as one line naming the file, before anything is
+    written."""
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number a JSON file of results may hold")
+
+
+def read_numbers(path: Path, problem: Callable[[Any], Optional[str]], advice: str,
+                 max_bytes: int = 64 * 2 ** 20) -> Any:
+    """The numbers a page is written from, read from ``path`` as untrusted input: at most ``max_bytes``, UTF-8,
+    strict JSON (no ``NaN`` or ``Infinity``: a missing number is ``null``) of which ``problem(payload)`` finds
+    nothing wrong (None). Anything else raises :class:`NumbersFileError`, one line: the file, the problem, then
+    ``advice`` (what to do about it)."""
+    path = Path(path)
+
+    def refuse(what: str) -> NumbersFileError:
+        return NumbersFileError(f"{path} {what}; {advice}")
+
+    if not path.is_file():
+        raise refuse("does not exist" if not os.path.lexists(path) else "is not a file")
+    if path.stat().st_size > max_bytes:
+        raise refuse(f"is larger than {max_bytes} bytes")
+    try:
+        payload = json.loads(path.read_bytes().decode("utf-8"), parse_constant=_refuse_constant)
+    except OSError as error:
+        raise refuse(f"cannot be read ({error.strerror or error})") from None
+    except UnicodeDecodeError:
+        raise refuse("is not UTF-8 text") from None
+    except RecursionError:
+        raise refuse("is not valid JSON (nested too deeply)") from None
+    except ValueError as error:
+        raise refuse(f"is not valid JSON ({str(error).splitlines()[0][:120]})") from None
+    found = problem(payload)
+    if found:
+        raise refuse(f"is damaged: {found}")
+    return payload
 
 
 def write_page(doc: Path, lines: Sequence[str]) -> None:

@@ -24,7 +24,7 @@ from .report import fmt as fmt
 from .report import summary_stats as summary_stats
 from .report import table as table
 from .runs import CHECKPOINT
-from .training import DENSITY, Strategies, TrainConfig, Trainer, TrainingDiverged, read_snapshots, run_name
+from .training import DENSITY, Strategies, TrainConfig, Trainer, read_snapshots, run_name
 
 METRICS = "metrics.json"
 LOG = "sweep_log.json"
@@ -176,7 +176,7 @@ def run_cell(cell: Cell, folder: Path, progress: bool, log: List[Dict[str, Any]]
     start_step = trainer.step
     try:
         trainer.run()
-    except TrainingDiverged as error:
+    except runs.Diverged as error:
         print(f"{cell.folder}: {error}", file=sys.stderr)
     log.append({"cell": cell.folder, "seconds": time.time() - start, "from_step": start_step,
                 "to_step": trainer.step, "seeds": len(cell.seeds), "finished": time.strftime("%H:%M:%S")})

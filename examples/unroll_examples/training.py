@@ -109,7 +109,7 @@ class TrainConfig:
     eval_every: int = option(500, "iterations between evaluations (metrics, density.png and a checkpoint)")
     eval_samples: int = option(10_000, "generator samples per evaluation", type=SIZE_FLAGS["eval_samples"])
     d_init: str = option("orthogonal", "discriminator init (App. A leaves it open): orthogonal, gain 0.8 (as G's), "
-                                       "or pytorch (torch.nn.Linear's default)", choices=D_INITS)
+                                       "or pytorch (as torch.nn.Linear initialises)", choices=D_INITS)
 
     @property
     def lookahead_lr(self) -> float:
@@ -424,9 +424,6 @@ def index_state(tree: Any, i: int) -> Any:
     return tree[i]
 
 
-TrainingDiverged = runs.Diverged
-"""A loss, parameter or Adam state became NaN or infinite (the name the scripts and tests import)."""
-
 # What each part of a TrainState is, for divergence messages.
 STATE_PARTS = {"g": "generator parameters", "d": "discriminator parameters", "g_opt": "generator Adam state",
                "d_opt": "discriminator Adam state", "extra": "generator rule state"}
@@ -484,7 +481,7 @@ class Trainer:
     sooner than drawing it is worth: :class:`plotting.FigureBudget`; always at the end) and ``checkpoint.pt`` at
     every evaluation and every ``checkpoint_every`` iterations; ``resume=True`` continues from that checkpoint
     (refusing other settings) and ends with exactly the numbers of an uninterrupted run. Every iteration checks the
-    losses, parameters and Adam states of every seed: the first NaN or infinity raises :class:`TrainingDiverged`,
+    losses, parameters and Adam states of every seed: the first NaN or infinity raises :class:`runs.Diverged`,
     naming it, its iteration and its seed. (The caller holds ``out_dir`` with :func:`runs.claim`.) ``strategies``: an
     experiment's own rules (:class:`Strategies`), in place of those the config chooses.
     """
@@ -717,7 +714,7 @@ class Trainer:
         if self.writes:
             self.write_outputs("diverged")
             self.save_figure()
-        raise TrainingDiverged(step, seed, which, value, self.checkpoint_path, self.checkpoint_step)
+        raise runs.Diverged(step, seed, which, value, self.checkpoint_path, self.checkpoint_step)
 
     def postfix(self) -> Dict[str, str]:
         """The progress bar's summary of the latest evaluation."""
@@ -729,7 +726,7 @@ class Trainer:
                 "hq": f"{100 * mean('hq'):.1f}%", "rkl": f"{mean('reverse_kl'):.3f}", "modes": f"{mean('modes'):.1f}"}
 
     def iterate(self) -> None:
-        """One iteration of every seed (:func:`make_iteration`, vmapped); raises :class:`TrainingDiverged`."""
+        """One iteration of every seed (:func:`make_iteration`, vmapped); raises :class:`runs.Diverged`."""
         self.state, losses = self.step_fn(self.state, self.draw_batch())
         if self.parallel is not None:
             losses = self.parallel.mean_values(losses)  # the global batch's losses, the same on every rank
@@ -751,7 +748,7 @@ class Trainer:
 
     def run(self) -> List[Dict[str, Any]]:
         """Train to ``cfg.steps`` iterations (:func:`loop.train`); returns the metric records. Raises
-        :class:`TrainingDiverged`."""
+        :class:`runs.Diverged`."""
         cfg = self.cfg
         loop.train(self, cfg.steps, cfg.eval_every, self.checkpoint_every, progress=self.progress,
                    desc=f"{cfg.dataset} {'control' if cfg.control else 'K'}={cfg.K}")
