@@ -150,3 +150,24 @@ def test_wheel_installs_and_runs_the_readme_example_outside_the_repository(dist:
     checkout = run([sys.executable, "use.py"], work, clean_env(PYTHONPATH=str(ROOT))).stdout
     assert re.fullmatch(r"generator loss -?\d+\.\d{4}, generator gradient norm \d+\.\d{4}\n", installed), installed
     assert installed == checkout
+
+
+def test_the_changelog_releases_the_source_version_with_a_date() -> None:
+    """Keep a Changelog: an [Unreleased] section on top, then dated releases newest first, the newest being the
+    version the package builds, each heading linked to its comparison at the bottom."""
+    text = (ROOT / "CHANGELOG.md").read_text(encoding="utf-8")
+    headings = re.findall(r"^## \[([^\]]+)\](.*)$", text, flags=re.MULTILINE)
+    assert headings[0] == ("Unreleased", "")
+    releases = headings[1:]
+    assert releases and releases[0][0] == source_version()
+    dates = []
+    for version, rest in releases:
+        assert re.fullmatch(r"\d+\.\d+\.\d+", version), version
+        match = re.fullmatch(r" - (\d{4}-\d{2}-\d{2})", rest)
+        assert match, f"release {version} has no date: {rest!r}"
+        dates.append(match.group(1))
+    versions = [tuple(int(part) for part in version.split(".")) for version, _ in releases]
+    assert versions == sorted(versions, reverse=True) and dates == sorted(dates, reverse=True)
+    links = dict(re.findall(r"^\[([^\]]+)\]: (\S+)$", text, flags=re.MULTILINE))
+    assert set(links) == {name for name, _ in headings}
+    assert all(url.startswith(REPOSITORY) for url in links.values())

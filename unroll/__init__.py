@@ -30,7 +30,7 @@ from .rmsprop import rmsprop
 from .sgd import sgd
 from .unrolled import surrogate_loss, train_step, unrolled_params
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 # Public classes read as ``unroll.X`` in reprs and tracebacks, not as the private module that defines them.
 for _public in (ImplicitInfo, NonFiniteLossError, Optimizer, PES, PESState):
