@@ -8,6 +8,8 @@ optimisation driven by each. Results page: docs/results/estimators.md; README.md
     python examples/estimators/compare.py --problems gan --estimators exact,implicit_cg --seeds 3 --no-memory \\
         --outer-problems "" --out runs/estimators_gan                       # one corner of it
     bash examples/estimators/gpu.sh                                         # on a CUDA machine (--device cuda)
+    python examples/estimators/compare.py --threads 1 --doc docs/results/estimators.md   # and write the page
+    python examples/estimators/compare.py --report-only                     # remake the page, measuring nothing
 
 Every number is stored in its own JSON file ("cell") under ``--out`` (default runs/estimators): gradients per
 (problem, estimator), the timings of one problem's estimators (timed round-robin in one process), the peak memory
@@ -15,6 +17,11 @@ of one problem's estimators (measured in a fresh subprocess), and outer-optimisa
 and their controls. A cell's file name carries a hash of everything its numbers depend on, so ``--resume`` reads
 back a finished cell (checked against its schema and key) instead of recomputing it, and never writes over a
 file. The summary (``results.json``, ``table.md``, ``figure.png``) is remade from the cells at the end of a run.
+With ``--doc PAGE`` the run then copies ``results.json`` and ``figure.png`` into PAGE's folder (PAGE less ``.md``)
+and writes PAGE from that copy: its tables from the numbers, its prose from the page's hand-written blocks
+(``<!-- notes:NAME -->`` ... ``<!-- /notes:NAME -->``, kept). ``--report-only`` remakes PAGE (default
+docs/results/estimators.md) from that copy alone; a damaged results.json is refused, in one line, before anything
+is written.
 
 ``--device cuda`` builds every problem exactly as on the CPU and moves it to the GPU; ES and PES then draw their
 noise from a CUDA generator (same seeds, other numbers), times are read after ``torch.cuda.synchronize``, and peak
@@ -31,6 +38,7 @@ import hashlib
 import json
 import math
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -46,7 +54,7 @@ from torch import Tensor
 
 import unroll
 from unroll_examples import memory as memory_probe
-from unroll_examples import runs
+from unroll_examples import report, runs
 from unroll_examples.cli import HelpFormatter, add_threads_flag
 from unroll_examples.plotting import pyplot, save_figure
 
@@ -583,8 +591,19 @@ def fmt(value: float, digits: int = 3) -> str:
     return f"{value:.{digits}g}" if abs(value) < 1e4 else f"{value:.2e}"
 
 
-def pm(mean: float, se: float, digits: int = 3) -> str:
-    return f"{fmt(mean, digits)} ± {fmt(se, 2)}" if se else fmt(mean, digits)
+def pm(mean: float, se: Optional[float], digits: int = 3) -> str:
+    """``mean ± se``; the mean alone where the standard error is 0 (deterministic seeds) or undefined (one seed)."""
+    return f"{fmt(mean, digits)} ± {fmt(se, 2)}" if se and math.isfinite(se) else fmt(mean, digits)
+
+
+def outer_mean_se(values: Sequence[Optional[float]]) -> Tuple[float, float]:
+    """Mean and standard error over the seeds' finite values (:func:`report.mean_and_se`)."""
+    return report.mean_and_se([v for v in values if v is not None and math.isfinite(v)])
+
+
+def table_cell(text: str) -> str:
+    """``text`` on one line, with its pipes escaped, so that it stays one cell of a markdown table."""
+    return " ".join(text.splitlines()).replace("|", "\\|")
 
 
 def mebibytes(peak: Optional[int]) -> str:
@@ -594,7 +613,21 @@ def mebibytes(peak: Optional[int]) -> str:
     return "< 0.1" if peak < 0.1 * MiB else f"{peak / MiB:.2g}"
 
 
-def problem_table(problem: Problem, rows: Dict[str, Dict[str, Any]]) -> List[str]:
+def phi_components(problem_name: str, phi_size: int) -> List[str]:
+    """The names of phi's tensors when phi is small enough for its gradients to be shown (one column each), else
+    none; building a small problem is cheap (the weight-decay problems)."""
+    if phi_size > SMALL_PHI:
+        return []
+    phi0 = PROBLEMS[problem_name](0, "cpu").phi0
+    if sum(p.numel() for p in phi0.values()) != phi_size:
+        raise runs.RunError(f"{problem_name}: the results say phi holds {phi_size} numbers, the problem's phi holds "
+                            f"{sum(p.numel() for p in phi0.values())}; restore the committed results.json (git)")
+    return list(phi0)
+
+
+def problem_table(components: Sequence[str], rows: Dict[str, Dict[str, Any]]) -> List[str]:
+    """The estimators' bias, spread, time and memory on one problem; with ``components`` (a small phi's names,
+    :func:`phi_components`) a second table of the gradient's components."""
     lines = ["| estimator | target | cos(mean, exact) | rel. error of mean | cos per seed | rel. std | n | "
              "ms / gradient | peak MiB | implicit: iterations, residual, stationarity |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -608,12 +641,12 @@ def problem_table(problem: Problem, rows: Dict[str, Dict[str, Any]]) -> List[str
         else:
             diagnostics = {}
             cells += ["fails", "–", "–", "–", "0"]
-        cells += [fmt(1000 * row["median_seconds"]), mebibytes(row["peak_bytes"])]
+        seconds = row["median_seconds"]  # NaN (null in results.json) when every timed call failed
+        cells += [fmt(math.nan if seconds is None else 1000 * seconds), mebibytes(row["peak_bytes"])]
         cells.append(", ".join(fmt(diagnostics[k], 3) for k in ("iterations", "residual", "stationarity"))
-                     if diagnostics else (stats.get("error") or "")[:160])
+                     if diagnostics else table_cell((stats.get("error") or "")[:160]))
         lines.append("| " + " | ".join(cells) + " |")
-    components = list(problem.phi0)
-    if sum(p.numel() for p in problem.phi0.values()) <= SMALL_PHI:  # small phi: the components themselves
+    if components:  # small phi: the components themselves
         lines += ["", "| estimator | " + " | ".join(f"d/d {n} (mean ± s.e.)" for n in components) + " |",
                   "|---|" + "---|" * len(components)]
         for name, row in rows.items():
@@ -631,13 +664,13 @@ def outer_table(cfg: Config, outer_rows: Dict[str, Dict[str, Any]], control_runs
              f"diverged |", "|---|---|---|---|---|"]
     for label in dict.fromkeys(r["control"] for r in control_runs):
         chosen = [r for r in control_runs if r["control"] == label]
-        lines.append(f"| control: {label} | {pm(*mean_se([r['validation'] for r in chosen]), 4)} | "
-                     f"{pm(*mean_se([r['test'] for r in chosen]), 4)} | "
+        lines.append(f"| control: {label} | {pm(*outer_mean_se([r['validation'] for r in chosen]), 4)} | "
+                     f"{pm(*outer_mean_se([r['test'] for r in chosen]), 4)} | "
                      f"{', '.join(fmt(r['validation'], 3) for r in chosen)} | – |")
     for name, payload in outer_rows.items():
         kept = [r for r in payload["runs"] if not diverged(r)]
-        lines.append(f"| {ESTIMATORS[name].label} | {pm(*mean_se([r['validation'][-1] for r in kept]), 4)} | "
-                     f"{pm(*mean_se([r['test'] for r in kept]), 4)} | "
+        lines.append(f"| {ESTIMATORS[name].label} | {pm(*outer_mean_se([r['validation'][-1] for r in kept]), 4)} | "
+                     f"{pm(*outer_mean_se([r['test'] for r in kept]), 4)} | "
                      f"{', '.join(fmt(r['validation'][-1], 3) for r in payload['runs'])} | "
                      f"{len(payload['runs']) - len(kept)} |")
     return lines
@@ -701,6 +734,201 @@ def plot(path: Path, cfg: Config, summary: Dict[str, Any]) -> None:
     save_figure(fig, path)
 
 
+# ------------------------------------------------------------------------------------------------ the results page
+
+DEFAULT_PAGE = ROOT / "docs" / "results" / "estimators.md"
+TITLE = "Meta-gradient estimators side by side"
+FIGURE_ALT = "per problem: cosine with the exact gradient against time per gradient; outer optimisation curves"
+PROGRAM = "examples/estimators/compare.py"
+DEFAULT_RUN_NOTE = "   # in an empty folder: = the default run"
+NEW_VERDICT = ("\n**Verdict: not written yet.** State which estimator to use and why, with the seeds per estimator, "
+               "the problems' K and the outer optimisation's control.\n")
+RESULTS_ADVICE = f"restore the committed file (git) or rerun {PROGRAM} with --doc"
+
+
+def page_results_file(doc: Path) -> Path:
+    """The numbers of the page ``doc``: ``results.json`` in the folder of the page's name."""
+    return Path(doc).with_suffix("") / "results.json"
+
+
+def page_figure_file(doc: Path) -> Path:
+    return Path(doc).with_suffix("") / "figure.png"
+
+
+def one_line(value: Any) -> bool:
+    """A string that cannot break out of the page's code spans, table cells or HTML comments."""
+    return isinstance(value, str) and value.isprintable() and not set("`|<>") & set(value)
+
+
+def row_problem(row: Any, phi_size: int, where: str) -> Optional[str]:
+    """What is wrong with one (problem, estimator) row of results.json as :func:`problem_table` reads it."""
+    problem = schema_error(row, {"stats": dict, "median_seconds": NUMBER, "seconds": [NUMBER],
+                                 "peak_bytes": ("optional", int), "estimates": object, "diagnostics": [dict]}, where)
+    if problem:
+        return problem
+    stats = row["stats"]
+    if set(stats) == {"error"}:  # no estimate came out: the error says why
+        return schema_error(stats, {"error": ("optional", str)}, f"{where}.stats")
+    shown = min(phi_size, SMALL_PHI)
+    problem = schema_error(stats, {"n": int, "cos_of_mean": NUMBER, "rel_error_of_mean": NUMBER,
+                                   "cos_per_seed": [NUMBER], "rel_std": NUMBER, "cos_each_seed": [NUMBER],
+                                   "rel_error_each_seed": [NUMBER], "norm_ratio_each_seed": [NUMBER],
+                                   "mean": [NUMBER], "se": [NUMBER], "exact": [NUMBER], "exact_norm": NUMBER,
+                                   "diagnostics": {"*": NUMBER}, "error": ("optional", str)}, f"{where}.stats")
+    if problem:
+        return problem
+    if len(stats["cos_per_seed"]) != 2:
+        return f"{where}.stats.cos_per_seed must be [mean, standard error]"
+    if not len(stats["mean"]) == len(stats["se"]) == shown:
+        return f"{where}.stats.mean and .se must hold {shown} numbers (phi_size {phi_size})"
+    if stats["diagnostics"] and not {"iterations", "residual", "stationarity"} <= set(stats["diagnostics"]):
+        return f"{where}.stats.diagnostics must hold iterations, residual and stationarity"
+    return None
+
+
+def results_problem(results: Any) -> Optional[str]:
+    """What is wrong with ``results`` (results.json) as the numbers of the page (None when nothing is): the run's
+    settings (Config's fields) and one-line ``python examples/estimators/compare.py`` command, its compute time,
+    and every problem's and outer optimisation's numbers with the keys and types the tables read, under the names
+    of known problems and estimators."""
+    problem = schema_error(results, {"config": dict, "command": str, "problems": {"*": dict},
+                                     "outer": {"*": dict}, "wall_seconds_this_invocation": float,
+                                     "compute_seconds_in_cells": float, "machine": dict}, "the file")
+    if problem:
+        return problem
+    fields = {f.name: type(f.default) for f in dataclasses.fields(Config)}
+    for name, value in results["config"].items():
+        if name not in fields:
+            return f"config.{name} is not a setting of this script"
+        if not (runs.is_a(value, fields[name]) or (fields[name] is float and runs.is_a(value, int))):
+            return f"config.{name} is {type(value).__name__}, expected {fields[name].__name__}"
+    try:
+        words = shlex.split(results["command"]) if one_line(results["command"]) else []
+    except ValueError:
+        words = []
+    if words[:2] != ["python", PROGRAM]:
+        return f"'command' must be a one-line 'python {PROGRAM} ...' without backticks"
+    if not runs.is_a(results["machine"].get("threads"), int):
+        return "machine.threads must be an integer"
+    for name, result in results["problems"].items():
+        where = f"problems.{name}"
+        if name not in PROBLEMS:
+            return f"{where}: not a problem of this script"
+        problem = schema_error(result, {"description": str, "K": int, "T": int, "phi_size": int,
+                                        "estimators": {"*": dict}}, where)
+        if problem:
+            return problem
+        for estimator, row in result["estimators"].items():
+            if estimator not in ESTIMATORS:
+                return f"{where}.estimators.{estimator}: not an estimator of this script"
+            problem = row_problem(row, result["phi_size"], f"{where}.estimators.{estimator}")
+            if problem:
+                return problem
+    for name, result in results["outer"].items():
+        where = f"outer.{name}"
+        problem = ((f"{where}: not a problem of this script" if name not in PROBLEMS else None)
+                   or schema_error(result, {"controls": PAYLOADS["controls"]["runs"],
+                                            "estimators": {"*": PAYLOADS["outer"]}}, where))
+        if problem:
+            return problem
+        if not all(one_line(r["control"]) for r in result["controls"]):
+            return f"{where}.controls: a control's name must be one line without backticks or pipes"
+        for estimator, payload in result["estimators"].items():
+            if estimator not in ESTIMATORS:
+                return f"{where}.estimators.{estimator}: not an estimator of this script"
+            if not all(r["validation"] for r in payload["runs"]):
+                return f"{where}.estimators.{estimator}: every run's validation curve must hold its first loss"
+    return None
+
+
+def read_results(path: Path) -> Dict[str, Any]:
+    """results.json, read as untrusted input (:func:`report.read_numbers`, :func:`results_problem`): a damaged
+    file is a one-line error, raised before anything is written."""
+    results: Dict[str, Any] = report.read_numbers(path, results_problem, RESULTS_ADVICE)
+    return results
+
+
+def command_without(command: str, *flags_with_value: str) -> str:
+    """The run's ``command`` (shell words) without ``flags_with_value`` and their values."""
+    words = shlex.split(command)
+    return report.command_line(words[1], words[2:], drop_with_value=flags_with_value)
+
+
+def section_command(results: Dict[str, Any], problems_: str, outer_problems: str) -> str:
+    """The command that makes one section's cells alone: the run's own flags (less the output folder and
+    ``--resume``) for these problems only."""
+    base = report.command_line(PROGRAM, shlex.split(results["command"])[2:], drop=("--resume",),
+                               drop_with_value=("--out", "--doc", "--problems", "--outer-problems"))
+    quoted = [value if value else '""' for value in (problems_, outer_problems)]
+    return f"{base} --problems {quoted[0]} --outer-problems {quoted[1]}"
+
+
+def regenerate_command(doc: Path) -> str:
+    words = ["python", PROGRAM, "--report-only"]
+    if Path(doc).resolve() != DEFAULT_PAGE.resolve():
+        words += ["--doc", str(doc)]
+    return " ".join(shlex.quote(w) for w in words)
+
+
+def section(doc: Path, name: str, command: str) -> List[str]:
+    """A section's opening: its heading (a kept block), then the command that makes its cells with their compute
+    time (a kept block: results.json does not hold every cell's time)."""
+    return [report.notes_block(doc, f"\n## {name.replace('_', ' ')}\n", f"{name}_heading"), "",
+            f"`{command}` {report.notes_block(doc, '', f'{name}_seconds')}".rstrip(), ""]
+
+
+def page_lines(results: Dict[str, Any], doc: Path) -> List[str]:
+    """The page: the title, the opening (the kept verdict and the figure), the kept account of what is run, the
+    command that made the numbers and its compute time, one section per problem (the tables of
+    :func:`problem_table` between kept blocks), one per outer optimisation (:func:`outer_table`), the command
+    that remakes the page, and the kept closing blocks."""
+    doc = Path(doc)
+    cfg = Config(**results["config"])
+    default_run = cfg == Config()
+    seconds, threads = results["compute_seconds_in_cells"], results["machine"]["threads"]
+    link = report.link_from(doc, page_results_file(doc))
+    lines = [f"# {TITLE}", "",
+             *report.opening(doc, (page_figure_file(doc), FIGURE_ALT), NEW_VERDICT),
+             report.notes_block(doc, "\n## What is run\n", "about"), "",
+             *report.made_by(command_without(results["command"], "--doc") + (DEFAULT_RUN_NOTE if default_run else ""),
+                             "Every table below was made by the default run:" if default_run else
+                             "Every table below was made by:"), "",
+             f"It took **{seconds:.0f} s** of wall time ({seconds / 60:.1f} min) on "
+             f"{'one thread' if threads == 1 else f'{threads} threads'}. The command above each table reproduces "
+             f"that table alone",
+             "(its cells are the same). Its time is the compute time of those cells in the default run.", "",
+             *report.made_by(regenerate_command(doc), f"This page is remade from [{link}]({link}), measuring "
+                             f"nothing and keeping its hand-written text,\nby:"), ""]
+    for name, result in results["problems"].items():
+        lines += section(doc, name, section_command(results, name, ""))
+        lines += problem_table(phi_components(name, result["phi_size"]), result["estimators"]) + [""]
+        lines += [report.notes_block(doc, "\n", name), ""]
+    for name, result in results["outer"].items():
+        lines += section(doc, f"outer_{name}", section_command(results, "", name))
+        lines += [report.notes_block(doc, "\n", f"outer_{name}_about"), ""]
+        lines += outer_table(cfg, result["estimators"], result["controls"]) + [""]
+        lines += [report.notes_block(doc, "\n", f"outer_{name}"), ""]
+    lines += [report.notes_block(doc, "\n", "closing"), ""]
+    return lines
+
+
+def write_page(doc: Path, results_file: Path) -> None:
+    """Write the page ``doc`` from ``results_file`` (:func:`read_results`: a damaged file is refused before
+    anything is written)."""
+    results = read_results(results_file)
+    report.write_page(Path(doc), page_lines(results, Path(doc)))
+
+
+def publish(out: Path, doc: Path) -> None:
+    """After a run with ``--doc``: copy the run's results.json and figure beside the page, then write the page
+    from that copy."""
+    for source, target in ((out / "results.json", page_results_file(doc)), (out / "figure.png", page_figure_file(doc))):
+        if source.is_file() and source.resolve() != target.resolve():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            runs.atomic_write_bytes(target, source.read_bytes())
+    write_page(doc, page_results_file(doc))
+
+
 # ------------------------------------------------------------------------------------------------ command line
 
 
@@ -718,6 +946,12 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(flag, type=type(default), default=default, help=f.metadata["help"])
     p.add_argument("--out", default="runs/estimators", help="output folder (default: runs/estimators)")
     p.add_argument("--resume", action="store_true", help="keep the finished cells in --out, compute the rest")
+    p.add_argument("--doc", default=None, metavar="PAGE",
+                   help="results page: after the run, copy results.json and figure.png into PAGE's folder (PAGE "
+                        "without .md) and write PAGE from them, keeping its hand-written blocks (default with "
+                        "--report-only: docs/results/estimators.md; a run writes no page without --doc)")
+    p.add_argument("--report-only", action="store_true",
+                   help="measure nothing: remake --doc from the results.json in its folder")
     p.add_argument("--probe-memory", default=None, help=argparse.SUPPRESS)  # the memory subprocess
     add_threads_flag(p)
     return p
@@ -737,12 +971,19 @@ def parse_args(argv: Optional[Sequence[str]]) -> Tuple[Config, argparse.Namespac
                         ("outer_seeds", 1)):
         if getattr(cfg, field_) < low:
             p.error(f"--{field_.replace('_', '-')} must be >= {low}")
+    if args.doc is not None and Path(args.doc).suffix.lower() != ".md":
+        p.error(f"--doc {args.doc}: a results page is a .md file")
     return cfg, args
 
 
 @runs.reports_errors
 def main(argv: Optional[Sequence[str]] = None) -> int:
     cfg, args = parse_args(argv)
+    if args.report_only:
+        doc = Path(args.doc) if args.doc is not None else DEFAULT_PAGE
+        write_page(doc, page_results_file(doc))
+        print(f"results page: {doc} (from {page_results_file(doc)})")
+        return 0
     if device_problem(cfg.device) is not None:
         raise runs.RunError(f"--device {cfg.device!r}: {device_problem(cfg.device)}")
     torch.set_num_threads(args.threads)
@@ -753,7 +994,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if cfg.memory and memory_probe.supported(cfg.device) is not None:
         raise runs.RunError(f"--memory: {memory_probe.supported(cfg.device)}; pass --no-memory")
     started = time.perf_counter()
-    command = "python examples/estimators/compare.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = report.command_line(PROGRAM, argv)
 
     def log(text: str) -> None:
         print(f"[{time.perf_counter() - started:7.1f} s] {text}", flush=True)
@@ -772,6 +1013,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for problem_name in names(cfg.outer_problems):    # ---- the outer optimisation driven by each estimator
             summary["outer"][problem_name] = measure_outer(cfg, out, problem_name, log)
         write_summary(out, cfg, summary, time.perf_counter() - started)
+    if args.doc is not None:
+        publish(out, Path(args.doc))
+        log(f"results page: {args.doc}")
     log(f"done: {out / 'table.md'}")
     return 0
 
@@ -799,10 +1043,9 @@ def write_summary(out: Path, cfg: Config, summary: Dict[str, Any], wall: float) 
              f"in the cells it used: {summary['compute_seconds_in_cells']:.0f} s (torch {torch.__version__}, "
              f"{where}).", ""]
     for problem_name, result in summary["problems"].items():
-        problem = PROBLEMS[problem_name](0, "cpu")  # its phi's sizes only
         lines += [f"### {problem_name}", "", f"{result['description']}; T = {result['T']}; "
                   f"|phi| = {result['phi_size']}.", ""]
-        lines += problem_table(problem, result["estimators"]) + [""]
+        lines += problem_table(phi_components(problem_name, result["phi_size"]), result["estimators"]) + [""]
     for problem_name, result in summary["outer"].items():
         lines += [f"### outer optimisation: {problem_name}", "",
                   f"Adam (lr {cfg.outer_lr}) for {cfg.outer_steps} steps from phi0, {cfg.outer_seeds} seeds (each "
