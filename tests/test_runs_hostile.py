@@ -217,6 +217,36 @@ def test_an_image_checkpoint_with_adam_moments_of_another_shape_is_refused(tmp_p
     assert digest(out) == before
 
 
+IMAGE_CHECKPOINT_DAMAGE = {
+    "no discriminator": (lambda c: c["state"].pop("D"), "its state's D is None, not dict"),
+    "latent stream missing": (lambda c: c["rng"].pop("latent"), "its rng's latent is None, not Tensor"),
+    "losses not a tensor": (lambda c: c["log"].update(losses=[1.0, 2.0]), "its log's losses is [1.0, 2.0], not Tensor"),
+    "losses of another length": (lambda c: c["log"].update(losses=torch.zeros(5, 2)), "losses of shape (5, 2) for 2"),
+    "a final.pt in its place": (lambda c: c.update(format=runs.FINAL_FORMAT), "not a 'unroll_examples checkpoint"),
+    "another model": (lambda c: c["settings"].update(model="other"), "model"),
+}
+
+
+@pytest.mark.parametrize("case", IMAGE_CHECKPOINT_DAMAGE)
+def test_a_damaged_image_checkpoint_is_refused_with_nothing_changed(case: str, tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture) -> None:
+    """The image trainer reads the same checkpoint schema as the mixture trainer and checks its own parts of it
+    (players, optimizer states, streams, losses) before using any."""
+    cifar, out = write_cifar(tmp_path / "cifar"), tmp_path / "img"
+    argv = IMG + ["--steps", "2", "--K", "0", "--data-dir", str(cifar), "--out", str(out)]
+    assert cifar10.main(argv) == 0
+    (out / "K0-seed0" / it.RESULT).unlink()  # so that the checkpoint is read
+    path = out / "K0-seed0" / runs.CHECKPOINT
+    change, named = IMAGE_CHECKPOINT_DAMAGE[case]
+    damage(path, change)
+    before = digest(out)
+    capsys.readouterr()
+    assert cifar10.main(argv + ["--resume"]) == 2
+    line = one_line(capsys.readouterr().err)
+    assert str(path.parent) in line and named in line, line
+    assert digest(out) == before
+
+
 def test_a_classifier_cache_that_is_not_one_is_refused_not_overwritten(tmp_path: Path) -> None:
     config, path = mc.ClassifierConfig(), tmp_path / "clf.pt"
     torch.save([1, 2], path)
