@@ -92,7 +92,7 @@ class TrainConfig:
     average_over_steps: bool = option(False, "G's loss averaged over the K unrolled discriminators (App. B.2)")
     unroll_batches: str = option("fixed", "look-ahead steps on the current minibatch, or on fresh ones",
                                  choices=UNROLL_BATCHES)
-    control: bool = option(False, "compute-matched control: K+1 committed D steps per G step (the K extra at the "
+    control: bool = option(False, "step-matched control: K+1 committed D steps per G step (the K extra at the "
                                   "--unroll-lr), no unrolling")
     g_steps: int = option(1, "generator updates per discriminator update", type=SIZE_FLAGS["g_steps"])
     steps: int = option(5000, "training iterations (one D + g-steps G updates)")
@@ -273,7 +273,7 @@ class Unrolled(GeneratorRule):
 
 class PlainGAN(Unrolled):
     """The plain GAN: :class:`Unrolled` with K = 0, G descends f(θ_G, θ_D) (Eq. 10 with K = 0): App. A's saturating
-    loss -L_D, or the nonsaturating -log D(G(z)) (Goodfellow et al., 2014). Also G's rule in the compute-matched
+    loss -L_D, or the nonsaturating -log D(G(z)) (Goodfellow et al., 2014). Also G's rule in the step-matched
     control, whose extra D steps are committed rather than unrolled (:class:`ControlD`)."""
 
 
@@ -308,7 +308,7 @@ class PlainD:
 
 @dataclass(frozen=True)
 class ControlD:
-    """The compute-matched control of the Sec. 3.1 / Fig. 2 mixture experiment (this project's baseline, not the
+    """The step-matched control of the Sec. 3.1 / Fig. 2 mixture experiment (this project's baseline, not the
     paper's: what unrolling must beat to be more than "more D steps"): the ``committed`` step of :class:`PlainD`,
     then K more committed steps (``extra``, Adam at ``lookahead_lr``: what unrolling spends on look-ahead steps),
     on the same minibatch or, with resampled batches, on ``c_x, G(c_z)``; G takes the plain gradient
