@@ -26,6 +26,10 @@ several rounds (median), so that the load of a shared machine falls on all alike
     # the cost-matched control: time the extrapolated rows beside controls of 2..8 D steps (interleaved, no
     # training; writes <fig-dir>/cost_match.json), then train with --control set to the closest count minus one
     python examples/gan/extrapolation.py --match-cost --alphas 5 10 --ks 0 --seeds 0-9 --doc <page>
+    # docs/results/extrapolation_matched.md (the cost-matched control, 6 D steps; --dataset ring-veegan and
+    # --out/--doc ..._veegan for the VEEGAN ring); many short timing rounds: a shared machine's bursts average out
+    python examples/gan/extrapolation.py --alphas 5 10 --ks 0 --control 5 --seeds 0-9 --timing-rounds 30 \
+        --timing-iterations 3 --out runs/extrapolation_matched --doc docs/results/extrapolation_matched.md
 """
 
 from __future__ import annotations
@@ -77,10 +81,10 @@ class Extrapolated(GeneratorRule):
 
 
 def extrapolated(cfg: TrainConfig, alpha: float) -> Strategies:
-    """G's rule :class:`Extrapolated` with factor ``alpha``, its look-ahead step Adam at ``cfg.lookahead_lr`` from
-    D's current state; D trains plainly."""
+    """G's rule :class:`Extrapolated` with factor ``alpha``, its look-ahead step Adam at
+    ``cfg.effective_unroll_lr`` from D's current state; D trains plainly."""
     surrogate = unroll.extrapolated_surrogate_loss(
-        d_inner_loss, alpha, optimizer=unroll.adam(cfg.lookahead_lr, betas=(cfg.beta1, cfg.beta2)))
+        d_inner_loss, alpha, optimizer=unroll.adam(cfg.effective_unroll_lr, betas=(cfg.beta1, cfg.beta2)))
     return Strategies(generator=Extrapolated(cfg.activation, surrogate))
 
 

@@ -46,7 +46,7 @@ def variant_config(base: TrainConfig, change: Dict[str, Any], steps: int) -> Tra
     lr = change.get("lr_scale", 1.0)
     return dataclasses.replace(
         base, steps=steps, d_lr=base.d_lr * lr, g_lr=base.g_lr * lr * change.get("g_lr_scale", 1.0),
-        unroll_lr=base.lookahead_lr * lr, batch=base.batch * change.get("batch_scale", 1),
+        unroll_lr=base.effective_unroll_lr * lr, batch=base.batch * change.get("batch_scale", 1),
         loss=change.get("loss", base.loss))
 
 
@@ -132,7 +132,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     lines = ["# Sharpness: fine-tuning a finished run one factor at a time", "", *report.opening(doc),
              *report.made_by(command),
              "", f"Source: `{args.source}` ({base.dataset}, K={base.K}{' control' if base.control else ''}, D lr "
-             f"{base.d_lr:g}, G lr {base.g_lr:g}, look-ahead lr {base.lookahead_lr:g}, batch {base.batch}, "
+             f"{base.d_lr:g}, G lr {base.g_lr:g}, look-ahead lr {base.effective_unroll_lr:g}, batch {base.batch}, "
              f"{base.loss} loss), seeds {seeds}, from iteration {start}. Each variant trains {args.steps} more "
              "iterations from the same parameters, Adam states and data streams. Mean ± s.e. over seeds; HQ median "
              "in parentheses.", "", report.notes_block(doc), "",

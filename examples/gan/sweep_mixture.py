@@ -249,8 +249,8 @@ def write_report(args: argparse.Namespace, cells: List[Cell], out_root: Path, lo
         "",
         f"Settings (App. A unless stated): generator 256→128→128→2 ({'/'.join(args.activations)}), discriminator "
         f"input/4 →128 ReLU→logit, orthogonal init gain 0.8, Adam β=(0.5, 0.999), D lr {main_cfg.d_lr:g}, G lr "
-        f"{main_cfg.g_lr:g}, **unrolled (look-ahead) Adam lr {main_cfg.lookahead_lr:g}** starting from D's current "
-        f"Adam state, {main_cfg.loss} generator loss (G minimises -L_D), fixed unroll minibatch, batch "
+        f"{main_cfg.g_lr:g}, **unrolled (look-ahead) Adam lr {main_cfg.effective_unroll_lr:g}** starting from D's "
+        f"current Adam state, {main_cfg.loss} generator loss (G minimises -L_D), fixed unroll minibatch, batch "
         f"{main_cfg.batch}. One *iteration* = one D update then one G update on the same minibatch (the paper "
         f"counts each update as a step). Metrics on {main_cfg.eval_samples:,} generator samples: HQ = within 3 std "
         f"of the nearest mode; a mode is covered if it is the nearest mode of at least one HQ sample (strict: at "

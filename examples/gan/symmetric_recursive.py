@@ -83,8 +83,8 @@ class SymmetricD(PlainD):
 
 
 def symmetric(cfg: TrainConfig) -> Strategies:
-    """D's rule :class:`SymmetricD` (look-ahead Adam at ``cfg.lookahead_lr``); G keeps the paper's surrogate."""
-    adam = unroll.adam(cfg.lookahead_lr, betas=(cfg.beta1, cfg.beta2))
+    """D's rule :class:`SymmetricD` (look-ahead Adam at ``cfg.effective_unroll_lr``); G keeps the paper's surrogate."""
+    adam = unroll.adam(cfg.effective_unroll_lr, betas=(cfg.beta1, cfg.beta2))
     g_looks_ahead = unroll.surrogate_loss(
         lambda g, d, x, z: g_inner_loss(g, d, x, z, cfg.activation), cfg.K, optimizer=adam)
     plain = plain_d(cfg)
@@ -116,8 +116,9 @@ class Recursive(GeneratorRule):
 
 
 def recursive(cfg: TrainConfig) -> Strategies:
-    """G's rule :class:`Recursive`, both players' look-ahead steps Adam at ``cfg.lookahead_lr``; D trains plainly."""
-    adam = unroll.adam(cfg.lookahead_lr, betas=(cfg.beta1, cfg.beta2))
+    """G's rule :class:`Recursive`, both players' look-ahead steps Adam at ``cfg.effective_unroll_lr``; D trains
+    plainly."""
+    adam = unroll.adam(cfg.effective_unroll_lr, betas=(cfg.beta1, cfg.beta2))
     act = cfg.activation
     losses = {"g": lambda p, x, z: g_inner_loss(p["g"], p["d"], x, z, act),
               "d": lambda p, x, z: d_inner_loss(p["d"], x, generator_forward(p["g"], z, act))}

@@ -112,7 +112,7 @@ class TrainConfig:
                                        "or pytorch (as torch.nn.Linear initialises)", choices=D_INITS)
 
     @property
-    def lookahead_lr(self) -> float:
+    def effective_unroll_lr(self) -> float:
         """Learning rate of the unrolled (and, with ``control``, the extra committed) discriminator steps."""
         return self.d_lr if self.unroll_lr is None else self.unroll_lr
 
@@ -127,7 +127,7 @@ class TrainConfig:
             (self.eval_samples >= 100, f"eval_samples must be >= 100, got {self.eval_samples}"),
             (0 <= self.weight_std < math.inf, f"weight_std must be finite and >= 0, got {self.weight_std}"),
             (0 <= self.weight_seed < 2 ** 64, f"weight_seed must be in [0, 2**64), got {self.weight_seed}"),
-            (all(0 < lr < math.inf for lr in (self.d_lr, self.g_lr, self.lookahead_lr)),
+            (all(0 < lr < math.inf for lr in (self.d_lr, self.g_lr, self.effective_unroll_lr)),
              "learning rates must be finite and > 0"),
             (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "betas must be in [0, 1)"),
             (self.loss in LOSSES, f"loss must be one of {LOSSES}, got {self.loss!r}"),
@@ -167,7 +167,7 @@ def make_surrogate(cfg: TrainConfig, transform_grads: Optional[GradMean] = None)
     ``transform_grads`` is applied to the inner gradient of every unrolled step (the mean over ranks)."""
     return unroll.surrogate_loss(
         d_inner_loss, 0 if cfg.control else cfg.K, cfg.stop_grad,
-        optimizer=unroll.adam(cfg.lookahead_lr, betas=_betas(cfg)),
+        optimizer=unroll.adam(cfg.effective_unroll_lr, betas=_betas(cfg)),
         outer_fn=None if cfg.loss == "saturating" else _nonsaturating_outer,
         step_args=_resampled_step_args if cfg.unroll_batches == "resampled" else None,
         average_over_steps=cfg.average_over_steps, transform_grads=transform_grads)
@@ -310,7 +310,7 @@ class PlainD:
 class ControlD:
     """The step-matched control of the Sec. 3.1 / Fig. 2 mixture experiment (this project's baseline, not the
     paper's: what unrolling must beat to be more than "more D steps"): the ``committed`` step of :class:`PlainD`,
-    then K more committed steps (``extra``, Adam at ``lookahead_lr``: what unrolling spends on look-ahead steps),
+    then K more committed steps (``extra``, Adam at ``effective_unroll_lr``: what unrolling spends on look-ahead steps),
     on the same minibatch or, with resampled batches, on ``c_x, G(c_z)``; G takes the plain gradient
     (:class:`PlainGAN`)."""
 
@@ -340,7 +340,7 @@ def discriminator_rule(cfg: TrainConfig, grad_mean: Optional[GradMean] = None) -
     """D's rule for ``cfg``: :class:`ControlD` with ``control``, else :class:`PlainD`; ``grad_mean`` averages
     every gradient over data-parallel ranks."""
     if cfg.control:
-        extra = plain_d(cfg, grad_mean, cfg.lookahead_lr)
+        extra = plain_d(cfg, grad_mean, cfg.effective_unroll_lr)
         return ControlD(plain_d(cfg, grad_mean), extra, cfg.K, cfg.activation)
     return plain_d(cfg, grad_mean)
 
@@ -453,7 +453,7 @@ def run_name(cfg: TrainConfig) -> str:
     """A folder name that tells the settings apart."""
     default = TrainConfig()
     kind = f"control{cfg.K}" if cfg.control else f"K{cfg.K}"
-    parts = [cfg.dataset, kind, f"ulr{cfg.lookahead_lr:g}", f"glr{cfg.g_lr:g}", cfg.activation, cfg.loss[:3]]
+    parts = [cfg.dataset, kind, f"ulr{cfg.effective_unroll_lr:g}", f"glr{cfg.g_lr:g}", cfg.activation, cfg.loss[:3]]
     # Settings added after the first sweep are named only when they differ from the default, so that the
     # folders of earlier runs keep their names.
     if cfg.d_lr != default.d_lr:
@@ -696,7 +696,7 @@ class Trainer:
         cfg = self.cfg
         kind = "control" if cfg.control else f"K={cfg.K}"
         plot_density_grid(rows, data_hist, self.extent, path or self.out_dir / "density.png",
-                          title=f"{cfg.dataset}, {kind}, unroll lr {cfg.lookahead_lr:g}, {cfg.activation}, "
+                          title=f"{cfg.dataset}, {kind}, unroll lr {cfg.effective_unroll_lr:g}, {cfg.activation}, "
                                 f"{cfg.loss}")
 
     # ----- the loop -----
