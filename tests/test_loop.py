@@ -3,13 +3,17 @@ run resumed from any checkpoint makes exactly the calls an uninterrupted run mak
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from unroll_examples import image_training as it
 from unroll_examples import loop, runs
+from unroll_examples.training import TrainConfig, Trainer
 
 
 class Recorder:
@@ -88,3 +92,62 @@ def test_a_finished_run_is_not_trained_or_evaluated_again() -> None:
     run = Recorder(step=6)
     loop.train(run, 6, eval_every=2, checkpoint_every=3)
     assert run.calls == []
+
+
+# ----- the trainers under the loop: a kill between a finished run's export and its last checkpoint -----
+
+
+def _die_after_the_last(monkeypatch: pytest.MonkeyPatch, what: str, trainer_cls: type, save: str, steps: int) -> None:
+    """The process dies right after writing, at the last iteration, ``what``: the run's last checkpoint (the
+    trainer's ``save`` method) or its export (``runs.write_final``)."""
+    if what == "checkpoint":
+        original = getattr(trainer_cls, save)
+
+        def checkpoint_then_die(self: Any) -> None:
+            original(self)
+            if self.step == steps:
+                raise KeyboardInterrupt
+
+        monkeypatch.setattr(trainer_cls, save, checkpoint_then_die)
+    else:
+        write_final = runs.write_final
+
+        def export_then_die(path: Path, checkpoint: runs.Checkpoint) -> None:
+            write_final(path, checkpoint)
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(runs, "write_final", export_then_die)
+
+
+@pytest.mark.parametrize("what", ["checkpoint", "export"])
+def test_a_mixture_run_killed_at_its_end_finishes_with_its_export_on_resume(what: str, tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = TrainConfig(K=1, batch=16, steps=4, eval_every=2, eval_samples=200)
+    Trainer(cfg, [0, 1], out_dir=tmp_path / "whole").run()
+    with monkeypatch.context() as patch:
+        _die_after_the_last(patch, what, Trainer, "_save_checkpoint", cfg.steps)
+        with pytest.raises(KeyboardInterrupt):
+            Trainer(cfg, [0, 1], out_dir=tmp_path / "part").run()
+    Trainer(cfg, [0, 1], out_dir=tmp_path / "part", resume=True).run()
+    assert (tmp_path / "part" / "metrics.json").read_bytes() == (tmp_path / "whole" / "metrics.json").read_bytes()
+    a, b = (runs.read_final(tmp_path / name / runs.FINAL) for name in ("whole", "part"))
+    assert a.step == b.step == 4 and all(torch.equal(a.state["g"][k], b.state["g"][k]) for k in a.state["g"])
+
+
+@pytest.mark.parametrize("what", ["checkpoint", "export"])
+def test_an_image_run_killed_at_its_end_finishes_with_its_export_on_resume(what: str, tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from test_image_gans import tiny_gan
+
+    cfg = it.GANConfig(K=1, batch=4, steps=4, snapshot_every=2, checkpoint_every=3)
+    whole = it.GANTrainer(tiny_gan(), cfg, tmp_path / "whole")
+    whole.run()
+    with monkeypatch.context() as patch:
+        _die_after_the_last(patch, what, it.GANTrainer, "save_checkpoint", cfg.steps)
+        with pytest.raises(KeyboardInterrupt):
+            it.GANTrainer(tiny_gan(), cfg, tmp_path / "part").run()
+    resumed = it.GANTrainer(tiny_gan(), cfg, tmp_path / "part", resume=True)
+    resumed.run()
+    assert resumed.losses == whole.losses
+    a, b = (runs.read_final(tmp_path / name / runs.FINAL) for name in ("whole", "part"))
+    assert a.step == b.step == 4 and all(torch.equal(a.state["G"][k], b.state["G"][k]) for k in a.state["G"])

@@ -356,13 +356,15 @@ class GANTrainer:
         self.snapshot()
 
     def checkpoint(self, evaluated: bool, done: bool) -> None:
-        """The checkpoint; after an evaluation the samples-over-training figure too; at the end ``final.pt``."""
-        self.save_checkpoint()
+        """The checkpoint; after an evaluation the samples-over-training figure too; at the end ``final.pt``, before
+        the checkpoint (a kill between the two leaves the checkpoint short of the end, so the resumed run finishes
+        and exports again; the other way round, a finished run could be left without its export)."""
         if self.writes and evaluated:
             self.figure_budget.draw(self.save_figure)
         if self.writes and done:
             assert self.out_dir is not None
             runs.write_final(self.out_dir / runs.FINAL, self._checkpoint())
+        self.save_checkpoint()
 
     def postfix(self) -> Dict[str, str]:
         """The last iteration's losses."""

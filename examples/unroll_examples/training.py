@@ -735,16 +735,17 @@ class Trainer:
 
     def checkpoint(self, evaluated: bool, done: bool) -> None:
         """The checkpoint; after an evaluation the outputs too (metrics, density.pt, density.png, and at the end
-        final.pt). Only rank 0 writes."""
+        final.pt), written first: a kill between the two leaves the checkpoint behind the outputs, and the resumed
+        run redoes those iterations and rewrites the same outputs (the other way round, a run could end with its
+        checkpoint at the last iteration and its outputs short of it, for good). Only rank 0 writes."""
         if not self.writes:
             if self.out_dir is not None:
                 self.checkpoint_step = self.step  # rank 0 wrote it: the same message on every rank
             return
-        self._save_checkpoint()
         if evaluated:
-            status = "done" if done else "running"
-            self.write_outputs(status)
+            self.write_outputs("done" if done else "running")
             self.figure_budget.draw(self.save_figure, force=done)
+        self._save_checkpoint()
 
     def run(self) -> List[Dict[str, Any]]:
         """Train to ``cfg.steps`` iterations (:func:`loop.train`); returns the metric records. Raises
