@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import platform
@@ -517,7 +516,7 @@ RUN_STATUSES = ("done", "diverged")
 _UNSAFE_IN_PAGE = set("`|<>\n\r\t")
 
 
-class PerSeedError(runs.RunError):
+class PerSeedError(report.NumbersFileError):
     """A per-seed file that cannot be a results page's numbers: reported as one line, before anything is
     written."""
 
@@ -583,18 +582,6 @@ def _is_number(value: Any) -> bool:
 
 def _safe_text(value: Any) -> bool:
     return isinstance(value, str) and value.isprintable() and not _UNSAFE_IN_PAGE & set(value)
-
-
-def _no_constants(name: str) -> Any:
-    raise ValueError(f"{name} is not a number a per-seed file may hold")
-
-
-def _unique_keys(pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
-    keys = [k for k, _ in pairs]
-    repeated = sorted({k for k in keys if keys.count(k) > 1})
-    if repeated:
-        raise ValueError(f"key {repeated[0]!r} appears twice in one object")
-    return dict(pairs)
 
 
 def _distinct(values: Any, kind: type, what: str) -> Optional[str]:
@@ -680,33 +667,13 @@ def per_seed_problem(payload: Any, spec: PageSpec) -> Optional[str]:
 
 
 def read_per_seed(path: Path, spec: PageSpec) -> Dict[str, Any]:
-    """The per-seed numbers in ``path``, read as untrusted input: at most :data:`PER_SEED_MAX_BYTES`, strict JSON
-    (no NaN or infinities, no key twice in one object) and :func:`per_seed_problem` nothing. Anything else is a
-    :class:`PerSeedError`, one line naming the file and the problem."""
-    path = Path(path)
-    advice = "restore the committed file (git) or rerun the experiment with --per-seed"
-
-    def refuse(problem: str) -> PerSeedError:
-        return PerSeedError(f"per-seed file {path} {problem}; {advice}")
-
-    if not path.is_file():
-        raise refuse("does not exist" if not os.path.lexists(path) else "is not a file")
-    if path.stat().st_size > PER_SEED_MAX_BYTES:
-        raise refuse(f"is larger than {PER_SEED_MAX_BYTES} bytes")
-    try:
-        payload = json.loads(path.read_bytes().decode("utf-8"), parse_constant=_no_constants,
-                             object_pairs_hook=_unique_keys)
-    except OSError as error:
-        raise refuse(f"cannot be read ({error.strerror or error})") from None
-    except UnicodeDecodeError:
-        raise refuse("is not UTF-8 text") from None
-    except RecursionError:
-        raise refuse("is not valid JSON (nested too deeply)") from None
-    except ValueError as error:
-        raise refuse(f"is not valid JSON ({str(error).splitlines()[0][:120]})") from None
-    problem = per_seed_problem(payload, spec)
-    if problem:
-        raise refuse(problem if problem.startswith(("is ", "holds ")) else f"is damaged: {problem}")
+    """The per-seed numbers in ``path``, read as untrusted input (:func:`report.read_numbers`: at most
+    :data:`PER_SEED_MAX_BYTES`, strict JSON) of which :func:`per_seed_problem` finds nothing wrong. Anything else is
+    a :class:`PerSeedError`, one line naming the file and the problem."""
+    payload: Dict[str, Any] = report.read_numbers(
+        path, lambda payload: per_seed_problem(payload, spec),
+        "restore the committed file (git) or rerun the experiment with --per-seed", max_bytes=PER_SEED_MAX_BYTES,
+        label="per-seed file", error=PerSeedError)
     return payload
 
 

@@ -20,7 +20,7 @@ import shlex
 import statistics
 import sys
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type
 
 from . import runs
 
@@ -179,34 +179,44 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a number a JSON file of results may hold")
 
 
+def _unique_keys(pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
+    keys = [k for k, _ in pairs]
+    repeated = sorted({k for k in keys if keys.count(k) > 1})
+    if repeated:
+        raise ValueError(f"key {repeated[0]!r} appears twice in one object")
+    return dict(pairs)
+
+
 def read_numbers(path: Path, problem: Callable[[Any], Optional[str]], advice: str,
-                 max_bytes: int = 64 * 2 ** 20) -> Any:
+                 max_bytes: int = 64 * 2 ** 20, label: str = "",
+                 error: Type[NumbersFileError] = NumbersFileError) -> Any:
     """The numbers a page is written from, read from ``path`` as untrusted input: at most ``max_bytes``, UTF-8,
-    strict JSON (no ``NaN`` or ``Infinity``: a missing number is ``null``) of which ``problem(payload)`` finds
-    nothing wrong (None). Anything else raises :class:`NumbersFileError`, one line: the file, the problem, then
-    ``advice`` (what to do about it)."""
+    strict JSON (no ``NaN`` or ``Infinity``: a missing number is ``null``; no key twice in one object) of which
+    ``problem(payload)`` finds nothing wrong (None). Anything else raises ``error`` (a :class:`NumbersFileError`),
+    one line: ``label`` and the file, the problem, then ``advice`` (what to do about it)."""
     path = Path(path)
 
     def refuse(what: str) -> NumbersFileError:
-        return NumbersFileError(f"{path} {what}; {advice}")
+        return error(f"{label + ' ' if label else ''}{path} {what}; {advice}")
 
     if not path.is_file():
         raise refuse("does not exist" if not os.path.lexists(path) else "is not a file")
     if path.stat().st_size > max_bytes:
         raise refuse(f"is larger than {max_bytes} bytes")
     try:
-        payload = json.loads(path.read_bytes().decode("utf-8"), parse_constant=_refuse_constant)
-    except OSError as error:
-        raise refuse(f"cannot be read ({error.strerror or error})") from None
+        payload = json.loads(path.read_bytes().decode("utf-8"), parse_constant=_refuse_constant,
+                             object_pairs_hook=_unique_keys)
+    except OSError as reason:
+        raise refuse(f"cannot be read ({reason.strerror or reason})") from None
     except UnicodeDecodeError:
         raise refuse("is not UTF-8 text") from None
     except RecursionError:
         raise refuse("is not valid JSON (nested too deeply)") from None
-    except ValueError as error:
-        raise refuse(f"is not valid JSON ({str(error).splitlines()[0][:120]})") from None
+    except ValueError as reason:
+        raise refuse(f"is not valid JSON ({str(reason).splitlines()[0][:120]})") from None
     found = problem(payload)
     if found:
-        raise refuse(f"is damaged: {found}")
+        raise refuse(found if found.startswith(("is ", "holds ")) else f"is damaged: {found}")
     return payload
 
 
