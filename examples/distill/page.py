@@ -13,7 +13,6 @@ sample standard deviation), in percent to one decimal; a single network's value 
 from __future__ import annotations
 
 import argparse
-import math
 import shlex
 import sys
 from pathlib import Path
@@ -35,17 +34,9 @@ NEW_VERDICT = ("\n**Verdict: not written yet.** State what the distilled images 
                "controls, with the distillation seeds and the evaluation networks behind each number.\n")
 
 
-def one_line(value: Any) -> bool:
-    """A string that cannot break out of the page's table cells, code spans or HTML comments."""
-    return isinstance(value, str) and value.isprintable() and not set("`|<>") & set(value)
-
-
-def is_number(value: Any) -> bool:
-    return runs.is_a(value, (int, float)) and math.isfinite(value)
-
-
 def accuracies_problem(values: Any, where: str) -> Optional[str]:
-    if not isinstance(values, list) or not values or not all(is_number(v) and 0 <= v <= 1 for v in values):
+    if not isinstance(values, list) or not values \
+            or not all(report.is_finite_number(v) and 0 <= v <= 1 for v in values):
         return f"{where} must be a non-empty list of accuracies between 0 and 1"
     return None
 
@@ -69,7 +60,7 @@ def metrics_problem(metrics: Any) -> Optional[str]:
     if config.get("init") not in ("fixed", "random"):
         return f"config.init must be 'fixed' or 'random', got {config.get('init')!r}"
     for key in ("train_seconds", "eval_seconds", "seconds_per_outer_step"):
-        if not is_number(metrics[key]) or metrics[key] < 0:
+        if not report.is_finite_number(metrics[key]) or metrics[key] < 0:
             return f"{key} must be a non-negative number, got {metrics[key]!r}"
     rows = metrics["rows"]
     if not isinstance(rows, list) or not rows:
@@ -78,9 +69,9 @@ def metrics_problem(metrics: Any) -> Optional[str]:
         where = f"rows[{i}]"
         if not isinstance(row, dict):
             return f"{where} must be an object"
-        if not one_line(row.get("data")):
+        if not report.safe_text(row.get("data")):
             return f"{where}.data must be a one-line name"
-        if not (one_line(row.get("lr")) or (is_number(row.get("lr")) and row["lr"] > 0)):
+        if not (report.safe_text(row.get("lr")) or (report.is_finite_number(row.get("lr")) and row["lr"] > 0)):
             return f"{where}.lr must be a one-line text or a positive number"
         if not runs.is_a(row.get("diverged"), int) or row["diverged"] < 0:
             return f"{where}.diverged must be a non-negative integer"
@@ -111,7 +102,7 @@ def measure_problem(measure: Any) -> Optional[str]:
             if not isinstance(value, int) or isinstance(value, bool) or value < (1 if key == "ipc" else 0):
                 return f"{where}.{key} must be a {'positive' if key == 'ipc' else 'non-negative'} integer"
         for key in ("seconds_per_outer_step", "peak_rss_growth_mib"):
-            if not is_number(result.get(key)):
+            if not report.is_finite_number(result.get(key)):
                 return f"{where}.{key} must be a finite number, got {result.get(key)!r}"
     return None
 

@@ -755,11 +755,6 @@ def page_figure_file(doc: Path) -> Path:
     return Path(doc).with_suffix("") / "figure.png"
 
 
-def one_line(value: Any) -> bool:
-    """A string that cannot break out of the page's code spans, table cells or HTML comments."""
-    return isinstance(value, str) and value.isprintable() and not set("`|<>") & set(value)
-
-
 def row_problem(row: Any, phi_size: int, where: str) -> Optional[str]:
     """What is wrong with one (problem, estimator) row of results.json as :func:`problem_table` reads it."""
     problem = schema_error(row, {"stats": dict, "median_seconds": NUMBER, "seconds": [NUMBER],
@@ -803,7 +798,7 @@ def results_problem(results: Any) -> Optional[str]:
         if not (runs.is_a(value, fields[name]) or (fields[name] is float and runs.is_a(value, int))):
             return f"config.{name} is {type(value).__name__}, expected {fields[name].__name__}"
     try:
-        words = shlex.split(results["command"]) if one_line(results["command"]) else []
+        words = shlex.split(results["command"]) if report.safe_text(results["command"]) else []
     except ValueError:
         words = []
     if words[:2] != ["python", PROGRAM]:
@@ -831,7 +826,7 @@ def results_problem(results: Any) -> Optional[str]:
                                             "estimators": {"*": PAYLOADS["outer"]}}, where))
         if problem:
             return problem
-        if not all(one_line(r["control"]) for r in result["controls"]):
+        if not all(report.safe_text(r["control"]) for r in result["controls"]):
             return f"{where}.controls: a control's name must be one line without backticks or pipes"
         for estimator, payload in result["estimators"].items():
             if estimator not in ESTIMATORS:

@@ -512,8 +512,6 @@ RESULTS_DIR = REPO_ROOT / "docs" / "results"
 # A per-seed file is a few kB; anything far larger is not one (and is not read into memory).
 PER_SEED_MAX_BYTES = 4 * 2**20
 RUN_STATUSES = ("done", "diverged")
-# Characters that would break out of the page's code spans, code blocks, table cells or HTML comments.
-_UNSAFE_IN_PAGE = set("`|<>\n\r\t")
 
 
 class PerSeedError(report.NumbersFileError):
@@ -576,14 +574,6 @@ def resolve_page_flags(p: argparse.ArgumentParser, args: argparse.Namespace, nam
         p.error(f"--doc {args.doc}: a results page is a .md file")
 
 
-def _is_number(value: Any) -> bool:
-    return runs.is_a(value, (int, float)) and math.isfinite(value)
-
-
-def _safe_text(value: Any) -> bool:
-    return isinstance(value, str) and value.isprintable() and not _UNSAFE_IN_PAGE & set(value)
-
-
 def _distinct(values: Any, kind: type, what: str) -> Optional[str]:
     if not isinstance(values, list) or not values or not all(runs.is_a(v, kind) for v in values):
         return f"{what} must be a non-empty list of {runs.type_name(kind)}"
@@ -603,7 +593,7 @@ def per_seed_problem(payload: Any, spec: PageSpec) -> Optional[str]:
         return f"is the per-seed file of {payload.get('experiment')!r}, not of {spec.name!r}"
     command = payload.get("command")
     try:
-        words = shlex.split(command) if _safe_text(command) else []
+        words = shlex.split(command) if report.safe_text(command) else []
     except ValueError:
         words = []
     if words[:2] != ["python", spec.program]:
@@ -626,7 +616,7 @@ def per_seed_problem(payload: Any, spec: PageSpec) -> Optional[str]:
             return f"settings.sizes: {error}"
     if not runs.is_a(settings.get("steps"), int) or settings["steps"] < 1:
         return "settings.steps must be a positive integer"
-    if not _safe_text(settings.get("out")):
+    if not report.safe_text(settings.get("out")):
         return "settings.out must be a one-line folder name"
     entries = payload.get("runs")
     if not isinstance(entries, list) or not entries:
@@ -636,7 +626,7 @@ def per_seed_problem(payload: Any, spec: PageSpec) -> Optional[str]:
         where = f"runs[{i}]"
         if not isinstance(entry, dict):
             return f"{where} must be an object"
-        if not _safe_text(entry.get("run")):
+        if not report.safe_text(entry.get("run")):
             return f"{where}.run must be a one-line name"
         if entry.get("status") not in RUN_STATUSES:
             return f"{where}.status must be one of {', '.join(RUN_STATUSES)}, got {entry.get('status')!r}"
@@ -653,7 +643,7 @@ def per_seed_problem(payload: Any, spec: PageSpec) -> Optional[str]:
             return f"{where}.step must be a non-negative integer"
         if entry["status"] == "done":
             for metric in spec.metrics:
-                if not _is_number(entry.get(metric)):
+                if not report.is_finite_number(entry.get(metric)):
                     return f"{where}.{metric} must be a finite number, got {entry.get(metric)!r}"
         cell = (*(entry[k] for k in spec.keys), entry["K"], entry["seed"])
         if cell in seen:
@@ -772,9 +762,9 @@ def check_diversity_summary(summary: Any) -> Optional[str]:
     if not isinstance(summary, dict) or not isinstance(summary.get("percent_best"), dict):
         return "must be an object with 'percent_best' and 'data_mean_distance'"
     for K, value in summary["percent_best"].items():
-        if not K.isdigit() or not _is_number(value) or not 0 <= value <= 100:
+        if not K.isdigit() or not report.is_finite_number(value) or not 0 <= value <= 100:
             return f"percent_best[{K!r}] must be a percentage of a K, got {value!r}"
-    if not _is_number(summary.get("data_mean_distance")) or summary["data_mean_distance"] < 0:
+    if not report.is_finite_number(summary.get("data_mean_distance")) or summary["data_mean_distance"] < 0:
         return f"data_mean_distance must be a non-negative number, got {summary.get('data_mean_distance')!r}"
     return None
 

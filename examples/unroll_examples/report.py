@@ -170,6 +170,17 @@ def write_per_seed(doc: Path, path: Path, numbers: Any, lead: str = "Per-seed nu
     return f"{lead} [{link}]({link})."
 
 
+def safe_text(value: Any) -> bool:
+    """A string from an untrusted file that cannot break out of a page's table cells, code spans or HTML comments
+    (printable, no backtick, bar or angle bracket)."""
+    return isinstance(value, str) and value.isprintable() and not set("`|<>") & set(value)
+
+
+def is_finite_number(value: Any) -> bool:
+    """An int or float (not a bool) that is finite."""
+    return runs.is_a(value, (int, float)) and math.isfinite(value)
+
+
 class NumbersFileError(runs.RunError):
     """A file of numbers that cannot be a page's: reported as one line naming the file, before anything is
     written."""
