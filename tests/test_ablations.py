@@ -14,8 +14,9 @@ import torch
 import historical_averaging as ha
 import second_gradient as sg
 import unroll
+from unroll_examples import runs
 from unroll_examples.metrics import steps_to_stable_coverage
-from unroll_examples.training import CHECKPOINT, Strategies, TrainConfig, Trainer
+from unroll_examples.training import Strategies, TrainConfig, Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -190,9 +191,8 @@ def test_historical_averaging_sweep_end_to_end(tmp_path: Path) -> None:
     assert all(row["s_per_iteration_timed"] > 0 for row in rows)
     # "5 every P=1" is "last N=5": one run folder serves both rows.
     assert len(list((tmp_path / "runs" / "ensembles").iterdir())) == 3
-    ckpt = torch.load(next((tmp_path / "runs" / "ensembles").glob("*size5_every3*")) / CHECKPOINT,
-                      weights_only=True)
-    assert ckpt["state"]["extra"]["valid"].sum(dim=1).tolist() == [2.0, 2.0]  # snapshots after updates 1 and 4
+    final = runs.read_final(next((tmp_path / "runs" / "ensembles").glob("*size5_every3*")) / runs.FINAL)
+    assert final.state["extra"]["valid"].sum(dim=1).tolist() == [2.0, 2.0]  # snapshots after updates 1 and 4
     for name in ("last_n", "period", "unrolled"):
         assert (tmp_path / "historical_averaging" / f"historical_averaging_{name}.png").exists()
 
