@@ -134,3 +134,19 @@ def test_opening_is_the_kept_verdict_then_the_main_figure(tmp_path: Path) -> Non
     assert report.opening(doc, (figure, "main"), "\nnew\n") == [
         "<!-- notes:verdict -->\nkept\n<!-- /notes:verdict -->", "", "![main](page/main.png)", ""]
     assert report.opening(doc) == ["<!-- notes:verdict -->\nkept\n<!-- /notes:verdict -->", ""]
+
+
+def test_a_run_file_copied_beside_a_page_replaces_a_link_there_never_its_target(tmp_path: Path) -> None:
+    source, outside = tmp_path / "run" / "figure.png", tmp_path / "users_file.png"
+    source.parent.mkdir()
+    source.write_bytes(b"new figure")
+    outside.write_bytes(b"a user's own file")
+    target = tmp_path / "page" / "figure.png"
+    target.parent.mkdir()
+    target.symlink_to(outside)
+    report.copy_beside_page(source, target)
+    assert not target.is_symlink() and target.read_bytes() == b"new figure"
+    assert outside.read_bytes() == b"a user's own file"
+    report.copy_beside_page(source, source)  # a page inside the run's folder: nothing to copy
+    report.copy_beside_page(tmp_path / "run" / "missing.png", tmp_path / "page" / "missing.png")
+    assert source.read_bytes() == b"new figure" and not (tmp_path / "page" / "missing.png").exists()

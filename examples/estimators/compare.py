@@ -917,10 +917,8 @@ def write_page(doc: Path, results_file: Path) -> None:
 def publish(out: Path, doc: Path) -> None:
     """After a run with ``--doc``: copy the run's results.json and figure beside the page, then write the page
     from that copy."""
-    for source, target in ((out / "results.json", page_results_file(doc)), (out / "figure.png", page_figure_file(doc))):
-        if source.is_file() and source.resolve() != target.resolve():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            runs.atomic_write_bytes(target, source.read_bytes())
+    report.copy_beside_page(out / "results.json", page_results_file(doc))
+    report.copy_beside_page(out / "figure.png", page_figure_file(doc))
     write_page(doc, page_results_file(doc))
 
 

@@ -736,12 +736,8 @@ def publish(spec: PageSpec, args: argparse.Namespace, out: Path, log: Callable[[
     write the page from the per-seed file just written."""
     if args.doc is None:
         return
-    folder = Path(args.doc).with_suffix("")
     for file, _ in spec.figures:
-        source, target = Path(out) / file, folder / file
-        if source.is_file() and source.resolve() != target.resolve():  # --doc may name a page inside --out
-            folder.mkdir(parents=True, exist_ok=True)
-            runs.atomic_write_bytes(target, source.read_bytes())  # replaces a link there, never writes through it
+        report.copy_beside_page(Path(out) / file, Path(args.doc).with_suffix("") / file)
     write_page(spec, args.doc, args.per_seed)
     log(f"results page: {args.doc}")
 

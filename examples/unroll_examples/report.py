@@ -231,6 +231,15 @@ def read_numbers(path: Path, problem: Callable[[Any], Optional[str]], advice: st
     return payload
 
 
+def copy_beside_page(source: Path, target: Path) -> None:
+    """Copy a run's file (a figure, its numbers) to ``target`` beside a results page, atomically: a link already
+    at ``target`` is replaced, never written through. Nothing happens when ``source`` is missing or is ``target``
+    itself (a page inside the run's folder)."""
+    source, target = Path(source), Path(target)
+    if source.is_file() and source.resolve() != target.resolve():
+        runs.atomic_write_bytes(target, source.read_bytes())
+
+
 def write_page(doc: Path, lines: Sequence[str]) -> None:
     """Write the page's lines, joined by newlines, atomically (a reader never sees half a page)."""
     runs.atomic_write_bytes(Path(doc), "\n".join(lines).encode())
