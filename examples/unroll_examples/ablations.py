@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
-import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -35,6 +34,7 @@ from .sweeps import (
     read_timing,
     run_cells,
 )
+from .timing import interleaved_seconds
 from .training import TrainConfig, Trainer
 
 # The ablations need runs that converge within a CPU budget. With App. A's learning rates (1e-4) K = 10 settles only
@@ -143,18 +143,13 @@ def time_cells(cells: Sequence[Cell], iterations: int, rounds: int, warmup: int 
     """Seconds per iteration of every cell (all its seeds vmapped, random draws included, no evaluation): the
     median over ``rounds`` rounds of ``iterations`` iterations each, the cells interleaved within a round, after
     ``warmup`` untimed iterations (first-call overheads; state that grows, such as an ensemble filling up)."""
-    trainers = {c.folder: Trainer(c.cfg, c.seeds, strategies=c.strategies) for c in cells}
-    for trainer in trainers.values():
-        for _ in range(warmup):
+    def iteration(trainer: Trainer) -> Callable[[], None]:
+        def step() -> None:
             trainer.state, _ = trainer.step_fn(trainer.state, trainer.draw_batch())
-    samples: Dict[str, List[float]] = {name: [] for name in trainers}
-    for _ in range(rounds):
-        for name, trainer in trainers.items():
-            start = time.perf_counter()
-            for _ in range(iterations):
-                trainer.state, _ = trainer.step_fn(trainer.state, trainer.draw_batch())
-            samples[name].append((time.perf_counter() - start) / iterations)
-    return {name: statistics.median(values) for name, values in samples.items()}
+        return step
+
+    steps = {c.folder: iteration(Trainer(c.cfg, c.seeds, strategies=c.strategies)) for c in cells}
+    return interleaved_seconds(steps, iterations, rounds, warmup)
 
 
 def timings(args: argparse.Namespace, cells: Sequence[Cell], complete: bool,

@@ -43,6 +43,7 @@ from .image_training import (
 from .mnist_data import DatasetError
 from .plotting import plot_loss_curves, plot_sample_panels, plot_samples_over_training
 from .runs import CHECKPOINT
+from .timing import interleaved_seconds, matched_count
 
 T = TypeVar("T")
 
@@ -70,6 +71,55 @@ BATCH = cli.sized(_IMAGE_BYTES, "image")
 UNROLLED_STEPS = cli.sized(2 * _IMAGE_BYTES, "unrolled step, which keeps D's activations of at least 2 images")
 
 
+def control_steps(text: str) -> int:
+    """argparse type of ``--controls``: committed D steps per iteration of a control row, >= 2 (1 is K = 0)."""
+    value = cli.positive_int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"a control commits >= 2 D steps per iteration (1 is the K = 0 row), "
+                                         f"got {value}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    """argparse type of ``--alphas``: a finite number."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be finite, got {text}")
+    return value
+
+
+# ------------------------------------------------------------------------------------ table rows
+# A run's row: K unrolled steps (its key and record hold "K"), a control that commits d_steps D steps per iteration
+# and takes the plain gradient (also "d_steps", with K = 0), or one unrolled step extrapolated by alpha (also
+# "alpha", with K = 1). The row fields besides K, absent from the runs of the K rows:
+ROW_FIELDS = ("d_steps", "alpha")
+Row = Tuple[int, int, Optional[float]]  # (K, d_steps, alpha)
+
+
+def setting_rows(settings: Mapping[str, Any]) -> List[Dict[str, Any]]:
+    """The rows of ``settings`` as run keys: ``{"K": K}`` per K, ``{"K": 0, "d_steps": n}`` per control and
+    ``{"K": 1, "alpha": a}`` per alpha (settings without ``controls`` or ``alphas`` have none)."""
+    return ([{"K": K} for K in settings["K"]]
+            + [{"K": 0, "d_steps": n} for n in settings.get("controls", ())]
+            + [{"K": 1, "alpha": a} for a in settings.get("alphas", ())])
+
+
+def row_of(entry: Mapping[str, Any]) -> Row:
+    """The row of a run's key or record."""
+    return entry["K"], entry.get("d_steps", 1), entry.get("alpha")
+
+
+def row_label(entry: Mapping[str, Any]) -> str:
+    """How tables name a row: ``K = 5``, ``16 D steps`` or ``alpha = 5``."""
+    K, d_steps, alpha = row_of(entry)
+    if alpha is not None:
+        return f"α = {alpha:g} (K = 1)"
+    return f"{d_steps} D steps" if d_steps > 1 else f"K = {K}"
+
+
 # ------------------------------------------------------------------------------------ tables
 
 
@@ -80,7 +130,7 @@ def aggregate(records: Sequence[Mapping[str, Any]], key_names: Sequence[str], me
     finished or diverged."""
     cells: Dict[Tuple, List[Mapping[str, Any]]] = {}
     for record in records:
-        cells.setdefault(tuple(record[k] for k in key_names), []).append(record)
+        cells.setdefault(tuple(record.get(k) for k in key_names), []).append(record)
     rows = []
     for key, group in cells.items():
         done = [r for r in group if r.get("status") == "done"]
@@ -99,7 +149,7 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[Tuple[st
     headers = list(key_names) + [h for _, h in columns] + ["runs"] + (["paper"] if paper is not None else [])
     body = []
     for row in rows:
-        cells = [str(row[k]) for k in key_names]
+        cells = ["—" if row[k] is None else str(row[k]) for k in key_names]
         for metric, _ in columns:
             mean, se = row[metric], row[f"{metric}_se"]
             cells.append("—" if math.isnan(mean) else report.plus_minus(mean, se, ".4g", ".2g"))
@@ -195,6 +245,11 @@ class ImageConfig:
     unroll_lr: Optional[float] = cli.option(
         None, "learning rate of the K look-ahead Adam steps (default: the discriminator's, as the paper)",
         type=cli.learning_rate)
+    controls: Tuple[int, ...] = cli.option(
+        (), "control rows: committed D steps per iteration (K = 0), one row each", type=control_steps, metavar="N")
+    alphas: Tuple[float, ...] = cli.option(
+        (), "extrapolation rows: one unrolled step extrapolated by alpha (K = 1), one row each", type=finite_float,
+        metavar="A")
     beta1: float = cli.option(0.5, "Adam beta1 of both players", type=float)
     g_loss: str = cli.option("nonsaturating", "nonsaturating: -log D(G(z)); minimax: G maximises L_D",
                              choices=G_LOSSES)
@@ -211,7 +266,8 @@ class ImageConfig:
     out: str = cli.option("runs/image", "output folder", type=cli.folder)
 
     def __post_init__(self) -> None:
-        for name in ("K", "sizes", "seeds"):  # lists (e.g. from JSON) as the tuples the presets compare with
+        # Lists (e.g. from JSON) as the tuples the presets compare with.
+        for name in ("K", "sizes", "seeds", "controls", "alphas"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
 
 
@@ -254,9 +310,11 @@ def parse_config(p: argparse.ArgumentParser, argv: Optional[Sequence[str]], conf
     return args, config, settings, Path(config.out)
 
 
-def make_config(settings: Mapping[str, Any], K: int, seed: int) -> GANConfig:
-    """The :class:`GANConfig` of one run from a script's resolved settings."""
-    return GANConfig(K=K, steps=settings["steps"], batch=settings["batch"], d_lr=settings["d_lr"],
+def make_config(settings: Mapping[str, Any], K: int, seed: int, d_steps: int = 1,
+                alpha: Optional[float] = None) -> GANConfig:
+    """The :class:`GANConfig` of one run (a row of :func:`setting_rows`) from a script's resolved settings."""
+    return GANConfig(K=K, d_steps=d_steps, alpha=alpha, steps=settings["steps"], batch=settings["batch"],
+                     d_lr=settings["d_lr"],
                      g_lr=settings["g_lr"], unroll_lr=settings["unroll_lr"], beta1=settings["beta1"],
                      g_loss=settings["g_loss"], seed=seed, snapshot_every=settings["snapshot_every"],
                      checkpoint_every=settings["checkpoint_every"])
@@ -267,17 +325,17 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace, settings: M
     """Every check of the parsed flags and settings that argparse's types cannot make (distinct K and seeds,
     ``at_least``, each run's :class:`GANConfig`, the device, ``--per-seed``, ``--workers``): a problem is
     ``p.error``. Fills in ``args.workers``."""
-    for name in ("K", "seeds"):
-        values = list(settings[name])
+    for name in ("K", "seeds", "controls", "alphas"):
+        values = list(settings.get(name, ()))
         if len(set(values)) != len(values):
             p.error(f"--{name} values must be distinct, got {values}")
     for name, minimum in at_least.items():
         if settings[name] < minimum:
             p.error(f"--{name.replace('_', '-')} must be >= {minimum}, got {settings[name]}")
     try:
-        for K in settings["K"]:
+        for row in setting_rows(settings):
             for seed in settings["seeds"]:
-                make_config(settings, K, seed).validate()
+                make_config(settings, seed=seed, **row).validate()
         device = torch.device(args.device)
     except (ValueError, RuntimeError) as error:
         p.error(str(error))
@@ -314,9 +372,52 @@ def session(args: argparse.Namespace, settings: Mapping[str, Any], out: Path,
 
 
 def run_specs(gan: ImageGAN, settings: Mapping[str, Any], **key: Any) -> List[RunSpec]:
-    """One run per K and seed of ``settings``, in its table cell ``{**key, "K": K}``."""
-    return [RunSpec(gan, make_config(settings, K, seed), {**key, "K": K})
-            for K in settings["K"] for seed in settings["seeds"]]
+    """One run per row (:func:`setting_rows`) and seed of ``settings``, in its table cell ``{**key, **row}``."""
+    return [RunSpec(gan, make_config(settings, seed=seed, **row), {**key, **row})
+            for row in setting_rows(settings) for seed in settings["seeds"]]
+
+
+def row_seconds(specs: Sequence[RunSpec], iterations: int, rounds: int, device: str = "cpu") -> Dict[str, float]:
+    """Seconds per training iteration of each run of ``specs``, by folder: fresh in-memory trainers (the cost of an
+    iteration does not depend on the weights) timed side by side in this process
+    (:func:`timing.interleaved_seconds`)."""
+    def iteration(trainer: GANTrainer) -> Callable[[], None]:
+        def step() -> None:
+            trainer.train_step()
+        return step
+
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    steps = {spec.folder: iteration(GANTrainer(spec.gan, spec.cfg, device=device)) for spec in specs}
+    return interleaved_seconds(steps, iterations, rounds, synchronize=sync)
+
+
+def match_cost(gan: ImageGAN, settings: Mapping[str, Any], candidates: Sequence[int], iterations: int, rounds: int,
+               device: str = "cpu") -> Dict[str, Any]:
+    """The cost-matched control of every row of ``settings`` that looks ahead (K > 0, or an alpha): the committed
+    D steps per iteration whose measured cost equals the row's. The rows are timed beside controls of
+    ``candidates`` D steps (:func:`row_seconds`, the first seed's models); a least-squares line through the
+    candidates' costs gives the matched count (:func:`timing.matched_count`), and each matched control is then
+    timed again beside its row, for the ratio it reaches."""
+    seed = settings["seeds"][0]
+
+    def spec(row: Mapping[str, Any]) -> RunSpec:
+        return RunSpec(gan, make_config(settings, seed=seed, **row), dict(row))
+
+    rows = [spec(row) for row in setting_rows(settings) if row_of(row)[0] > 0]
+    probes = {n: spec({"K": 0, "d_steps": n}) for n in candidates}
+    costs = row_seconds([*rows, *probes.values()], iterations, rounds, device)
+    line = {n: costs[probes[n].folder] for n in candidates}
+    matched = {row.folder: matched_count(line, costs[row.folder]) for row in rows}
+    controls = {n: spec({"K": 0, "d_steps": n}) for n in sorted(set(matched.values()))}
+    check = row_seconds([*rows, *controls.values()], iterations, rounds, device)
+    return {
+        "candidates": {str(n): round(seconds, 5) for n, seconds in line.items()},
+        "rows": {row_label(row.key): {
+            "seconds": round(check[row.folder], 5), "matched_d_steps": matched[row.folder],
+            "control_seconds": round(check[controls[matched[row.folder]].folder], 5),
+            "ratio": round(check[row.folder] / check[controls[matched[row.folder]].folder], 3)} for row in rows},
+        "timing": {"iterations": iterations, "rounds": rounds, "seed": seed, "device": device},
+    }
 
 
 def uniform_sampler(images: torch.Tensor) -> Callable[[int, torch.Generator], torch.Tensor]:
@@ -618,6 +719,12 @@ def per_seed_problem(payload: Any, spec: PageSpec) -> Optional[str]:
         return "settings.steps must be a positive integer"
     if not report.safe_text(settings.get("out")):
         return "settings.out must be a one-line folder name"
+    for field, kind in (("controls", int), ("alphas", float)):
+        if field in settings and settings[field] != []:
+            problem = _distinct(settings[field], kind, f"settings.{field}")
+            if problem:
+                return problem
+    rows = [row_of(row) for row in setting_rows(settings)]
     entries = payload.get("runs")
     if not isinstance(entries, list) or not entries:
         return "'runs' must be a non-empty list"
@@ -632,8 +739,12 @@ def per_seed_problem(payload: Any, spec: PageSpec) -> Optional[str]:
             return f"{where}.status must be one of {', '.join(RUN_STATUSES)}, got {entry.get('status')!r}"
         if not runs.is_a(entry.get("seed"), int) or entry["seed"] not in settings["seeds"]:
             return f"{where}.seed must be one of settings.seeds {settings['seeds']}, got {entry.get('seed')!r}"
-        if not runs.is_a(entry.get("K"), int) or entry["K"] not in settings["K"]:
-            return f"{where}.K must be one of settings.K {settings['K']}, got {entry.get('K')!r}"
+        if not runs.is_a(entry.get("K"), int) or not runs.is_a(entry.get("d_steps", 1), int) \
+                or not report.is_finite_number(entry.get("alpha", 0)):
+            return f"{where}: K and d_steps must be integers and alpha a finite number"
+        if row_of(entry) not in rows:
+            return (f"{where} ({row_label(entry)}) is in no row of settings.K {settings['K']}, "
+                    f"settings.controls or settings.alphas")
         if "X" in spec.keys and entry.get("X") not in settings["sizes"]:
             return f"{where}.X must be one of settings.sizes {settings['sizes']}, got {entry.get('X')!r}"
         for key, kind in spec.keys.items():
@@ -645,9 +756,9 @@ def per_seed_problem(payload: Any, spec: PageSpec) -> Optional[str]:
             for metric in spec.metrics:
                 if not report.is_finite_number(entry.get(metric)):
                     return f"{where}.{metric} must be a finite number, got {entry.get(metric)!r}"
-        cell = (*(entry[k] for k in spec.keys), entry["K"], entry["seed"])
+        cell = (*(entry[k] for k in spec.keys), *row_of(entry), entry["seed"])
         if cell in seen:
-            return f"{where} repeats the run of {dict(zip([*spec.keys, 'K', 'seed'], cell))}"
+            return f"{where} repeats the run of {dict(zip([*spec.keys, 'K', *ROW_FIELDS, 'seed'], cell))}"
         seen.add(cell)
     if spec.check_summary is not None:
         problem = spec.check_summary(payload.get("summary"))
@@ -668,9 +779,11 @@ def read_per_seed(path: Path, spec: PageSpec) -> Dict[str, Any]:
 
 
 def runs_of(payload: Mapping[str, Any], **cell: Any) -> Dict[int, Mapping[str, Any]]:
-    """The finished runs of the table cell ``cell`` (e.g. ``X="1/4", K=5``), by seed."""
+    """The finished runs of the table cell ``cell`` (e.g. ``X="1/4", K=5``; a control's and an extrapolation's
+    cells name their ``d_steps`` or ``alpha``), by seed."""
     return {r["seed"]: r for r in payload["runs"]
-            if r["status"] == "done" and all(r.get(k) == v for k, v in cell.items())}
+            if r["status"] == "done" and all(r.get(k) == v for k, v in cell.items())
+            and all(r.get(k) == cell.get(k) for k in ROW_FIELDS)}
 
 
 def cell_stats(payload: Mapping[str, Any], metric: str, **cell: Any) -> Tuple[float, float]:

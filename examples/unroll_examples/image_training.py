@@ -4,10 +4,12 @@ An *iteration* is one discriminator update then one generator update (the paper 
 a step, so App. C's 150k steps are 75k iterations here). Per iteration:
 
 1. ``fake = G(z)`` once, for both players;
-2. D takes a ``torch.optim.Adam`` step on ``L_D = -log D(x) - log(1 - D(fake))``;
+2. D takes a ``torch.optim.Adam`` step on ``L_D = -log D(x) - log(1 - D(fake))`` (``d_steps`` of them on the
+   same minibatch for the controls that commit the look-ahead's compute instead of unrolling it);
 3. G takes an Adam step on ``unroll.surrogate_loss``: K Adam steps of D unrolled from D's *current* Adam state
    (``unroll.from_torch``), on the same minibatch, BatchNorm buffers passed with ``buffers=``; the generator's
-   loss is evaluated at the unrolled discriminator and differentiated through the K steps (Eq. 12).
+   loss is evaluated at the unrolled discriminator and differentiated through the K steps (Eq. 12). With
+   ``alpha``, ``unroll.extrapolated_surrogate_loss`` instead: one unrolled step, extrapolated (Sec. 4).
 
 Only names in ``unroll.__all__`` are used. Seeds are paired across K: the initial weights and the data and
 latent streams of seed ``s`` do not depend on K. :class:`GANTrainer` checkpoints through :mod:`runs` (atomic,
@@ -76,6 +78,12 @@ class GANConfig:
     beta1: float = 0.5
     beta2: float = 0.999
     g_loss: str = "nonsaturating"
+    # Committed D updates per iteration, each an Adam step at d_lr on the iteration's minibatch (the one the K
+    # look-ahead steps use): with K = 0 and d_steps = K' + 1 the step-matched control of K', the extra compute
+    # committed instead of unrolled.
+    d_steps: int = 1
+    # With K = 1: G descends f_0 + alpha (f_1 - f_0), the one-step extrapolation of Sec. 4 (None: f_K, Eq. 9).
+    alpha: Optional[float] = None
     seed: int = 0
     snapshot_every: int = 100  # sample grids over training (Fig. 3)
     snapshot_samples: int = 36
@@ -92,6 +100,10 @@ class GANConfig:
             (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, f"betas must lie in [0, 1), got {self.beta1}, "
                                                           f"{self.beta2}"),
             (self.g_loss in G_LOSSES, f"g_loss must be one of {G_LOSSES}, got {self.g_loss!r}"),
+            (self.d_steps >= 1, f"d_steps must be >= 1, got {self.d_steps}"),
+            (self.alpha is None or math.isfinite(self.alpha), f"alpha must be a finite number, got {self.alpha}"),
+            (self.alpha is None or self.K == 1, f"alpha extrapolates one unrolled step: it needs K = 1, got "
+                                                f"K = {self.K}"),
             (self.seed >= 0, f"seed must be >= 0, got {self.seed}"),
             (self.snapshot_every >= 1, f"snapshot_every must be >= 1, got {self.snapshot_every}"),
             (self.snapshot_samples >= 1, f"snapshot_samples must be >= 1, got {self.snapshot_samples}"),
@@ -185,9 +197,12 @@ class GANTrainer:
         """The generator's loss f_K (Eq. 9): K Adam steps of D from its current parameters and Adam state
         (``unroll.from_torch``), then G's loss at the unrolled D; differentiable in ``fake`` through all K steps."""
         inner_opt, d_state = unroll.from_torch(self.d_opt, self.D)
-        surrogate = unroll.surrogate_loss(self.d_loss, self.cfg.K, optimizer=self.unroll_opt or inner_opt,
-                                          outer_fn=self.g_loss_at if self.cfg.g_loss == "nonsaturating" else None,
-                                          transform_grads=None if self.parallel is None else self.parallel.mean)
+        options: Dict[str, Any] = dict(
+            optimizer=self.unroll_opt or inner_opt,
+            outer_fn=self.g_loss_at if self.cfg.g_loss == "nonsaturating" else None,
+            transform_grads=None if self.parallel is None else self.parallel.mean)
+        surrogate = (unroll.surrogate_loss(self.d_loss, self.cfg.K, **options) if self.cfg.alpha is None
+                     else unroll.extrapolated_surrogate_loss(self.d_loss, self.cfg.alpha, **options))
         d_params = {name: p.detach() for name, p in self.D.named_parameters()}
         try:
             return surrogate(d_params, d_state, x, fake, buffers=dict(self.D.named_buffers()))
@@ -228,11 +243,15 @@ class GANTrainer:
                     buffers[name].copy_(mean)
 
     def train_step(self) -> Tuple[float, float]:
-        """One D update then one G update; raises :class:`runs.Diverged` before stepping on a NaN/inf."""
+        """``d_steps`` D updates then one G update; raises :class:`runs.Diverged` before stepping on a NaN/inf.
+        Returns the first D update's loss and G's."""
         x, z = self.draw()
         fake = self.G(z)  # one forward pass serves both players
-        d_loss = self.d_loss(dict(self.D.named_parameters()), x, fake.detach())
-        d_loss_value = self._commit("discriminator loss", d_loss, self.D, self.d_opt)
+        d_loss_values = [self._commit("discriminator loss",
+                                      self.d_loss(dict(self.D.named_parameters()), x, fake.detach()),
+                                      self.D, self.d_opt)
+                         for _ in range(self.cfg.d_steps)]
+        d_loss_value = d_loss_values[0]
         g_loss_value = self._commit("generator loss", self.unrolled_g_loss(x, fake), self.G, self.g_opt)
         self._average_batch_norm_statistics()
         # Finite losses do not prove a finite state: an Adam moment can overflow while the losses stay finite.
@@ -441,12 +460,13 @@ def _train_in_workers(specs: Sequence[RunSpec], out_dir: Path, evaluate: Evaluat
                       workers: int, progress: bool, log: Callable[[str], None],
                       eval_settings: Mapping[str, Any]) -> None:
     """Train and evaluate every run in ``workers`` forked processes (:func:`runs.run_in_workers`, each with the
-    caller's torch thread count), costliest (largest K) first; each run writes its checkpoint and ``result.json``
-    as in the sequential loop. The first error (or Ctrl-C) stops the other workers at once, and the workers stop
-    if this process dies; their checkpoints are written atomically, so ``--resume`` goes on."""
+    caller's torch thread count), costliest (most D steps, unrolled or committed) first; each run writes its
+    checkpoint and ``result.json`` as in the sequential loop. The first error (or Ctrl-C) stops the other workers
+    at once, and the workers stop if this process dies; their checkpoints are written atomically, so ``--resume``
+    goes on."""
     from tqdm import tqdm
 
-    order = sorted(range(len(specs)), key=lambda i: -specs[i].cfg.K)
+    order = sorted(range(len(specs)), key=lambda i: -(specs[i].cfg.K + specs[i].cfg.d_steps))
     workers = min(workers, len(specs))
     _WORK.update(specs=list(specs), out_dir=Path(out_dir), evaluate=evaluate, resume=resume, device=device,
                  threads=torch.get_num_threads(), eval_settings=dict(eval_settings))

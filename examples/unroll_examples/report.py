@@ -47,8 +47,12 @@ def summary_stats(values: Sequence[float]) -> Dict[str, float]:
 
 
 def _decimals(value: float, digits: int) -> int:
-    """Decimal places that show ``value`` to ``digits`` significant figures (none for whole parts beyond them)."""
-    return 0 if value == 0 or not math.isfinite(value) else max(0, digits - 1 - math.floor(math.log10(abs(value))))
+    """Decimal places that show ``value`` to ``digits`` significant figures (none for whole parts beyond them),
+    counted after rounding (0.0999 to two figures is 0.10, not 0.100)."""
+    def places(x: float) -> int:
+        return 0 if x == 0 or not math.isfinite(x) else max(0, digits - 1 - math.floor(math.log10(abs(x))))
+
+    return places(round(value, places(value)))
 
 
 def plus_minus_sig(mean: float, spread: float, digits: int = 2) -> str:
