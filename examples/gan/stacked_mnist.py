@@ -306,7 +306,9 @@ def run(args: argparse.Namespace, config: ex.ImageConfig, out: Path, classifier_
     summary = None
     if config.controls or config.alphas:  # the rows' costs, side by side: what "cost-matched" is checked against
         print(f"timing every row side by side ({args.timing_rounds} rounds of {args.timing_iterations} iterations)")
-        summary = {"seconds_per_iteration": {size: row_costs(gan, settings, args) for size, gan in gans.items()},
+        summary = {"seconds_per_iteration": {size: ex.row_costs(gan, settings, args.timing_iterations,
+                                                                args.timing_rounds, args.device)
+                                             for size, gan in gans.items()},
                    "timing_rounds": args.timing_rounds, "timing_iterations": args.timing_iterations}
     keys = ("X", "K", *ex.ROW_FIELDS)
     rows = ex.aggregate(records, keys, ("modes", "kl"))
@@ -327,14 +329,6 @@ def stacked_gan(size: str, data: StackedMNIST) -> it.ImageGAN:
 
     return it.ImageGAN(f"stacked_mnist(X={size})", models.stacked_generator,
                        lambda: models.stacked_discriminator(models.parse_size(size)), sample_data)
-
-
-def row_costs(gan: it.ImageGAN, settings: Mapping[str, Any], args: argparse.Namespace) -> Dict[str, float]:
-    """Seconds per iteration of every row of ``settings`` (the first seed's models), timed side by side."""
-    specs = [it.RunSpec(gan, ex.make_config(settings, seed=settings["seeds"][0], **row), row)
-             for row in ex.setting_rows(settings)]
-    seconds = ex.row_seconds(specs, args.timing_iterations, args.timing_rounds, args.device)
-    return {ex.row_label(spec.key): round(seconds[spec.folder], 5) for spec in specs}
 
 
 def match_cost(args: argparse.Namespace, settings: Mapping[str, Any], gans: Mapping[str, it.ImageGAN],

@@ -133,6 +133,14 @@ def nonnegative_float(text: str) -> float:
     return value
 
 
+def finite_float(text: str) -> float:
+    """An argparse ``type``: a finite number (e.g. an extrapolation factor)."""
+    value = _number(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be finite, got {text}")
+    return value
+
+
 def seed(text: str) -> int:
     """An argparse ``type``: a seed torch's generators take, 0 <= seed < 2**64."""
     value = _integer(text)

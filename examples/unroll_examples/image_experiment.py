@@ -80,17 +80,6 @@ def control_steps(text: str) -> int:
     return value
 
 
-def finite_float(text: str) -> float:
-    """argparse type of ``--alphas``: a finite number."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be finite, got {text}")
-    return value
-
-
 # ------------------------------------------------------------------------------------ table rows
 # A run's row: K unrolled steps (its key and record hold "K"), a control that commits d_steps D steps per iteration
 # and takes the plain gradient (also "d_steps", with K = 0), or one unrolled step extrapolated by alpha (also
@@ -113,7 +102,7 @@ def row_of(entry: Mapping[str, Any]) -> Row:
 
 
 def row_label(entry: Mapping[str, Any]) -> str:
-    """How tables name a row: ``K = 5``, ``16 D steps`` or ``alpha = 5``."""
+    """How tables name a row: ``K = 5``, ``16 D steps`` or ``α = 5 (K = 1)``."""
     K, d_steps, alpha = row_of(entry)
     if alpha is not None:
         return f"α = {alpha:g} (K = 1)"
@@ -248,7 +237,7 @@ class ImageConfig:
     controls: Tuple[int, ...] = cli.option(
         (), "control rows: committed D steps per iteration (K = 0), one row each", type=control_steps, metavar="N")
     alphas: Tuple[float, ...] = cli.option(
-        (), "extrapolation rows: one unrolled step extrapolated by alpha (K = 1), one row each", type=finite_float,
+        (), "extrapolation rows: one unrolled step extrapolated by alpha (K = 1), one row each", type=cli.finite_float,
         metavar="A")
     beta1: float = cli.option(0.5, "Adam beta1 of both players", type=float)
     g_loss: str = cli.option("nonsaturating", "nonsaturating: -log D(G(z)); minimax: G maximises L_D",
@@ -314,9 +303,9 @@ def make_config(settings: Mapping[str, Any], K: int, seed: int, d_steps: int = 1
                 alpha: Optional[float] = None) -> GANConfig:
     """The :class:`GANConfig` of one run (a row of :func:`setting_rows`) from a script's resolved settings."""
     return GANConfig(K=K, d_steps=d_steps, alpha=alpha, steps=settings["steps"], batch=settings["batch"],
-                     d_lr=settings["d_lr"],
-                     g_lr=settings["g_lr"], unroll_lr=settings["unroll_lr"], beta1=settings["beta1"],
-                     g_loss=settings["g_loss"], seed=seed, snapshot_every=settings["snapshot_every"],
+                     d_lr=settings["d_lr"], g_lr=settings["g_lr"], unroll_lr=settings["unroll_lr"],
+                     beta1=settings["beta1"], g_loss=settings["g_loss"], seed=seed,
+                     snapshot_every=settings["snapshot_every"],
                      checkpoint_every=settings["checkpoint_every"])
 
 
@@ -398,17 +387,12 @@ def match_cost(gan: ImageGAN, settings: Mapping[str, Any], candidates: Sequence[
     ``candidates`` D steps (:func:`row_seconds`, the first seed's models); a least-squares line through the
     candidates' costs gives the matched count (:func:`timing.matched_count`), and each matched control is then
     timed again beside its row, for the ratio it reaches."""
-    seed = settings["seeds"][0]
-
-    def spec(row: Mapping[str, Any]) -> RunSpec:
-        return RunSpec(gan, make_config(settings, seed=seed, **row), dict(row))
-
-    rows = [spec(row) for row in setting_rows(settings) if row_of(row)[0] > 0]
-    probes = {n: spec({"K": 0, "d_steps": n}) for n in candidates}
+    rows = [timing_spec(gan, settings, row) for row in setting_rows(settings) if row_of(row)[0] > 0]
+    probes = {n: timing_spec(gan, settings, {"K": 0, "d_steps": n}) for n in candidates}
     costs = row_seconds([*rows, *probes.values()], iterations, rounds, device)
     line = {n: costs[probes[n].folder] for n in candidates}
     matched = {row.folder: matched_count(line, costs[row.folder]) for row in rows}
-    controls = {n: spec({"K": 0, "d_steps": n}) for n in sorted(set(matched.values()))}
+    controls = {n: timing_spec(gan, settings, {"K": 0, "d_steps": n}) for n in sorted(set(matched.values()))}
     check = row_seconds([*rows, *controls.values()], iterations, rounds, device)
     return {
         "candidates": {str(n): round(seconds, 5) for n, seconds in line.items()},
@@ -416,8 +400,22 @@ def match_cost(gan: ImageGAN, settings: Mapping[str, Any], candidates: Sequence[
             "seconds": round(check[row.folder], 5), "matched_d_steps": matched[row.folder],
             "control_seconds": round(check[controls[matched[row.folder]].folder], 5),
             "ratio": round(check[row.folder] / check[controls[matched[row.folder]].folder], 3)} for row in rows},
-        "timing": {"iterations": iterations, "rounds": rounds, "seed": seed, "device": device},
+        "timing": {"iterations": iterations, "rounds": rounds, "seed": settings["seeds"][0], "device": device},
     }
+
+
+def timing_spec(gan: ImageGAN, settings: Mapping[str, Any], row: Mapping[str, Any]) -> RunSpec:
+    """The run of ``row`` that the cost timings use: the first seed's (the models' sizes do not depend on it)."""
+    return RunSpec(gan, make_config(settings, seed=settings["seeds"][0], **row), dict(row))
+
+
+def row_costs(gan: ImageGAN, settings: Mapping[str, Any], iterations: int, rounds: int, device: str = "cpu"
+              ) -> Dict[str, float]:
+    """Seconds per iteration of every row of ``settings``, by :func:`row_label`, timed side by side
+    (:func:`row_seconds`)."""
+    specs = [timing_spec(gan, settings, row) for row in setting_rows(settings)]
+    seconds = row_seconds(specs, iterations, rounds, device)
+    return {row_label(spec.key): round(seconds[spec.folder], 5) for spec in specs}
 
 
 def uniform_sampler(images: torch.Tensor) -> Callable[[int, torch.Generator], torch.Tensor]:
