@@ -359,6 +359,9 @@ def test_percent_best_rank_and_table_3_arithmetic() -> None:
     assert table["0"]["mse"] == pytest.approx(0.35) and table["0"]["mse_se"] == pytest.approx(0.05)
     # Run 0: each wins one target (50/50); run 1: "10" wins both -> 25% and 75%.
     assert table["0"]["percent_best"] == pytest.approx(25.0) and table["10"]["percent_best"] == pytest.approx(75.0)
+    # One run has no standard error (not a spread of 0).
+    one = dv.reconstruction_table({"0": [torch.tensor([0.2, 0.4])], "10": [torch.tensor([0.1, 0.5])]})
+    assert one["0"]["mse"] == pytest.approx(0.3) and math.isnan(one["0"]["mse_se"])
 
 
 def test_distance_profiles_share_bins_and_see_collapse() -> None:

@@ -108,6 +108,11 @@ def test_plus_minus_sig_rounds_the_spread_to_two_figures_and_the_mean_to_match()
     # One seed: the mean alone, one figure more than the spread would get, never in e-notation.
     assert report.plus_minus_sig(0.097438, math.nan) == "0.0974" and report.plus_minus_sig(1234.5, math.nan) == "1234"
     assert report.plus_minus_sig(2.0, 0.0) == "2 ± 0"
+    # A spread that rounds up to the next power of ten keeps two figures (0.0999 -> 0.10, not 0.100) ...
+    assert report.plus_minus_sig(-0.3, 0.09999999) == "-0.30 ± 0.10"
+    # ... and a mean that rounds to zero has no sign.
+    assert report.plus_minus_sig(-0.04, 5.0) == "0.0 ± 5.0" and report.plus_minus(-0.001, 0.2, ".1f") == "0.0 ± 0.2"
+    assert report.plus_minus(-0.0004, math.nan, ".3f") == "0.000" and report.plus_minus(-0.06, 0.2, ".1f") == "-0.1 ± 0.2"
 
 
 def test_named_notes_blocks_are_kept_apart(tmp_path: Path) -> None:

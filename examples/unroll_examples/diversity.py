@@ -26,6 +26,7 @@ from . import image_metrics as im
 from . import runs
 from .image_experiment import first_finished
 from .plotting import from_uint8, image_grid, pyplot, save_figure, to_uint8
+from .report import mean_and_se, plus_minus
 
 Generator = Callable[[Tensor], Tensor]
 """``G(z) -> images``; must treat every latent independently (e.g. batch norm in evaluation mode)."""
@@ -104,9 +105,9 @@ def percent_best_rank(mse: Tensor) -> Tensor:
 def reconstruction_table(mse: Mapping[str, Sequence[Tensor]]) -> Dict[str, Dict[str, float]]:
     """Table 3 from per-target MSEs ``{model: [mse of run 0 [M], run 1, ...]}`` (same targets everywhere).
 
-    ``mse`` / ``mse_se``: mean over runs of each run's mean MSE, and its standard error; ``percent_best``:
-    for run index i, the models' i-th runs compete per target (as App. G groups runs by index), averaged over i
-    (only indices every model has are compared).
+    ``mse`` / ``mse_se``: mean over runs of each run's mean MSE, and its standard error (NaN for one run:
+    undefined); ``percent_best``: for run index i, the models' i-th runs compete per target (as App. G groups runs
+    by index), averaged over i (only indices every model has are compared).
     """
     if not mse:  # every run diverged: no model to compare
         return {}
@@ -118,10 +119,9 @@ def reconstruction_table(mse: Mapping[str, Sequence[Tensor]]) -> Dict[str, Dict[
     best /= max(n_runs, 1)
     table = {}
     for j, name in enumerate(names):
-        means = np.array([float(torch.as_tensor(run).double().mean()) for run in mse[name]])
-        se = float(means.std(ddof=1) / np.sqrt(len(means))) if len(means) > 1 else 0.0
-        table[name] = {"mse": float(means.mean()), "mse_se": se, "percent_best": float(best[j]),
-                       "runs": len(means)}
+        means = [float(torch.as_tensor(run).double().mean()) for run in mse[name]]
+        mean, se = mean_and_se(means)  # no standard error for one run (NaN; null in results.json)
+        table[name] = {"mse": mean, "mse_se": se, "percent_best": float(best[j]), "runs": len(means)}
     return table
 
 
@@ -269,7 +269,7 @@ def script_outputs(probe: DiversityProbe, records: Sequence[Mapping[str, Any]], 
     lines = [f"| {model_key} | reconstruction MSE | percent best rank | runs |" + (" paper |" if paper else ""),
              "|---|---|---|---|" + ("---|" if paper else "")]
     for name, row in table.items():
-        lines.append(f"| {name} | {row['mse']:.4f} ± {row['mse_se']:.4f} | {row['percent_best']:.2f}% | "
+        lines.append(f"| {name} | {plus_minus(row['mse'], row['mse_se'], '.4f')} | {row['percent_best']:.2f}% | "
                      f"{row['runs']} |" + (f" {paper.get(name, '—')} |" if paper else ""))
     first = first_finished(specs, trainers)
     by_run = {r["run"]: r for r in records if r.get("status") == "done"}

@@ -60,14 +60,20 @@ def plus_minus_sig(mean: float, spread: float, digits: int = 2) -> str:
     decimal place (``144 ± 29``, ``6.07 ± 0.49``, ``0.294 ± 0.010``); when the spread is NaN (one seed:
     undefined) the mean alone, to ``digits + 1`` significant figures (``144``, ``6.07``)."""
     if math.isnan(spread):
-        return format(mean, f".{_decimals(mean, digits + 1)}f")
+        return _signed_text(mean, f".{_decimals(mean, digits + 1)}f")
     return plus_minus(mean, spread, f".{_decimals(spread, digits)}f")
+
+
+def _signed_text(value: float, spec: str) -> str:
+    """``format(value, spec)`` without the sign of a value that rounds to zero (``0.0``, not ``-0.0``)."""
+    text = format(value, spec)
+    return text[1:] if text.startswith("-") and math.isfinite(value) and float(text) == 0 else text
 
 
 def plus_minus(mean: float, spread: float, mean_spec: str = ".2f", spread_spec: Optional[str] = None) -> str:
     """``"mean ± spread"`` with the format specs given (``spread_spec`` defaults to ``mean_spec``); the mean
     alone when the spread is NaN (one seed: undefined)."""
-    text = format(mean, mean_spec)
+    text = _signed_text(mean, mean_spec)
     if math.isnan(spread):
         return text
     return f"{text} ± {format(spread, mean_spec if spread_spec is None else spread_spec)}"
