@@ -112,7 +112,8 @@ def test_plus_minus_sig_rounds_the_spread_to_two_figures_and_the_mean_to_match()
     assert report.plus_minus_sig(-0.3, 0.09999999) == "-0.30 ± 0.10"
     # ... and a mean that rounds to zero has no sign.
     assert report.plus_minus_sig(-0.04, 5.0) == "0.0 ± 5.0" and report.plus_minus(-0.001, 0.2, ".1f") == "0.0 ± 0.2"
-    assert report.plus_minus(-0.0004, math.nan, ".3f") == "0.000" and report.plus_minus(-0.06, 0.2, ".1f") == "-0.1 ± 0.2"
+    assert report.plus_minus(-0.0004, math.nan, ".3f") == "0.000"
+    assert report.plus_minus(-0.06, 0.2, ".1f") == "-0.1 ± 0.2"
 
 
 def test_named_notes_blocks_are_kept_apart(tmp_path: Path) -> None:

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import copy
 import json
+import math
+import shutil
+import statistics
 from pathlib import Path
 from typing import Any, Dict, List
 
@@ -19,9 +22,9 @@ import torch
 
 import stacked_mnist
 from test_image_gans import tiny_gan
+from unroll_examples import REPO_ROOT, timing
 from unroll_examples import image_experiment as ex
 from unroll_examples import image_training as it
-from unroll_examples import timing
 from unroll_examples.mnist_data import has_split, how_to_get
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -247,3 +250,23 @@ def test_match_cost_then_the_controls_end_to_end(tmp_path: Path) -> None:
     text = page.read_text()
     assert "| 1/4 | K = 2 | 3 D steps, step-matched | 2 |" in text and "cost per iteration (× K = 0)" in text
     assert any("rows the paper does not have" in line for line in results["deviations"])
+
+
+def test_the_committed_controls_page_is_remade_byte_identically(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    committed, copy_dir = REPO_ROOT / "docs" / "results", tmp_path / "docs" / "results"
+    copy_dir.mkdir(parents=True)
+    shutil.copyfile(committed / "stacked_mnist_controls.md", copy_dir / "stacked_mnist_controls.md")
+    shutil.copytree(committed / "stacked_mnist_controls", copy_dir / "stacked_mnist_controls")
+    monkeypatch.chdir(tmp_path)
+    page = Path("docs/results/stacked_mnist_controls.md")
+    assert stacked_mnist.main(["--report-only", "--doc", str(page)]) == 0
+    assert page.read_bytes() == (committed / "stacked_mnist_controls.md").read_bytes()
+    # its table is the per-seed numbers' (K = 10 at X = 1/4 against its cost-matched control, seed by seed)
+    per_seed = json.loads((committed / "stacked_mnist_controls" / "per_seed.json").read_text())
+    k10 = {r["seed"]: r["modes"] for r in per_seed["runs"] if (r["X"], r["K"], r.get("d_steps")) == ("1/4", 10, None)}
+    c36 = {r["seed"]: r["modes"] for r in per_seed["runs"] if (r["X"], r.get("d_steps")) == ("1/4", 36)}
+    differences = [k10[s] - c36[s] for s in range(5)]
+    mean, se = statistics.fmean(differences), statistics.stdev(differences) / math.sqrt(5)
+    row = next(line for line in page.read_text().splitlines() if line.startswith("| 1/4 | K = 10 | 36 D steps"))
+    assert f"| {mean:.0f} ± {se:.0f} | {sum(d > 0 for d in differences)} of 5 |" in row

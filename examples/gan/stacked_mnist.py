@@ -198,6 +198,8 @@ def check_summary(summary: Any) -> Optional[str]:
 
 PAGE = ex.PageSpec(name="stacked_mnist", title="Stacked MNIST: discrete mode collapse (Sec. 3.3.1, Table 1)",
                    keys={"X": str}, metrics=("modes", "kl"), check_summary=check_summary,
+                   subtitle=lambda settings: ", against committed discriminator steps" if settings.get("controls")
+                   else "",
                    figures=(("samples.png", "final samples of each cell's first seed"),),
                    body=page_body, about=ex.paragraph(__doc__, 1))
 

@@ -625,8 +625,9 @@ class PageSpec:
     ``keys`` are the fields that place a run in its table cell besides K and the seed (``{"X": str}``), ``metrics``
     the numbers every finished run has; ``figures`` are ``(file name, alt text)`` in the run folder and beside the
     page (the first opens the page, :func:`report.opening`); ``body(payload, doc)`` renders the tables;
-    ``check_summary(summary)`` says what is wrong with the file's ``summary`` (None when nothing is), and
-    ``about`` is the text a new page starts its hand-written block with."""
+    ``check_summary(summary)`` says what is wrong with the file's ``summary`` (None when nothing is),
+    ``about`` is the text a new page starts its hand-written block with, and ``subtitle(settings)`` what the title
+    adds for the settings of a page (e.g. its controls)."""
 
     name: str
     title: str
@@ -636,6 +637,7 @@ class PageSpec:
     body: Callable[[Mapping[str, Any], Path], List[str]]
     check_summary: Optional[Callable[[Any], Optional[str]]] = None
     about: str = ""
+    subtitle: Optional[Callable[[Mapping[str, Any]], str]] = None
 
     @property
     def program(self) -> str:
@@ -818,7 +820,7 @@ def page_lines(spec: PageSpec, payload: Mapping[str, Any], doc: Path, per_seed: 
     seeds = len(settings["seeds"])
     link = report.link_from(doc, per_seed)
     return [
-        f"# {spec.title}", "",
+        f"# {spec.title}{spec.subtitle(settings) if spec.subtitle is not None else ''}", "",
         *report.opening(doc, figures[0] if figures else None, verdict),
         report.notes_block(doc, f"\n{spec.about}\n", "about"), "",
         "## Our numbers", "",
