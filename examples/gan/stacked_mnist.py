@@ -107,8 +107,8 @@ def _row_seconds(payload: Mapping[str, Any], x: str) -> Dict[str, float]:
 
 def page_body(payload: Mapping[str, Any], doc: Path) -> List[str]:
     """The page's tables: per X and row the modes and KL (mean ± s.e.) beside Table 1 and, with controls, the cost
-    per iteration; then the modes per seed; with controls, every look-ahead row against its controls, seed by
-    seed."""
+    per iteration; then every seed's modes and KL; with controls, every look-ahead row against its controls, seed
+    by seed."""
     settings = payload["settings"]
     rows_of = ex.setting_rows(settings)
     timed = bool(payload.get("summary"))
