@@ -129,7 +129,7 @@ def test_control_strength_sweep_end_to_end(tmp_path: Path) -> None:
 def test_control_strength_refuses_one_d_step(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     with pytest.raises(SystemExit):
         cs.main(TINY + ["--d-steps", "1", "--out", str(tmp_path / "runs"), "--doc", str(tmp_path / "p.md")])
-    assert "--d-steps must be >= 2" in capsys.readouterr().err
+    assert "argument --d-steps: a control commits >= 2 D steps" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
 
 

@@ -207,7 +207,7 @@ def test_interleaved_seconds_times_every_step_in_every_round() -> None:
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--controls", "1"], "1 is the K = 0 row"),
+    (["--controls", "1"], "argument --controls: a control commits >= 2 D steps"),
     (["--alphas", "inf"], "must be finite"),
     (["--K", "0", "--match-cost"], "give --K > 0 or --alphas"),
     (["--K", "5", "--match-cost", "--match-candidates", "3", "3"], "two distinct counts"),

@@ -26,7 +26,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from unroll_examples import ablations as ab
 from unroll_examples import report
-from unroll_examples.cli import positive_int
+from unroll_examples.cli import control_steps
 from unroll_examples.models import D_INITS
 from unroll_examples.sweeps import Cell, CellMeta
 from unroll_examples.training import D_METRIC_NAMES
@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = ab.parser(__doc__)
     ab.add_common_flags(p, TRAINING, out="runs/control_strength", doc="docs/results/control_strength.md",
                         seeds="0-9")
-    p.add_argument("--d-steps", type=positive_int, nargs="+", default=list(D_STEPS),
+    p.add_argument("--d-steps", type=control_steps, nargs="+", default=list(D_STEPS),
                    help="committed D steps per G step of the controls (each >= 2)")
     p.add_argument("--d-inits", nargs="+", choices=D_INITS, default=list(D_INITS),
                    help="the discriminator's initialisations")
@@ -52,8 +52,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def build_cells(args: argparse.Namespace) -> List[Cell]:
     """One control per (D steps, init), the D steps outermost, each in the order given."""
-    if any(n < 2 for n in args.d_steps):
-        raise ValueError(f"--d-steps must be >= 2 (one committed step is the plain GAN), got {args.d_steps}")
     base = ab.base_config(args, TRAINING)
     return [Cell("main", f"{n} D steps, {init} init", dataclasses.replace(base, K=n - 1, control=True, d_init=init),
                  args.seed_list)

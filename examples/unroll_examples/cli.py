@@ -133,6 +133,16 @@ def nonnegative_float(text: str) -> float:
     return value
 
 
+def control_steps(text: str) -> int:
+    """An argparse ``type``: the committed discriminator steps per iteration of a control, >= 2 (one is the plain
+    GAN's)."""
+    value = positive_int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"a control commits >= 2 D steps per iteration (1 is the plain GAN, "
+                                         f"K = 0), got {value}")
+    return value
+
+
 def finite_float(text: str) -> float:
     """An argparse ``type``: a finite number (e.g. an extrapolation factor)."""
     value = _number(text)

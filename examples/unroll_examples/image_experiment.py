@@ -71,15 +71,6 @@ BATCH = cli.sized(_IMAGE_BYTES, "image")
 UNROLLED_STEPS = cli.sized(2 * _IMAGE_BYTES, "unrolled step, which keeps D's activations of at least 2 images")
 
 
-def control_steps(text: str) -> int:
-    """argparse type of ``--controls``: committed D steps per iteration of a control row, >= 2 (1 is K = 0)."""
-    value = cli.positive_int(text)
-    if value < 2:
-        raise argparse.ArgumentTypeError(f"a control commits >= 2 D steps per iteration (1 is the K = 0 row), "
-                                         f"got {value}")
-    return value
-
-
 # ------------------------------------------------------------------------------------ table rows
 # A run's row: K unrolled steps (its key and record hold "K"), a control that commits d_steps D steps per iteration
 # and takes the plain gradient (also "d_steps", with K = 0), or one unrolled step extrapolated by alpha (also
@@ -235,7 +226,7 @@ class ImageConfig:
         None, "learning rate of the K look-ahead Adam steps (default: the discriminator's, as the paper)",
         type=cli.learning_rate)
     controls: Tuple[int, ...] = cli.option(
-        (), "control rows: committed D steps per iteration (K = 0), one row each", type=control_steps, metavar="N")
+        (), "control rows: committed D steps per iteration (K = 0), one row each", type=cli.control_steps, metavar="N")
     alphas: Tuple[float, ...] = cli.option(
         (), "extrapolation rows: one unrolled step extrapolated by alpha (K = 1), one row each", type=cli.finite_float,
         metavar="A")
