@@ -247,11 +247,9 @@ class GANTrainer:
         Returns the first D update's loss and G's."""
         x, z = self.draw()
         fake = self.G(z)  # one forward pass serves both players
-        d_loss_values = [self._commit("discriminator loss",
-                                      self.d_loss(dict(self.D.named_parameters()), x, fake.detach()),
-                                      self.D, self.d_opt)
-                         for _ in range(self.cfg.d_steps)]
-        d_loss_value = d_loss_values[0]
+        d_loss_value = self._commit_discriminator(x, fake.detach())
+        for _ in range(self.cfg.d_steps - 1):  # the controls' extra committed steps
+            self._commit_discriminator(x, fake.detach())
         g_loss_value = self._commit("generator loss", self.unrolled_g_loss(x, fake), self.G, self.g_opt)
         self._average_batch_norm_statistics()
         # Finite losses do not prove a finite state: an Adam moment can overflow while the losses stay finite.
@@ -264,6 +262,11 @@ class GANTrainer:
         if found is not None:
             raise self._diverged(found[1], found[2])
         return float(d_loss_value.detach()), float(g_loss_value.detach())
+
+    def _commit_discriminator(self, x: Tensor, fake: Tensor) -> Tensor:
+        """One Adam step of D on the minibatch ``(x, fake)``; returns its loss before the step."""
+        return self._commit("discriminator loss", self.d_loss(dict(self.D.named_parameters()), x, fake), self.D,
+                            self.d_opt)
 
     def _commit(self, which: str, loss: Tensor, module: nn.Module, optimizer: torch.optim.Optimizer) -> Tensor:
         """Check ``loss`` (averaged over ranks) is finite, then one optimizer step on its gradient (averaged over
